@@ -1,0 +1,20 @@
+# Two entry points, both from a fresh machine: `make demo` (train on the built-in digits, sample, evaluate)
+# and `make test` (the test suite; .ci/run calls it). The CPU build of torch is installed first, so that no
+# dependency pulls the multi-GB CUDA build.
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	$(PYTHON) -m pip install --quiet torch==$(TORCH_VERSION)
+	$(PYTHON) -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+test: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q tests
+
+.PHONY: install test
