@@ -33,5 +33,9 @@ from .parameterization import (
     velocity_from_epsilon,
 )
 from .scheduling_hvae import HVAEScheduler, HVAESchedulerOutput
+from .models import MLPDenoiser, MLPNoisyClassifier
+from .guidance import classifier_free_guidance, classifier_guided_score
+from .models import NoisyClassifier, NoisyClassifierOutput
+from .pipelines import ClassifierFreeGuidancePipeline, ClassifierGuidedPipeline, HVAEPipeline
 
 __version__ = "0.1.0"

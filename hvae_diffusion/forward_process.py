@@ -95,20 +95,33 @@ def signal_to_noise_ratio(alphas_cumprod: torch.Tensor) -> torch.Tensor:
 def broadcast_to(coefficient: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
     """View a per-sample coefficient (a scalar or shape ``[B]``) so it broadcasts against ``sample`` ``[B, ...]``.
 
-    Python numbers pass through untouched: they are the cheapest scalars for torch's arithmetic.
+    Python numbers pass through untouched: they are the cheapest scalars for torch's arithmetic; so do tensors that
+    already have ``sample``'s rank (per-element coefficients, such as a learned variance).
     """
     if isinstance(coefficient, (int, float)):
         return coefficient
     coefficient = torch.as_tensor(coefficient, device=sample.device)
-    if coefficient.ndim == 0:
+    if coefficient.ndim in (0, sample.ndim):
         return coefficient
     return coefficient.reshape(coefficient.shape[0], *([1] * (sample.ndim - 1)))
 
 
+def signal_and_noise_scales(alphas_cumprod_t, sample: torch.Tensor):
+    """(√ᾱ, √(1 − ᾱ)) shaped to broadcast against ``sample`` (ᾱ a Python number, a scalar tensor or ``[B]``).
+
+    Python numbers stay Python floats (the cheapest scalars on a hot path, exact in double precision); tensors are
+    rooted at their own precision, so a float64 schedule keeps 1 − ᾱ near t = 0 exact, then cast to ``sample``'s dtype.
+    """
+    if isinstance(alphas_cumprod_t, (int, float)):
+        return alphas_cumprod_t**0.5, (1 - alphas_cumprod_t) ** 0.5
+    alphas_cumprod_t = torch.as_tensor(broadcast_to(torch.as_tensor(alphas_cumprod_t), sample))
+    return alphas_cumprod_t.sqrt().to(sample.dtype), (1 - alphas_cumprod_t).sqrt().to(sample.dtype)
+
+
 def forward_step_sample(previous_sample: torch.Tensor, alpha: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """One encoder step x_t ~ q(x_t | x_{t−1}) = N(√α_t x_{t−1}, (1 − α_t) I): x_t = √α_t x_{t−1} + √(1 − α_t) ε."""
-    alpha = torch.as_tensor(broadcast_to(alpha, previous_sample))
-    return alpha.sqrt() * previous_sample + (1 - alpha).sqrt() * noise
+    sqrt_alpha, sqrt_beta = signal_and_noise_scales(alpha, previous_sample)
+    return sqrt_alpha * previous_sample + sqrt_beta * noise
 
 
 def q_sample(original_sample: torch.Tensor, noise: torch.Tensor, alphas_cumprod_t: torch.Tensor) -> torch.Tensor:
@@ -119,8 +132,8 @@ def q_sample(original_sample: torch.Tensor, noise: torch.Tensor, alphas_cumprod_
         noise: ε ~ N(0, I), same shape.
         alphas_cumprod_t: ᾱ_t, a scalar or shape ``[B]``.
     """
-    alphas_cumprod_t = torch.as_tensor(broadcast_to(alphas_cumprod_t, original_sample))
-    return alphas_cumprod_t.sqrt() * original_sample + (1 - alphas_cumprod_t).sqrt() * noise
+    sqrt_alpha, sqrt_one_minus_alpha = signal_and_noise_scales(alphas_cumprod_t, original_sample)
+    return sqrt_alpha * original_sample + sqrt_one_minus_alpha * noise
 
 
 def posterior_mean_coefficients(alphas_cumprod_t: torch.Tensor, prev_alphas_cumprod: torch.Tensor):

@@ -9,9 +9,7 @@ Every conversion goes through ε, the one quantity all the others are affine in,
 appears exactly once below. Coefficients ``alphas_cumprod_t`` may be a scalar or one per sample (``[B]``).
 """
 
-import torch
-
-from .forward_process import broadcast_to, posterior_mean
+from .forward_process import posterior_mean, signal_and_noise_scales
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "score")
 
@@ -22,29 +20,21 @@ def check_prediction_type(prediction_type: str, argument: str = "prediction_type
         raise ValueError(f"{argument} must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
 
 
-def _coefficients(alphas_cumprod_t, sample):
-    """(√ᾱ_t, √(1 − ᾱ_t)), shaped to broadcast against ``sample``; Python floats stay floats (cheapest on a hot path)."""
-    if isinstance(alphas_cumprod_t, float):
-        return alphas_cumprod_t**0.5, (1 - alphas_cumprod_t) ** 0.5
-    alphas_cumprod_t = torch.as_tensor(broadcast_to(torch.as_tensor(alphas_cumprod_t), sample))
-    return alphas_cumprod_t.sqrt(), (1 - alphas_cumprod_t).sqrt()
-
-
 def epsilon_from_sample(predicted_x0, sample, alphas_cumprod_t):
     """ε = (x_t − √ᾱ_t x_0) / √(1 − ᾱ_t)."""
-    sqrt_alpha, sqrt_one_minus_alpha = _coefficients(alphas_cumprod_t, sample)
+    sqrt_alpha, sqrt_one_minus_alpha = signal_and_noise_scales(alphas_cumprod_t, sample)
     return (sample - sqrt_alpha * predicted_x0) / sqrt_one_minus_alpha
 
 
 def sample_from_epsilon(epsilon, sample, alphas_cumprod_t):
     """x_0 = (x_t − √(1 − ᾱ_t) ε) / √ᾱ_t."""
-    sqrt_alpha, sqrt_one_minus_alpha = _coefficients(alphas_cumprod_t, sample)
+    sqrt_alpha, sqrt_one_minus_alpha = signal_and_noise_scales(alphas_cumprod_t, sample)
     return (sample - sqrt_one_minus_alpha * epsilon) / sqrt_alpha
 
 
 def epsilon_from_score(score, sample, alphas_cumprod_t):
     """ε = −√(1 − ᾱ_t) ∇log p(x_t), the inverse of ``score_from_epsilon``."""
-    _, sqrt_one_minus_alpha = _coefficients(alphas_cumprod_t, sample)
+    _, sqrt_one_minus_alpha = signal_and_noise_scales(alphas_cumprod_t, sample)
     return -sqrt_one_minus_alpha * score
 
 
@@ -53,25 +43,25 @@ def score_from_epsilon(epsilon, sample, alphas_cumprod_t):
 
     With x_0 = (x_t − √(1 − ᾱ_t) ε) / √ᾱ_t this is Tweedie's formula E[x_0 | x_t] = (x_t + (1 − ᾱ_t) ∇log p(x_t)) / √ᾱ_t.
     """
-    _, sqrt_one_minus_alpha = _coefficients(alphas_cumprod_t, sample)
+    _, sqrt_one_minus_alpha = signal_and_noise_scales(alphas_cumprod_t, sample)
     return -epsilon / sqrt_one_minus_alpha
 
 
 def epsilon_from_velocity(velocity, sample, alphas_cumprod_t):
     """ε = √(1 − ᾱ_t) x_t + √ᾱ_t v."""
-    sqrt_alpha, sqrt_one_minus_alpha = _coefficients(alphas_cumprod_t, sample)
+    sqrt_alpha, sqrt_one_minus_alpha = signal_and_noise_scales(alphas_cumprod_t, sample)
     return sqrt_one_minus_alpha * sample + sqrt_alpha * velocity
 
 
 def velocity_from_epsilon(epsilon, sample, alphas_cumprod_t):
     """v = √ᾱ_t ε − √(1 − ᾱ_t) x_0, written with x_t: v = (ε − √(1 − ᾱ_t) x_t) / √ᾱ_t."""
-    sqrt_alpha, sqrt_one_minus_alpha = _coefficients(alphas_cumprod_t, sample)
+    sqrt_alpha, sqrt_one_minus_alpha = signal_and_noise_scales(alphas_cumprod_t, sample)
     return (epsilon - sqrt_one_minus_alpha * sample) / sqrt_alpha
 
 
 def velocity(original_sample, noise, alphas_cumprod_t):
     """The v target of a training pair: v = √ᾱ_t ε − √(1 − ᾱ_t) x_0."""
-    sqrt_alpha, sqrt_one_minus_alpha = _coefficients(alphas_cumprod_t, original_sample)
+    sqrt_alpha, sqrt_one_minus_alpha = signal_and_noise_scales(alphas_cumprod_t, original_sample)
     return sqrt_alpha * noise - sqrt_one_minus_alpha * original_sample
 
 

@@ -50,6 +50,17 @@ class HVAESchedulerOutput(BaseOutput):
     pred_original_sample: torch.Tensor | None = None
 
 
+def _step_noise(like: torch.Tensor, generator) -> torch.Tensor:
+    """Standard normal noise shaped like ``like``, drawn as ``randn_tensor`` draws it (same numbers).
+
+    One generator on ``like``'s device (or none) calls ``torch.randn`` directly: ``randn_tensor``'s checks cost a
+    few microseconds a step, a visible share of a step at small shapes.
+    """
+    if generator is None or (isinstance(generator, torch.Generator) and generator.device.type == like.device.type):
+        return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+    return randn_tensor(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+
+
 def _check_choice(name, value, allowed):
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -126,9 +137,10 @@ class HVAEScheduler(SchedulerMixin, ConfigMixin):
         self.betas = betas
         self.alphas = 1.0 - betas
         self.alphas_cumprod = alphas_cumprod_from_betas(betas)
-        if rescale_betas_zero_snr:
-            # ᾱ_T = 0 makes x̂_0 from ε or a score undefined at the first step; like Diffusers' DDIM/Euler we
-            # keep it a hair above 0 so every parameterization stays usable (v-prediction is exact either way).
+        if self.alphas_cumprod[-1] == 0:
+            # ᾱ_T = 0 (zero terminal SNR, or a β_T = 1 given explicitly) makes x̂_0 from ε or a score undefined at
+            # the first step; like Diffusers' Euler scheduler we keep it a hair above 0 so every parameterization
+            # stays usable.
             self.alphas_cumprod[-1] = 2**-24
         self.init_noise_sigma = 1.0
         self.num_inference_steps = None
@@ -150,6 +162,9 @@ class HVAEScheduler(SchedulerMixin, ConfigMixin):
         timesteps = np.asarray(timesteps, dtype=np.int64)
         self.timesteps = torch.from_numpy(timesteps)
         self._index_of_timestep = {int(t): i for i, t in enumerate(timesteps)}
+        # the same map as a table over all train timesteps (−1 off the chain), for whole batches at once
+        self._chain_index_table = torch.full((self.config.num_train_timesteps,), -1, dtype=torch.long)
+        self._chain_index_table[torch.from_numpy(timesteps)] = torch.arange(len(timesteps))
         previous = np.append(timesteps[1:], -1)
         self._previous_timesteps = previous
 
@@ -174,7 +189,12 @@ class HVAEScheduler(SchedulerMixin, ConfigMixin):
         self._chain_prev_alphas_cumprod = prev_alphas_cumprod
         self._chain_min_log_variance = min_log_variance
         self._chain_max_log_variance = step_betas.log()
-        fixed_variance = step_betas if self.config.variance_type == "fixed_large" else variance_small
+        # log Σ of the fixed variance types at every latent, the decoder p_θ(x_0 | x_t) included: "fixed_large" is
+        # β_t throughout (Bayes-optimal for data broad compared with √β_t, so the ELBO of continuous data tightens to
+        # log p(x_0) as T grows); "fixed_small" uses the clipped σ_q² (improved DDPM), suited to data on a grid.
+        large = self.config.variance_type == "fixed_large"
+        self._chain_fixed_log_variance = self._chain_max_log_variance if large else min_log_variance
+        fixed_variance = step_betas if large else variance_small
         self._step_coefficients = [
             tuple(float(v) for v in row)
             for row in zip(
@@ -250,6 +270,10 @@ class HVAEScheduler(SchedulerMixin, ConfigMixin):
     def _chain_index(self, timestep) -> int:
         """Position of ``timestep`` in the chain; a ``ValueError`` if it is not one of ``self.timesteps``."""
         if isinstance(timestep, torch.Tensor):
+            if timestep.ndim == 0 and timestep._base is self.timesteps:
+                # An element of self.timesteps, as a pipeline's loop hands it over: its position is its storage
+                # offset, read on the host, so a CUDA timestep costs no device-to-host sync per step.
+                return (timestep.storage_offset() - self.timesteps.storage_offset()) // self.timesteps.stride(0)
             if timestep.numel() != 1:
                 raise ValueError(f"timestep must be a single value, got shape {tuple(timestep.shape)}")
             timestep = timestep.item()
@@ -293,22 +317,26 @@ class HVAEScheduler(SchedulerMixin, ConfigMixin):
     def _check_finite(model_output: torch.Tensor) -> None:
         # Only on the CPU: on an accelerator the check would sync the host every step; pipelines check the
         # final sample there instead.
-        if model_output.device.type == "cpu" and not torch.isfinite(torch.sum(model_output, dtype=torch.float32)):
+        # A Python float test of the float32 sum: a third of the cost of a tensor isfinite at small shapes.
+        if model_output.device.type == "cpu" and not math.isfinite(torch.sum(model_output, dtype=torch.float32).item()):
             raise ValueError("model_output contains NaN or inf; the model diverged or received bad input")
 
     def _threshold_sample(self, sample: torch.Tensor) -> torch.Tensor:
         """Imagen's dynamic thresholding: clamp x̂_0 to [−s, s] and divide by s, s the per-sample quantile of |x̂_0|."""
         dtype = sample.dtype
-        flat = sample.float().reshape(sample.shape[0], -1)
+        # quantile needs float32 or float64; half types are upcast
+        flat = sample.reshape(sample.shape[0], -1)
+        flat = flat if dtype in (torch.float32, torch.float64) else flat.float()
         s = torch.quantile(flat.abs(), self.config.dynamic_thresholding_ratio, dim=1)
         s = s.clamp(min=1, max=self.config.sample_max_value).unsqueeze(1)
         return (flat.clamp(-s, s) / s).reshape(sample.shape).to(dtype)
 
     def _clip_or_threshold(self, predicted_x0: torch.Tensor) -> torch.Tensor:
+        """Clip or threshold x̂_0 as configured; clipping is in place (``step`` hands over a tensor of its own)."""
         if self.config.thresholding:
             return self._threshold_sample(predicted_x0)
         if self.config.clip_sample:
-            return predicted_x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
+            return predicted_x0.clamp_(-self.config.clip_sample_range, self.config.clip_sample_range)
         return predicted_x0
 
     def step(
@@ -339,11 +367,12 @@ class HVAEScheduler(SchedulerMixin, ConfigMixin):
 
         predicted_x0 = torch.add(sample * x0_from_sample, model_output, alpha=x0_from_output)
         predicted_x0 = self._clip_or_threshold(predicted_x0)
-        prev_sample = torch.add(predicted_x0 * x0_coefficient, sample, alpha=sample_coefficient)
+        # In place on a fresh tensor whose dtype (x̂_0's) already covers the sample's: the same numbers, one
+        # allocation fewer.
+        prev_sample = torch.mul(predicted_x0, x0_coefficient).add_(sample, alpha=sample_coefficient)
 
         if index < len(self._step_coefficients) - 1:
-            noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
-                                 dtype=model_output.dtype)  # fmt: skip
+            noise = _step_noise(model_output, generator)
             if variance_output is None:
                 prev_sample = prev_sample.add_(noise, alpha=noise_std)
             else:
@@ -368,7 +397,13 @@ class HVAEScheduler(SchedulerMixin, ConfigMixin):
     def _chain_pairs(self, timesteps, like: torch.Tensor):
         """(ᾱ_t, ᾱ_{t'}, chain indices) for a batch of timesteps of the current chain, t' each one's previous."""
         timesteps = torch.as_tensor(timesteps, device="cpu").long().reshape(-1)
-        indices = torch.tensor([self._chain_index(t) for t in timesteps.tolist()], dtype=torch.long)
+        in_range = (timesteps >= 0) & (timesteps < self.config.num_train_timesteps)
+        indices = torch.where(in_range, self._chain_index_table[timesteps.clamp(0, len(self) - 1)], -1)
+        if bool((indices < 0).any()):
+            missing = timesteps[indices < 0].unique().tolist()[:8]
+            raise ValueError(
+                f"timesteps {missing} are not in the schedule; call set_timesteps and use scheduler.timesteps"
+            )
         return (
             self._chain_alphas_cumprod[indices].to(like.device),
             self._chain_prev_alphas_cumprod[indices].to(like.device),
@@ -411,7 +446,7 @@ class HVAEScheduler(SchedulerMixin, ConfigMixin):
             alphas_cumprod_t,
             prev_alphas_cumprod,
             snr_gamma=snr_gamma,
-            first_latent_log_variance=self._chain_min_log_variance[indices],
+            first_latent_log_variance=self._chain_fixed_log_variance[indices],
         ).to(timesteps.device)
 
     def convert_model_output(self, model_output, sample, timesteps, to_type: str) -> torch.Tensor:
@@ -438,27 +473,23 @@ class HVAEScheduler(SchedulerMixin, ConfigMixin):
         """μ_θ, log Σ_θ and x̂_0 of the model's p_θ(x_{t'} | x_t) for a batch (x̂_0 not clipped).
 
         Returns ``(mean, log_variance, predicted_x0)``: ``log_variance`` has shape ``[B]`` for fixed variances
-        (the last latent's σ_q² clipped as in improved DDPM) and the sample's shape for "learned_range".
+        (β_t for "fixed_large"; σ_q² for "fixed_small", at the last latent, where σ_q² = 0, the σ_q² of the latent
+        before it, as in improved DDPM) and the sample's shape for "learned_range".
         """
         prediction, variance_output = self._split_model_output(model_output, sample)
-        alphas_cumprod_t, prev_alphas_cumprod, indices = self._chain_pairs(timesteps, sample)
+        alphas_cumprod_t, _, indices = self._chain_pairs(timesteps, sample)
         predicted_x0 = convert_prediction(
             prediction, sample, alphas_cumprod_t.to(sample.dtype), self.config.prediction_type, "sample"
         )
         mean, _ = self.posterior_mean_variance(predicted_x0, sample, timesteps)
-        min_log_variance = self._chain_min_log_variance[indices].to(sample.device)
-        max_log_variance = self._chain_max_log_variance[indices].to(sample.device)
         if variance_output is not None:
+            min_log_variance = self._chain_min_log_variance[indices].to(sample.device, sample.dtype)
+            max_log_variance = self._chain_max_log_variance[indices].to(sample.device, sample.dtype)
             log_variance = learned_range_log_variance(
-                variance_output,
-                broadcast_to(min_log_variance.to(sample.dtype), sample),
-                broadcast_to(max_log_variance.to(sample.dtype), sample),
+                variance_output, broadcast_to(min_log_variance, sample), broadcast_to(max_log_variance, sample)
             )
-        elif self.config.variance_type == "fixed_large":
-            is_last = prev_alphas_cumprod >= 1
-            log_variance = torch.where(is_last, min_log_variance, max_log_variance)
         else:
-            log_variance = min_log_variance
+            log_variance = self._chain_fixed_log_variance[indices].to(sample.device)
         return mean, log_variance, predicted_x0
 
     def elbo_terms(

@@ -103,13 +103,16 @@ class _MixtureModel(ModelMixin, ConfigMixin):
 
     def _setup(self, means, stds, weights, component_labels, alphas_cumprod):
         self.mixture = GaussianMixture(means, stds, weights, component_labels)
-        self.register_buffer("alphas_cumprod", torch.as_tensor(alphas_cumprod, dtype=torch.float64), persistent=False)
+        # not named "alphas_cumprod": that name is a config entry, which ModelMixin also exposes as an attribute
+        table = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+        self.register_buffer("alphas_cumprod_table", table, persistent=False)
         # ModelMixin reads dtype/device from parameters; this one carries no learning, only that information.
         self.dtype_anchor = torch.nn.Parameter(torch.zeros(()), requires_grad=False)
 
     def _alphas_cumprod_at(self, sample, timestep):
-        timestep = torch.as_tensor(timestep, device=self.alphas_cumprod.device).long().reshape(-1)
-        return self.alphas_cumprod[timestep].expand(sample.shape[0]) if timestep.numel() == 1 else self.alphas_cumprod[timestep]
+        timestep = torch.as_tensor(timestep, device=self.alphas_cumprod_table.device).long().reshape(-1)
+        alphas_cumprod_t = self.alphas_cumprod_table[timestep]
+        return alphas_cumprod_t.expand(sample.shape[0]) if timestep.numel() == 1 else alphas_cumprod_t
 
     def _flatten(self, sample):
         if math.prod(sample.shape[1:]) != self.mixture.dim:

@@ -1,0 +1,95 @@
+"""Guidance as the theory writes it: a change of the score (classifier guidance) or of ε (classifier-free guidance).
+
+Classifier guidance needs ∇_{x_t} log p(y | x_t), taken here by autograd in one of two ways: through a noisy
+classifier p_φ(y | x_t, t), or through a classifier of clean data p_φ(y | x_0) evaluated on the denoiser's Tweedie
+estimate x̂_0(x_t) (the gradient then flows through the denoiser too). The pipelines convert these scores to and
+from the model's parameterization with ``parameterization.convert_prediction``.
+"""
+
+import torch
+
+
+def check_guidance_scale(value, name: str) -> None:
+    """Raise a ``ValueError`` naming ``name`` unless ``value`` is a finite real number ≥ 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if not (value >= 0 and value != float("inf")):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def logits_of(output) -> torch.Tensor:
+    """The logits of a classifier's output: the tensor itself or its ``.logits`` (Diffusers/transformers outputs)."""
+    return output if isinstance(output, torch.Tensor) else output.logits
+
+
+def selected_log_probability(logits: torch.Tensor, class_labels: torch.Tensor, num_classes: int | None = None):
+    """Σ_i log softmax(logits_i)[y_i]: the batch's summed log p(y_i | ·), whose gradient is per-sample.
+
+    ``logits`` ``[B, num_classes]`` (computed in float32 at least), ``class_labels`` ints ``[B]``; a ``ValueError``
+    if ``num_classes`` is given and the classifier returned another number of logits.
+    """
+    if num_classes is not None and logits.shape[-1] != num_classes:
+        raise ValueError(f"the classifier returned {logits.shape[-1]} logits but declares num_classes={num_classes}")
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    return log_probs.gather(1, class_labels.reshape(-1, 1)).sum()
+
+
+def classifier_log_prob_gradient(classifier, sample, timestep, class_labels, num_classes: int | None = None):
+    """∇_{x_t} log p_φ(y | x_t) of a noisy classifier, by autograd; ``classifier(x_t, t)`` returns logits or ``.logits``.
+
+    Args:
+        sample: x_t, ``[B, ...]``.
+        timestep: t, as the classifier takes it.
+        class_labels: y, ints ``[B]``.
+        num_classes: if given, the number of logits the classifier must return.
+
+    Returns:
+        The gradient, shape and dtype of ``sample``.
+    """
+    with torch.enable_grad():
+        sample = sample.detach().requires_grad_(True)
+        logits = logits_of(classifier(sample, timestep))
+        (gradient,) = torch.autograd.grad(selected_log_probability(logits, class_labels, num_classes), sample)
+    return gradient
+
+
+def denoised_classifier_log_prob_gradient(
+    classifier, predict_original_sample, sample, class_labels, num_classes: int | None = None
+):
+    """∇_{x_t} log p_φ(y | x̂_0(x_t)) for a classifier of clean data applied to the Tweedie estimate x̂_0 = E[x_0 | x_t].
+
+    The chain rule runs through the denoiser: ∇_{x_t} log p_φ(y | x̂_0) = (∂x̂_0/∂x_t)ᵀ ∇_{x̂_0} log p_φ(y | x̂_0).
+
+    Args:
+        classifier: ``classifier(x_0)`` returning logits or an object with ``.logits`` (for example a transformers
+            image-classification model, called with ``pixel_values`` positionally).
+        predict_original_sample: x_t ↦ x̂_0(x_t), differentiable (the denoiser's output converted to "sample").
+        sample: x_t, ``[B, ...]``.
+        class_labels: y, ints ``[B]``.
+        num_classes: if given, the number of logits the classifier must return.
+
+    Returns:
+        ``(gradient, predicted_original_sample)``: the gradient (shape of ``sample``) and x̂_0 (detached), so the caller
+        needs no second denoiser call.
+    """
+    with torch.enable_grad():
+        sample = sample.detach().requires_grad_(True)
+        predicted_original_sample = predict_original_sample(sample)
+        logits = logits_of(classifier(predicted_original_sample))
+        (gradient,) = torch.autograd.grad(selected_log_probability(logits, class_labels, num_classes), sample)
+    return gradient, predicted_original_sample.detach()
+
+
+def classifier_guided_score(score: torch.Tensor, classifier_gradient: torch.Tensor, classifier_scale: float):
+    """∇log p_γ(x_t | y) = ∇log p(x_t) + γ ∇log p(y | x_t); γ = 1 is Bayes' rule, γ > 1 sharpens p(y | x)."""
+    return score + classifier_scale * classifier_gradient.to(score.dtype)
+
+
+def classifier_free_guidance(unconditional_output, conditional_output, guidance_scale: float):
+    """ε̃ = ε(x_t, ∅) + w (ε(x_t, y) − ε(x_t, ∅)): w = 1 is the conditional model, w = 0 the unconditional one.
+
+    The same weights apply in any parameterization (score, x̂_0, v): each is affine in ε with coefficients that depend
+    only on x_t and ᾱ_t, and the weights (1 − w, w) sum to one. In score terms this is
+    ∇log p_w(x_t | y) = w ∇log p(x_t | y) + (1 − w) ∇log p(x_t).
+    """
+    return unconditional_output + guidance_scale * (conditional_output - unconditional_output)

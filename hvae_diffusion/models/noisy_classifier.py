@@ -1,0 +1,144 @@
+"""A time-conditioned classifier p_φ(y | x_t): the encoder half of a UNet2DModel, pooled, then a linear head.
+
+Classifier guidance (Dhariwal & Nichol 2021) needs ∇_{x_t} log p_φ(y | x_t) at every noise level, so the classifier
+sees the noisy latent x_t and the timestep t, exactly as the denoiser does.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D, get_down_block
+from diffusers.utils import BaseOutput
+from torch import nn
+
+
+@dataclass
+class NoisyClassifierOutput(BaseOutput):
+    """Output of ``NoisyClassifier``.
+
+    Args:
+        logits (`torch.Tensor` of shape `(batch_size, num_classes)`): unnormalized log p_φ(y | x_t).
+    """
+
+    logits: torch.Tensor
+
+
+class NoisyClassifier(ModelMixin, ConfigMixin):
+    """Classifies a noisy sample x_t given its timestep t: ``classifier(x_t, t).logits`` has shape ``[B, num_classes]``.
+
+    Built like the encoder half of ``UNet2DModel``: ``conv_in``, sinusoidal timestep embedding, Diffusers' down blocks
+    (ResNet blocks that take the time embedding, optionally with attention), an optional mid block, then group norm,
+    SiLU, global average pooling and a linear head. The arguments mean what they mean for ``UNet2DModel``.
+
+    Args:
+        sample_size: the image side (informational, as for ``UNet2DModel``).
+        in_channels: C of x_t ``[B, C, H, W]``.
+        num_classes: the number of classes.
+        down_block_types, block_out_channels, layers_per_block: the encoder's blocks and widths.
+        mid_block_type: ``"UNetMidBlock2D"`` or ``None``.
+        attention_head_dim, norm_num_groups, norm_eps, act_fn, dropout: as for ``UNet2DModel``.
+        flip_sin_to_cos, freq_shift: the sinusoidal timestep projection.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int | tuple[int, int] | None = None,
+        in_channels: int = 3,
+        num_classes: int = 10,
+        down_block_types: tuple[str, ...] = ("DownBlock2D", "DownBlock2D"),
+        block_out_channels: tuple[int, ...] = (32, 64),
+        layers_per_block: int = 1,
+        mid_block_type: str | None = None,
+        attention_head_dim: int | None = 8,
+        norm_num_groups: int = 8,
+        norm_eps: float = 1e-5,
+        act_fn: str = "silu",
+        dropout: float = 0.0,
+        flip_sin_to_cos: bool = True,
+        freq_shift: int = 0,
+    ):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if len(block_out_channels) != len(down_block_types):
+            raise ValueError(
+                f"block_out_channels ({len(block_out_channels)}) and down_block_types ({len(down_block_types)}) "
+                "must have the same length"
+            )
+        if mid_block_type not in (None, "UNetMidBlock2D"):
+            raise ValueError(f"mid_block_type must be 'UNetMidBlock2D' or None, got {mid_block_type!r}")
+        time_embed_dim = block_out_channels[0] * 4
+        self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], kernel_size=3, padding=1)
+        self.time_proj = Timesteps(block_out_channels[0], flip_sin_to_cos, freq_shift)
+        self.time_embedding = TimestepEmbedding(block_out_channels[0], time_embed_dim)
+
+        self.down_blocks = nn.ModuleList()
+        output_channel = block_out_channels[0]
+        for index, block_type in enumerate(down_block_types):
+            input_channel, output_channel = output_channel, block_out_channels[index]
+            self.down_blocks.append(
+                get_down_block(
+                    block_type,
+                    num_layers=layers_per_block,
+                    in_channels=input_channel,
+                    out_channels=output_channel,
+                    temb_channels=time_embed_dim,
+                    add_downsample=index < len(block_out_channels) - 1,
+                    resnet_eps=norm_eps,
+                    resnet_act_fn=act_fn,
+                    resnet_groups=norm_num_groups,
+                    attention_head_dim=attention_head_dim if attention_head_dim is not None else output_channel,
+                    downsample_padding=1,
+                    dropout=dropout,
+                )
+            )
+        self.mid_block = None
+        if mid_block_type is not None:
+            self.mid_block = UNetMidBlock2D(
+                in_channels=block_out_channels[-1],
+                temb_channels=time_embed_dim,
+                dropout=dropout,
+                resnet_eps=norm_eps,
+                resnet_act_fn=act_fn,
+                attention_head_dim=attention_head_dim if attention_head_dim is not None else block_out_channels[-1],
+                resnet_groups=norm_num_groups,
+            )
+        self.norm_out = nn.GroupNorm(norm_num_groups, block_out_channels[-1], eps=norm_eps)
+        self.act_out = nn.SiLU()
+        self.classifier_head = nn.Linear(block_out_channels[-1], num_classes)
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor | float | int, return_dict: bool = True
+    ) -> NoisyClassifierOutput | tuple:
+        """Logits of p_φ(y | x_t).
+
+        Args:
+            sample: x_t, ``[B, C, H, W]``.
+            timestep: t, a scalar or ``[B]``.
+        """
+        if sample.ndim != 4 or sample.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"sample must have shape [B, {self.config.in_channels}, H, W], got {tuple(sample.shape)}"
+            )
+        timesteps = torch.as_tensor(timestep, device=sample.device)
+        timesteps = timesteps.reshape(-1).expand(sample.shape[0]) if timesteps.numel() == 1 else timesteps
+        embedding = self.time_embedding(self.time_proj(timesteps).to(self.dtype))
+
+        hidden = self.conv_in(sample)
+        for block in self.down_blocks:
+            hidden, _ = block(hidden_states=hidden, temb=embedding)
+        if self.mid_block is not None:
+            hidden = self.mid_block(hidden, embedding)
+        pooled = self.act_out(self.norm_out(hidden)).mean(dim=(2, 3))
+        logits = self.classifier_head(pooled)
+        if not return_dict:
+            return (logits,)
+        return NoisyClassifierOutput(logits=logits)

@@ -1,0 +1,105 @@
+"""Command-line pieces the scripts share: the data, optimization and Hub arguments (named as in Diffusers'
+training examples), the ``TrainingConfig`` they make, the data they load, and the Accelerate thread check."""
+
+import os
+import warnings
+from dataclasses import fields
+
+from .data import image_dataset_to_tensors, load_image_dataset, num_classes_of
+from .loop import TrainingConfig
+
+
+def add_data_arguments(parser):
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset_name", default=None,
+                       help="a dataset on the Hub (or a local dataset folder); default: the built-in digits")  # fmt: skip
+    group.add_argument("--dataset_config_name", default=None)
+    group.add_argument("--train_data_dir", default=None, help="a local image folder (imagefolder layout)")
+    group.add_argument("--cache_dir", default=None)
+    group.add_argument("--image_column", default="image")
+    group.add_argument("--label_column", default="label")
+    group.add_argument("--caption_column", default="text")
+    group.add_argument("--resolution", type=int, default=None,
+                       help="images are resized to this size (default: the dataset's own, 8 for the digits)")  # fmt: skip
+    group.add_argument("--num_classes", type=int, default=None,
+                       help="the class count (default: from the label column's ClassLabel, else max label + 1)")  # fmt: skip
+
+
+def add_training_arguments(parser, learning_rate=1e-4, train_batch_size=64):
+    group = parser.add_argument_group("optimization (as in diffusers' train_unconditional.py)")
+    group.add_argument("--output_dir", required=True)
+    group.add_argument("--train_batch_size", type=int, default=train_batch_size, help="per process")
+    group.add_argument("--num_epochs", type=int, default=1)
+    group.add_argument("--max_train_steps", type=int, default=None, help="optimizer steps; overrides --num_epochs")
+    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    group.add_argument("--learning_rate", type=float, default=learning_rate)
+    group.add_argument("--lr_scheduler", default="cosine",
+                       help="linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup")  # fmt: skip
+    group.add_argument("--lr_warmup_steps", type=int, default=0)
+    group.add_argument("--adam_beta1", type=float, default=0.9)
+    group.add_argument("--adam_beta2", type=float, default=0.999)
+    group.add_argument("--adam_weight_decay", type=float, default=0.0)
+    group.add_argument("--adam_epsilon", type=float, default=1e-8)
+    group.add_argument("--max_grad_norm", type=float, default=1.0)
+    group.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
+    group.add_argument("--use_ema", action="store_true", help="keep an EMA of the weights (diffusers' EMAModel)")
+    group.add_argument("--ema_max_decay", type=float, default=0.9999)
+    group.add_argument("--ema_inv_gamma", type=float, default=1.0)
+    group.add_argument("--ema_power", type=float, default=0.75)
+    group.add_argument("--checkpointing_steps", type=int, default=500)
+    group.add_argument("--checkpoints_total_limit", type=int, default=None)
+    group.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-<step> folder")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, all or none")
+    group.add_argument("--logging_dir", default="logs")
+    group.add_argument("--save_images_steps", type=int, default=None, help="save a sample grid every N steps")
+    group.add_argument("--dataloader_num_workers", type=int, default=0)
+    hub = parser.add_argument_group("Hub")
+    hub.add_argument("--push_to_hub", action="store_true")
+    hub.add_argument("--hub_model_id", default=None)
+    hub.add_argument("--hub_token", default=None)
+    hub.add_argument("--hub_private_repo", action="store_true")
+
+
+def training_config_from_args(args, **overrides):
+    """A ``TrainingConfig`` from the parsed arguments of ``add_training_arguments``."""
+    names = {field.name for field in fields(TrainingConfig)}
+    values = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    values.update(overrides)
+    return TrainingConfig(**values)
+
+
+def load_training_data(args, need_labels=False, need_captions=False):
+    """(train dataset, test dataset, num_classes or None, resolution, channels) from the data arguments.
+
+    Labels are used when the label column exists (or ``need_labels``, which makes a missing one an error).
+    """
+    splits = load_image_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir)
+    train_split = splits["train"]
+    label_column = args.label_column if (need_labels or args.label_column in train_split.column_names) else None
+    num_classes = None
+    if label_column is not None:
+        if label_column not in train_split.column_names:
+            raise ValueError(f"--label_column={label_column!r} is not a column of the dataset; "
+                             f"columns: {train_split.column_names}")  # fmt: skip
+        num_classes = args.num_classes or num_classes_of(train_split, label_column)
+    caption_column = args.caption_column if need_captions else None
+    resolution = args.resolution
+    datasets = [image_dataset_to_tensors(split, args.image_column, resolution, label_column, caption_column,
+                                         num_classes) for split in (train_split, splits["test"])]  # fmt: skip
+    first = datasets[0][0]["sample"]
+    return datasets[0], datasets[1], num_classes, first.shape[-1], first.shape[0]
+
+
+def warn_if_single_threaded():
+    """Warn when ``accelerate launch --cpu`` pinned each process to one thread while more cores are free."""
+    cores = os.cpu_count() or 1
+    launched = "ACCELERATE_MIXED_PRECISION" in os.environ or "LOCAL_RANK" in os.environ
+    if launched and os.environ.get("OMP_NUM_THREADS") == "1" and cores > int(os.environ.get("WORLD_SIZE", "1")):
+        warnings.warn(
+            f"OMP_NUM_THREADS=1: `accelerate launch` without a config pins every process to one thread, leaving "
+            f"{cores - int(os.environ.get('WORLD_SIZE', '1'))} of {cores} cores idle. Launch with "
+            f"`accelerate launch --num_processes N --num_cpu_threads_per_process {max(1, cores // 2)} ...`, or run "
+            "one process with `python scripts/train.py ...`.",
+            stacklevel=2,
+        )

@@ -1,0 +1,163 @@
+"""Training data through 🤗 datasets: the built-in digits, a Hub dataset or a local image folder, as [-1, 1] tensors.
+
+Every loader returns a ``datasets.DatasetDict`` with an image column (and a label or caption column when there is
+one); ``image_dataset_to_tensors`` checks the columns and turns a split into a ``torch`` dataset whose items are
+``{"sample": [C, H, W] float tensor in [-1, 1], "class_labels": int}`` (or ``"prompt": str``), the form the
+training loop takes.
+"""
+
+import numpy as np
+import torch
+from PIL import Image
+
+DIGITS_NUM_CLASSES = 10
+DIGITS_TEST_SIZE = 297  # 1797 images: 1500 to train on, 297 held out
+DIGITS_SPLIT_SEED = 0
+MODE_CHANNELS = {"L": 1, "RGB": 3, "RGBA": 4}
+
+
+def load_digits_dataset():
+    """scikit-learn's bundled handwritten digits (1797 8x8 grey images, 10 classes) as a ``DatasetDict``.
+
+    Columns ``image`` (PIL "L", 0..255 from the 0..16 originals) and ``label`` (``ClassLabel``); the ``test``
+    split is a fixed held-out set of 297 images (stratified by label, seed 0), the same on every machine.
+    """
+    import datasets
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(i) for i in range(DIGITS_NUM_CLASSES)])}
+    )
+    dataset = datasets.Dataset.from_dict(
+        {"image": [Image.fromarray(p, mode="L") for p in pixels], "label": digits.target.tolist()}, features=features
+    )
+    return dataset.train_test_split(
+        test_size=DIGITS_TEST_SIZE, seed=DIGITS_SPLIT_SEED, stratify_by_column="label"
+    )
+
+
+def load_image_dataset(dataset_name=None, dataset_config_name=None, train_data_dir=None, cache_dir=None,
+                       test_size=DIGITS_TEST_SIZE, seed=DIGITS_SPLIT_SEED):  # fmt: skip
+    """The training data as a ``DatasetDict`` with ``train`` and ``test`` splits.
+
+    ``dataset_name`` loads a dataset from the Hub (or a local dataset script/folder), ``train_data_dir`` a local
+    image folder (``imagefolder``: class sub-folders give a ``label`` column), neither the built-in digits. A
+    dataset without a ``test`` split gets one of ``test_size`` rows split off with ``seed``.
+    """
+    import datasets
+
+    if dataset_name is not None and train_data_dir is not None:
+        raise ValueError("pass only one of --dataset_name or --train_data_dir")
+    if dataset_name is None and train_data_dir is None:
+        return load_digits_dataset()
+    try:
+        if dataset_name is not None:
+            loaded = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)
+        else:
+            loaded = datasets.load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir)
+    except FileNotFoundError as error:
+        argument = "--dataset_name" if dataset_name is not None else "--train_data_dir"
+        raise ValueError(f"{argument}: cannot load {dataset_name or train_data_dir!r}: {error}") from error
+    if "train" not in loaded:
+        raise ValueError(f"the dataset has no 'train' split (splits: {list(loaded)})")
+    if "test" not in loaded:
+        loaded = loaded["train"].train_test_split(test_size=min(test_size, len(loaded["train"]) // 5 or 1), seed=seed)
+    return loaded
+
+
+def _check_column(dataset, column, argument):
+    if column not in dataset.column_names:
+        raise ValueError(f"{argument}={column!r} is not a column of the dataset; columns: {dataset.column_names}")
+
+
+def num_classes_of(dataset, label_column="label"):
+    """The class count: the ``ClassLabel`` feature's, else max label + 1."""
+    feature = dataset.features.get(label_column)
+    if hasattr(feature, "num_classes"):
+        return feature.num_classes
+    return int(max(dataset[label_column])) + 1
+
+
+def image_to_tensor(image, resolution=None, channels=None):
+    """A PIL image as a ``[C, H, W]`` float tensor in [−1, 1] (x / 127.5 − 1), resized (bilinear) to ``resolution``."""
+    if channels is not None:
+        image = image.convert({1: "L", 3: "RGB", 4: "RGBA"}[channels])
+    if resolution is not None and image.size != (resolution, resolution):
+        image = image.resize((resolution, resolution), Image.BILINEAR)
+    array = np.asarray(image, dtype=np.float32)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def tensor_to_uint8(samples):
+    """``[B, C, H, W]`` in [−1, 1] → ``[B, H, W, C]`` uint8 numpy array (the inverse of ``image_to_tensor``)."""
+    samples = ((samples.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return samples.permute(0, 2, 3, 1).cpu().numpy()
+
+
+class ImageTensorDataset(torch.utils.data.Dataset):
+    """A split of an image ``datasets.Dataset`` as ``{"sample", "class_labels" | "prompt"}`` items (see module doc)."""
+
+    def __init__(self, dataset, image_column, resolution, channels, label_column=None, caption_column=None):
+        self.dataset = dataset
+        self.image_column = image_column
+        self.resolution = resolution
+        self.channels = channels
+        self.label_column = label_column
+        self.caption_column = caption_column
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        row = self.dataset[int(index)]
+        item = {"sample": image_to_tensor(row[self.image_column], self.resolution, self.channels)}
+        if self.label_column is not None:
+            item["class_labels"] = int(row[self.label_column])
+        if self.caption_column is not None:
+            item["prompt"] = row[self.caption_column]
+        return item
+
+
+def image_dataset_to_tensors(dataset, image_column="image", resolution=None, label_column=None,
+                             caption_column=None, num_classes=None):  # fmt: skip
+    """Check the columns and wrap a split as an ``ImageTensorDataset``.
+
+    Raises a ``ValueError`` naming the argument for a missing column, images of mixed channel counts, or labels
+    outside ``[0, num_classes)``. Small datasets are checked in full, larger ones on their first 2048 rows.
+    """
+    _check_column(dataset, image_column, "--image_column")
+    if label_column is not None:
+        _check_column(dataset, label_column, "--label_column")
+    if caption_column is not None:
+        _check_column(dataset, caption_column, "--caption_column")
+    checked = dataset.select(range(min(len(dataset), 2048)))
+    if len(checked) == 0:
+        raise ValueError("the dataset split is empty")
+    modes = {image.mode for image in checked[image_column]}
+    channel_counts = {MODE_CHANNELS.get(mode, 3) for mode in modes}
+    if len(channel_counts) > 1:
+        raise ValueError(
+            f"--image_column={image_column!r} holds images of mixed channel counts (modes {sorted(modes)}); "
+            "convert them to one mode first"
+        )
+    if label_column is not None:
+        labels = np.asarray(checked[label_column])
+        if num_classes is not None and ((labels < 0) | (labels >= num_classes)).any():
+            bad = labels[(labels < 0) | (labels >= num_classes)]
+            raise ValueError(
+                f"--label_column={label_column!r} has labels {sorted(set(bad.tolist()))[:5]} outside "
+                f"[0, {num_classes}) (num_classes={num_classes})"
+            )
+    return ImageTensorDataset(dataset, image_column, resolution, channel_counts.pop(), label_column, caption_column)
+
+
+def stack_dataset(dataset):
+    """All items of a dataset of ``{"sample", "class_labels"}`` dicts as ``(samples [N, ...], labels [N] | None)``."""
+    items = [dataset[i] for i in range(len(dataset))]
+    samples = torch.stack([item["sample"] for item in items])
+    labels = torch.tensor([item["class_labels"] for item in items]) if "class_labels" in items[0] else None
+    return samples, labels

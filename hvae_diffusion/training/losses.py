@@ -1,0 +1,192 @@
+"""Training objectives: the weighted denoising loss of the diffusion HVAE, its hybrid with the ELBO, and the noisy
+classifier's loss, each on one batch, with the randomness (timesteps, noise, condition dropout) drawn from a given
+generator so that a run is reproducible step by step.
+"""
+
+import math
+
+import torch
+
+from ..elbo import LOSS_WEIGHTINGS, denoising_matching_kl, discretized_gaussian_log_likelihood, weighted_mse
+from ..forward_process import broadcast_to
+
+
+class BatchRandomness:
+    """Random draws for one process's share of a global batch split over ``num_processes`` processes.
+
+    Every process draws the whole global batch from the same CPU generator and keeps its own rows, so the
+    randomness each example sees is the same whatever the number of processes (the multi-process run equals the
+    one-process run with the same global batch).
+    """
+
+    def __init__(self, generator, num_processes=1, process_index=0):
+        self.generator = generator
+        self.num_processes = num_processes
+        self.process_index = process_index
+
+    def _own_rows(self, values, batch_size):
+        start = self.process_index * batch_size
+        return values[start : start + batch_size]
+
+    def randint(self, high, batch_size):
+        values = torch.randint(0, high, (batch_size * self.num_processes,), generator=self.generator)
+        return self._own_rows(values, batch_size)
+
+    def randn(self, shape, dtype=torch.float32):
+        values = torch.randn((shape[0] * self.num_processes, *shape[1:]), generator=self.generator, dtype=dtype)
+        return self._own_rows(values, shape[0])
+
+    def rand(self, batch_size):
+        return self._own_rows(torch.rand(batch_size * self.num_processes, generator=self.generator), batch_size)
+
+
+def as_batch_randomness(randomness):
+    """A ``BatchRandomness`` from itself or a plain ``torch.Generator`` (one process)."""
+    if isinstance(randomness, BatchRandomness):
+        return randomness
+    if randomness is None or isinstance(randomness, torch.Generator):
+        return BatchRandomness(randomness)
+    raise TypeError(f"randomness must be a torch.Generator or BatchRandomness, got {type(randomness).__name__}")
+
+
+def draw_timesteps_and_noise(samples, num_train_timesteps, randomness):
+    """t ~ U{0..T−1} per sample and ε ~ N(0, I) of ``samples``' shape, drawn on CPU, moved to ``samples``' device."""
+    timesteps = randomness.randint(num_train_timesteps, samples.shape[0])
+    noise = randomness.randn(samples.shape, dtype=samples.dtype)
+    return timesteps.to(samples.device), noise.to(samples.device)
+
+
+def drop_conditions(class_labels, null_label, drop_probability, randomness):
+    """Class labels with each one replaced by ``null_label`` with probability ``drop_probability`` (for CFG)."""
+    if drop_probability <= 0:
+        return class_labels
+    dropped = randomness.rand(class_labels.shape[0]).to(class_labels.device) < drop_probability
+    return torch.where(dropped, torch.full_like(class_labels, null_label), class_labels)
+
+
+def drop_prompts(prompts, drop_probability, randomness):
+    """Prompts with each one replaced by the empty prompt with probability ``drop_probability``."""
+    if drop_probability <= 0:
+        return list(prompts)
+    dropped = randomness.rand(len(prompts)) < drop_probability
+    return ["" if drop else prompt for prompt, drop in zip(prompts, dropped.tolist())]
+
+
+def variational_bound_term(scheduler, model_output, original_samples, sample, timesteps):
+    """Per-sample L_{t−1} of the ELBO in bits per dimension for ``model_output`` at x_t (improved DDPM's L_vlb term).
+
+    KL(q(x_{t'} | x_t, x_0) ‖ p_θ(x_{t'} | x_t)) for t > 0 and −log p_θ(x_0 | x_1) (discretized) at the first latent.
+    """
+    model_mean, model_log_variance, _ = scheduler.predicted_mean_log_variance(model_output, sample, timesteps)
+    model_log_variance = broadcast_to(model_log_variance.to(sample.dtype), sample) if model_log_variance.ndim == 1 \
+        else model_log_variance  # fmt: skip
+    true_mean, true_variance = scheduler.posterior_mean_variance(original_samples, sample, timesteps)
+    is_first_latent = timesteps == 0
+    true_log_variance = broadcast_to(true_variance.clamp(min=1e-20).log().to(sample.dtype), sample)
+    kl = denoising_matching_kl(true_mean, true_log_variance, model_mean, model_log_variance)
+    decoder_nll = -discretized_gaussian_log_likelihood(original_samples, model_mean, 0.5 * model_log_variance)
+    num_dims = math.prod(sample.shape[1:])
+    return torch.where(is_first_latent, decoder_nll, kl) / (num_dims * math.log(2.0))
+
+
+class DiffusionLoss:
+    """The denoiser's loss on a batch: E_t,ε [w_t ‖model(x_t, t) − target‖²] / D, plus the ELBO term for learned Σ.
+
+    The weight w_t comes from ``HVAEScheduler.loss_weights`` (``"simple"`` = DDPM's MSE on ε, ``"elbo"`` = the
+    denoising-matching KL, ``"min_snr"``), the target from ``HVAEScheduler.training_target`` in the scheduler's
+    ``prediction_type``. Dividing by D (the dimensions of a sample) keeps the simple loss an MSE, so learning rates
+    carry over from Diffusers' examples.
+
+    With ``variance_type="learned_range"`` the model outputs 2C channels and the loss is improved DDPM's hybrid
+    L_simple + λ L_vlb: L_vlb is ``vlb_weight`` × the ELBO term of the sampled latent in bits/dim computed with the
+    mean prediction detached, so the ELBO trains only the variance and the weighted MSE only the mean.
+    ``vlb_weight`` defaults to T / 1000 (λ = 0.001 on the sum of T terms, as in improved DDPM).
+
+    Args:
+        scheduler: an ``HVAEScheduler`` with its full training chain (no ``set_timesteps``).
+        weighting: ``"simple"``, ``"elbo"`` or ``"min_snr"``; ``snr_gamma`` for the last.
+        cond_drop_prob: probability of replacing a class label by ``null_label`` (or a prompt by "").
+        null_label: the label meaning "no condition", ``num_classes``.
+    """
+
+    def __init__(self, scheduler, weighting="simple", snr_gamma=5.0, cond_drop_prob=0.0, null_label=None,
+                 vlb_weight=None):  # fmt: skip
+        if weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"--loss_weighting must be one of {LOSS_WEIGHTINGS}, got {weighting!r}")
+        if not 0.0 <= cond_drop_prob < 1.0:
+            raise ValueError(f"--cond_drop_prob must be in [0, 1), got {cond_drop_prob}")
+        if cond_drop_prob > 0 and null_label is None:
+            raise ValueError("cond_drop_prob > 0 needs null_label (the label meaning 'no condition')")
+        if scheduler.num_inference_steps is not None:
+            raise ValueError("the training scheduler must keep its full chain: do not call set_timesteps on it")
+        self.scheduler = scheduler
+        self.weighting = weighting
+        self.snr_gamma = snr_gamma
+        self.cond_drop_prob = cond_drop_prob
+        self.null_label = null_label
+        self.learned_variance = scheduler.config.variance_type == "learned_range"
+        num_train_timesteps = scheduler.config.num_train_timesteps
+        self.vlb_weight = num_train_timesteps / 1000.0 if vlb_weight is None else vlb_weight
+
+    def __call__(self, model, batch, randomness=None, encode_prompt=None):
+        """Per-batch scalar loss (mean over the batch) and a dict of logged parts.
+
+        Args:
+            model: called as ``model(x_t, t, class_labels=...)`` or ``model(x_t, t, encoder_hidden_states=...)``.
+            batch: ``{"sample": [B, ...], "class_labels": [B] (optional), "prompt": list[str] (optional)}``.
+            randomness: a CPU ``torch.Generator`` or ``BatchRandomness`` for t, ε and condition dropout.
+            encode_prompt: maps a list of prompts to ``encoder_hidden_states`` (text conditioning only).
+        """
+        randomness = as_batch_randomness(randomness)
+        original_samples = batch["sample"]
+        timesteps, noise = draw_timesteps_and_noise(
+            original_samples, self.scheduler.config.num_train_timesteps, randomness
+        )
+        sample = self.scheduler.add_noise(original_samples, noise, timesteps)
+        conditioning = {}
+        if batch.get("class_labels") is not None:
+            conditioning["class_labels"] = drop_conditions(
+                batch["class_labels"], self.null_label, self.cond_drop_prob, randomness
+            )
+        if batch.get("prompt") is not None:
+            conditioning["encoder_hidden_states"] = encode_prompt(
+                drop_prompts(batch["prompt"], self.cond_drop_prob, randomness)
+            )
+        model_output = model(sample, timesteps, **conditioning)
+        model_output = getattr(model_output, "sample", model_output)
+
+        channels = original_samples.shape[1]
+        prediction = model_output[:, :channels] if self.learned_variance else model_output
+        target = self.scheduler.training_target(original_samples, noise, timesteps)
+        weights = self.scheduler.loss_weights(timesteps.cpu(), self.weighting, self.snr_gamma).to(sample.device)
+        num_dims = math.prod(original_samples.shape[1:])
+        denoising = weighted_mse(prediction, target, weights) / num_dims
+        parts = {"denoising_loss": denoising.mean().detach()}
+        loss = denoising
+        if self.learned_variance:
+            frozen_mean_output = torch.cat([prediction.detach(), model_output[:, channels:]], dim=1)
+            vlb = variational_bound_term(self.scheduler, frozen_mean_output.float(), original_samples.float(),
+                                         sample.float(), timesteps)  # fmt: skip
+            loss = loss + self.vlb_weight * vlb
+            parts["vlb_loss"] = vlb.mean().detach()
+        return loss.mean(), parts
+
+
+class NoisyClassifierLoss:
+    """Cross-entropy of a noisy classifier on x_t ~ q(x_t | x_0) at t ~ U{0..T−1}: −log p_φ(y | x_t, t)."""
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+
+    def __call__(self, model, batch, randomness=None, encode_prompt=None):
+        randomness = as_batch_randomness(randomness)
+        original_samples, labels = batch["sample"], batch["class_labels"]
+        timesteps, noise = draw_timesteps_and_noise(
+            original_samples, self.scheduler.config.num_train_timesteps, randomness
+        )
+        sample = self.scheduler.add_noise(original_samples, noise, timesteps)
+        output = model(sample, timesteps)
+        logits = getattr(output, "logits", output)
+        loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+        accuracy = (logits.argmax(dim=-1) == labels).float().mean()
+        return loss, {"accuracy": accuracy.detach()}

@@ -1,0 +1,144 @@
+"""Saving and loading the pipelines: the standard layout, DiffusionPipeline.from_pretrained with and without the
+package imported (in fresh processes), Diffusers' own DDPMPipeline folders, and missing components."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline
+from test_pipelines import quiet, seeded, tiny_classifier, tiny_text_components, tiny_unet
+
+from hvae_diffusion import ClassifierFreeGuidancePipeline, ClassifierGuidedPipeline, HVAEPipeline, HVAEScheduler
+from hvae_diffusion.pipelines.serialization import PIPELINE_MODULE_NAME
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """One saved folder per pipeline class, with the components it was built from."""
+    root = tmp_path_factory.mktemp("pipelines")
+    scheduler = HVAEScheduler(num_train_timesteps=20)
+    pipelines = {
+        "hvae": HVAEPipeline(tiny_unet(), scheduler),
+        "classifier": ClassifierGuidedPipeline(tiny_unet(), scheduler, tiny_classifier(3)),
+        "free": ClassifierFreeGuidancePipeline(tiny_unet(num_class_embeds=4), scheduler),
+    }
+    folders = {}
+    for name, pipeline in pipelines.items():
+        folders[name] = root / name
+        pipeline.save_pretrained(folders[name])
+    return pipelines, folders
+
+
+def run_python(code: str, **environment) -> str:
+    """Run ``code`` in a fresh interpreter (offline), returning stdout; fail the test with stderr on error."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **environment}
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_standard_layout(saved):
+    _, folders = saved
+    folder = folders["classifier"]
+    for path in ("model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+                 "classifier/config.json", "classifier/diffusion_pytorch_model.safetensors",
+                 "scheduler/scheduler_config.json", f"{PIPELINE_MODULE_NAME}.py"):  # fmt: skip
+        assert os.path.isfile(folder / path), path
+    model_index = json.loads((folder / "model_index.json").read_text())
+    assert model_index["_class_name"] == [PIPELINE_MODULE_NAME, "ClassifierGuidedPipeline"]
+    assert model_index["scheduler"] == ["hvae_diffusion.scheduling_hvae", "HVAEScheduler"]
+    assert model_index["classifier_input"] == "noisy"
+    free_index = json.loads((folders["free"] / "model_index.json").read_text())
+    assert free_index["null_class_label"] == 3
+
+
+@pytest.mark.parametrize(
+    "name, pipeline_class, kwargs",
+    [
+        ("hvae", HVAEPipeline, {"batch_size": 2}),
+        ("classifier", ClassifierGuidedPipeline, {"class_labels": [0, 2], "classifier_scale": 2.0}),
+        ("free", ClassifierFreeGuidancePipeline, {"class_labels": [0, 2], "guidance_scale": 2.0}),
+    ],
+)
+def test_round_trip_samples_the_same(saved, name, pipeline_class, kwargs):
+    pipelines, folders = saved
+    for loader in (pipeline_class, DiffusionPipeline):
+        loaded = quiet(loader.from_pretrained(folders[name]))
+        assert type(loaded) is pipeline_class
+        run = lambda pipeline: pipeline(num_inference_steps=3, output_type="pt", generator=seeded(), **kwargs).images  # noqa: E731
+        torch.testing.assert_close(run(loaded), run(quiet(pipelines[name])))
+
+
+def test_import_then_diffusion_pipeline_in_a_fresh_process(saved):
+    _, folders = saved
+    output = run_python(f"""
+        import hvae_diffusion, torch
+        from diffusers import DiffusionPipeline
+        for folder in {[str(f) for f in folders.values()]!r}:
+            pipeline = DiffusionPipeline.from_pretrained(folder)
+            print(type(pipeline).__name__, sorted(pipeline.components))
+        pipeline.set_progress_bar_config(disable=True)
+        print(pipeline(class_labels=[1], num_inference_steps=2, output_type="pt").images.shape)
+    """)
+    assert "HVAEPipeline ['scheduler', 'unet']" in output
+    assert "ClassifierGuidedPipeline ['classifier', 'scheduler', 'unet']" in output
+    assert "ClassifierFreeGuidancePipeline ['scheduler', 'text_encoder', 'tokenizer', 'unet']" in output
+    assert "torch.Size([1, 1, 8, 8])" in output
+
+
+def test_trust_remote_code_without_importing_the_package(saved, tmp_path):
+    _, folders = saved
+    output = run_python(f"""
+        import sys
+        from diffusers import DiffusionPipeline
+        assert "hvae_diffusion" not in sys.modules
+        pipeline = DiffusionPipeline.from_pretrained({str(folders["classifier"])!r}, trust_remote_code=True)
+        print(type(pipeline).__module__, type(pipeline).__name__, type(pipeline.classifier).__name__)
+        pipeline.set_progress_bar_config(disable=True)
+        print(pipeline(class_labels=[1], num_inference_steps=2, output_type="np").images.shape)
+    """, HF_MODULES_CACHE=str(tmp_path))  # fmt: skip
+    assert "hvae_diffusion.pipelines.pipeline_classifier_guided ClassifierGuidedPipeline NoisyClassifier" in output
+    assert "(1, 8, 8, 1)" in output
+
+
+def test_text_pipeline_round_trip(tmp_path):
+    unet, text_encoder, tokenizer = tiny_text_components(tmp_path)
+    pipeline = quiet(
+        ClassifierFreeGuidancePipeline(unet, HVAEScheduler(num_train_timesteps=20), text_encoder, tokenizer)
+    )
+    pipeline.save_pretrained(tmp_path / "saved")
+    loaded = quiet(DiffusionPipeline.from_pretrained(tmp_path / "saved"))
+    assert type(loaded).__name__ == "ClassifierFreeGuidancePipeline"
+    assert type(loaded.text_encoder).__name__ == "CLIPTextModel" and loaded.tokenizer is not None
+    run = lambda p: p(prompt="a cat", num_inference_steps=2, output_type="pt", generator=seeded()).images  # noqa: E731
+    torch.testing.assert_close(run(loaded), run(pipeline))
+
+
+def test_ddpm_pipeline_folder_loads_and_samples(tmp_path):
+    unet = tiny_unet()
+    ddpm = quiet(DDPMPipeline(unet, DDPMScheduler(num_train_timesteps=5)))
+    ddpm.save_pretrained(tmp_path)
+    loaded = quiet(HVAEPipeline.from_pretrained(tmp_path))
+    assert isinstance(loaded.scheduler, DDPMScheduler)
+    expected = ddpm(batch_size=2, num_inference_steps=5, generator=seeded(), output_type="np").images
+    ours = loaded(batch_size=2, num_inference_steps=5, generator=seeded(), output_type="np").images
+    assert abs(ours - expected).max() < 1e-5
+    # and with the HVAE scheduler swapped in from DDPM's config
+    loaded.scheduler = HVAEScheduler.from_config(loaded.scheduler.config)
+    assert loaded(batch_size=2, num_inference_steps=5, output_type="np").images.shape == (2, 8, 8, 1)
+
+
+@pytest.mark.parametrize("loader", [HVAEPipeline, DiffusionPipeline])
+def test_missing_component_names_component_and_folder(saved, tmp_path, loader):
+    pipelines, _ = saved
+    folder = tmp_path / "broken"
+    pipelines["classifier"].save_pretrained(folder)
+    for path in (folder / "classifier").iterdir():
+        path.unlink()
+    (folder / "classifier").rmdir()
+    with pytest.raises(ValueError, match=r"component 'classifier' .* folder .*broken.classifier is missing"):
+        loader.from_pretrained(folder)
