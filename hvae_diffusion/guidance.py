@@ -35,7 +35,9 @@ def selected_log_probability(logits: torch.Tensor, class_labels: torch.Tensor, n
 
 
 def classifier_log_prob_gradient(classifier, sample, timestep, class_labels, num_classes: int | None = None):
-    """∇_{x_t} log p_φ(y | x_t) of a noisy classifier, by autograd; ``classifier(x_t, t)`` returns logits or ``.logits``.
+    """∇_{x_t} log p_φ(y | x_t) of a noisy classifier, by autograd.
+
+    ``classifier(x_t, t)`` returns logits or an object with ``.logits``.
 
     Args:
         sample: x_t, ``[B, ...]``.
@@ -56,7 +58,7 @@ def classifier_log_prob_gradient(classifier, sample, timestep, class_labels, num
 def denoised_classifier_log_prob_gradient(
     classifier, predict_original_sample, sample, class_labels, num_classes: int | None = None
 ):
-    """∇_{x_t} log p_φ(y | x̂_0(x_t)) for a classifier of clean data applied to the Tweedie estimate x̂_0 = E[x_0 | x_t].
+    """∇_{x_t} log p_φ(y | x̂_0(x_t)): a classifier of clean data on the Tweedie estimate x̂_0 = E[x_0 | x_t].
 
     The chain rule runs through the denoiser: ∇_{x_t} log p_φ(y | x̂_0) = (∂x̂_0/∂x_t)ᵀ ∇_{x̂_0} log p_φ(y | x̂_0).
 

@@ -296,3 +296,286 @@ def plot_elbo_terms(models, original_samples, path, seed: int = 0, discrete: boo
     figure.suptitle("The ELBO of the hierarchical VAE, term by term, per training objective")
     _save(figure, path)
     return result
+
+
+# ---------------------------------------------------------------------------------------------------- pipelines
+
+
+def load_pipeline(pipeline):
+    """A pipeline object as is, or a saved pipeline folder loaded with ``DiffusionPipeline.from_pretrained``."""
+    if isinstance(pipeline, (str, os.PathLike)):
+        from diffusers import DiffusionPipeline
+
+        if not os.path.isdir(pipeline):
+            raise ValueError(f"pipeline folder {os.fspath(pipeline)!r} does not exist")
+        return DiffusionPipeline.from_pretrained(pipeline)
+    if not callable(pipeline) or not hasattr(pipeline, "unet"):
+        raise TypeError(f"pipeline must be a pipeline with a unet or a saved pipeline folder, got {type(pipeline).__name__}")
+    return pipeline
+
+
+def _is_vector_pipeline(pipeline) -> bool:
+    return getattr(pipeline.unet.config, "sample_size", None) is None
+
+
+class _LatentRecorder:
+    """A ``callback_on_step_end`` that keeps a copy of the latents after every step (on the CPU)."""
+
+    def __init__(self):
+        self.latents = []
+
+    def __call__(self, pipeline, step_index, timestep, callback_kwargs):
+        self.latents.append(callback_kwargs["latents"].detach().cpu().clone())
+        return callback_kwargs
+
+
+def _initial_latents(pipeline, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Generator]:
+    """x_T ~ N(0, I) for ``pipeline`` from ``seed`` (drawn as the pipelines draw it) and the generator, advanced past it."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from .pipelines.sampling import sample_shape
+
+    generator = torch.Generator().manual_seed(seed)
+    latents = randn_tensor(sample_shape(pipeline.unet.config, batch_size), generator=generator,
+                           dtype=pipeline.unet.dtype)  # fmt: skip
+    return latents, generator
+
+
+def _tile_images(images: torch.Tensor) -> np.ndarray:
+    """Images ``[B, C, H, W]`` in [−1, 1] as one near-square grid, an ``[H', W']`` or ``[H', W', 3]`` array in [0, 1]."""
+    images = ((images.detach().float().cpu() + 1) / 2).clamp(0, 1)
+    count, channels, height, width = images.shape
+    columns = math.ceil(math.sqrt(count))
+    rows = math.ceil(count / columns)
+    grid = torch.ones(channels, rows * (height + 1) + 1, columns * (width + 1) + 1)
+    for index, image in enumerate(images):
+        row, column = divmod(index, columns)
+        top, left = 1 + row * (height + 1), 1 + column * (width + 1)
+        grid[:, top : top + height, left : left + width] = image
+    grid = grid.permute(1, 2, 0).numpy()
+    return grid[:, :, 0] if channels == 1 else grid[:, :, :3]
+
+
+def _show_images(axes, images: torch.Tensor, title: str) -> None:
+    grid = _tile_images(images)
+    axes.imshow(grid, cmap="gray" if grid.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
+    axes.set_xticks([])
+    axes.set_yticks([])
+    axes.set_title(title, fontsize=9)
+
+
+# ---------------------------------------------------------------------------------------------------- figure 2
+
+
+def plot_reverse_trajectories(
+    pipeline,
+    path,
+    num_samples: int = 500,
+    num_inference_steps: int = 100,
+    seed: int = 0,
+    reference_samples=None,
+    num_trajectories: int = 30,
+    extent: float = 3.5,
+    call_kwargs: dict | None = None,
+) -> dict:
+    """Figure 2: the reverse process. Paths x_T → x_0 of a vector pipeline's sampling run over the data density.
+
+    The pipeline is called once with ``output_type="latent"`` and a ``callback_on_step_end`` that records the
+    latents after every ``scheduler.step``: left, ``num_trajectories`` paths over the density of
+    ``reference_samples``; right, the whole batch at a few steps of the chain.
+
+    Args:
+        pipeline: a pipeline of a 2-D vector model (``unet.config.sample_size`` None, ``in_channels`` 2), or its folder.
+        num_samples, num_inference_steps, seed: the sampling run (x_T and every step's noise from ``seed``).
+        reference_samples: data ``[N, 2]`` drawn as a grey density behind the paths (optional).
+        call_kwargs: extra arguments of the pipeline call (for example ``class_labels``).
+    Returns:
+        ``{"timesteps" [S], "trajectories" [S + 1, N, 2] (index 0 is x_T, index k the latents after step k),
+        "samples" [N, 2] (the pipeline's output)}``.
+    """
+    pipeline = load_pipeline(pipeline)
+    if not _is_vector_pipeline(pipeline) or pipeline.unet.config.in_channels != 2:
+        raise ValueError("pipeline must sample 2-D vectors (unet.config.sample_size None and in_channels 2)")
+    latents, generator = _initial_latents(pipeline, num_samples, seed)
+    recorder = _LatentRecorder()
+    samples = pipeline(batch_size=num_samples, num_inference_steps=num_inference_steps, generator=generator,
+                       latents=latents, output_type="latent", callback_on_step_end=recorder,
+                       **(call_kwargs or {})).images  # fmt: skip
+    trajectories = torch.stack([latents.cpu()] + recorder.latents).float()
+    timesteps = pipeline.scheduler.timesteps.cpu()
+
+    figure = Figure(figsize=(13, 5.2))
+    grid = figure.add_gridspec(2, 5, width_ratios=[2.2, 1, 1, 1, 0.0001], wspace=0.08, hspace=0.2)
+    main_axes = figure.add_subplot(grid[:, 0])
+    if reference_samples is not None:
+        _density_background(main_axes, _check_vectors(reference_samples, "reference_samples"), extent)
+    shown = trajectories[:, :num_trajectories].numpy()
+    colors = np.linspace(0, 1, len(shown))
+    for index in range(shown.shape[1]):
+        main_axes.plot(shown[:, index, 0], shown[:, index, 1], color="tab:blue", linewidth=0.6, alpha=0.6)
+        main_axes.scatter(shown[:, index, 0], shown[:, index, 1], c=colors, cmap="viridis", s=2, zorder=3)
+    main_axes.scatter(shown[0, :, 0], shown[0, :, 1], marker="o", facecolors="none", edgecolors="black", s=18,
+                      label="x_T ~ N(0, I)", zorder=4)  # fmt: skip
+    main_axes.scatter(shown[-1, :, 0], shown[-1, :, 1], marker="*", color="tab:red", s=40, label="x_0", zorder=5)
+    main_axes.legend(fontsize=8, loc="upper right")
+    _square_axes(main_axes, extent, f"{num_trajectories} sampling paths x_T → x_0 ({len(timesteps)} steps)")
+    picks = np.unique(np.linspace(0, len(trajectories) - 1, 6).round().astype(int))
+    for panel, pick in enumerate(picks[:6]):
+        axes = figure.add_subplot(grid[panel // 3, 1 + panel % 3])
+        points = trajectories[pick]
+        axes.scatter(points[:, 0], points[:, 1], s=1.5, alpha=0.6, color="tab:red" if pick == len(trajectories) - 1
+                     else "tab:blue")  # fmt: skip
+        label = "x_T" if pick == 0 else f"after step {pick} (t = {int(timesteps[pick - 1])})"
+        _square_axes(axes, extent, label if pick < len(trajectories) - 1 else "x_0 (output)")
+    figure.suptitle("Reverse process: ancestral sampling x_{t−1} ~ p_θ(x_{t−1} | x_t), from N(0, I) to the data")
+    _save(figure, path)
+    return {"timesteps": timesteps, "trajectories": trajectories, "samples": samples}
+
+
+# ---------------------------------------------------------------------------------------------------- figure 5
+
+
+def plot_guidance(
+    path,
+    class_label: int,
+    classifier_pipeline=None,
+    classifier_scales=(0.0, 1.0, 4.0, 16.0),
+    cfg_pipeline=None,
+    guidance_scales=(0.0, 1.0, 3.0, 7.0),
+    num_samples: int = 400,
+    num_inference_steps: int = 100,
+    seed: int = 0,
+    reference_samples=None,
+    extent: float = 3.5,
+) -> dict:
+    """Figure 5: samples of one class under classifier guidance (several γ) and classifier-free guidance (several w).
+
+    Row 1: ``ClassifierGuidedPipeline`` with ``classifier_scale`` = γ, the score ∇log p(x_t) + γ ∇log p(y | x_t).
+    Row 2: ``ClassifierFreeGuidancePipeline`` with ``guidance_scale`` = w, ε̃ = ε(x_t, ∅) + w (ε(x_t, y) − ε(x_t, ∅)).
+    Every panel starts from the same x_T and noise (``seed``), so the panels differ only by the guidance. Vector
+    models are drawn as points (over the density of ``reference_samples``), image models as a grid of images.
+
+    Args:
+        class_label: y, the class asked for.
+        classifier_pipeline, cfg_pipeline: pipelines or saved pipeline folders; either may be None (its row is left out).
+        classifier_scales, guidance_scales: γ and w of the panels.
+    Returns:
+        ``{"classifier_guidance": {γ: samples}, "classifier_free_guidance": {w: samples}}``, the raw samples
+        (``output_type="latent"``: ``[N, D]`` vectors or ``[N, C, H, W]`` images in [−1, 1]).
+    """
+    rows = []
+    if classifier_pipeline is not None:
+        rows.append(("classifier_guidance", load_pipeline(classifier_pipeline), "classifier_scale", "γ",
+                     list(classifier_scales)))  # fmt: skip
+    if cfg_pipeline is not None:
+        rows.append(("classifier_free_guidance", load_pipeline(cfg_pipeline), "guidance_scale", "w",
+                     list(guidance_scales)))  # fmt: skip
+    if not rows:
+        raise ValueError("give a classifier_pipeline, a cfg_pipeline or both")
+    if any(not scales for *_, scales in rows):
+        raise ValueError("classifier_scales and guidance_scales must be non-empty")
+
+    result = {}
+    for name, pipeline, argument, _, scales in rows:
+        result[name] = {}
+        for scale in scales:
+            latents, generator = _initial_latents(pipeline, num_samples, seed)
+            result[name][scale] = pipeline(class_labels=class_label, batch_size=num_samples, generator=generator,
+                                           latents=latents, num_inference_steps=num_inference_steps,
+                                           output_type="latent", **{argument: scale}).images.cpu()  # fmt: skip
+
+    columns = max(len(scales) for *_, scales in rows)
+    figure = Figure(figsize=(3.0 * columns, 3.2 * len(rows)))
+    axes_grid = figure.subplots(len(rows), columns, squeeze=False)
+    for row, (name, pipeline, argument, symbol, scales) in enumerate(rows):
+        kind = "classifier guidance" if name == "classifier_guidance" else "classifier-free guidance"
+        for column in range(columns):
+            axes = axes_grid[row, column]
+            if column >= len(scales):
+                axes.set_axis_off()
+                continue
+            samples = result[name][scales[column]]
+            title = f"{kind}, {symbol} = {scales[column]:g}"
+            if _is_vector_pipeline(pipeline):
+                if reference_samples is not None:
+                    _density_background(axes, _check_vectors(reference_samples, "reference_samples"), extent)
+                axes.scatter(samples[:, 0], samples[:, 1], s=2, alpha=0.6, color=_CLASS_COLORS[class_label % 10])
+                _square_axes(axes, extent, title)
+            else:
+                _show_images(axes, samples[:64], title)
+    figure.suptitle(f"Guidance toward class y = {class_label}: γ = 1 and w = 1 target p(x | y); larger values sharpen")
+    _save(figure, path)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------- figure 6
+
+
+def plot_denoising_grid(
+    pipeline,
+    path,
+    num_inference_steps: int = 50,
+    num_shown: int = 6,
+    batch_size: int = 4,
+    seed: int = 0,
+    class_labels=None,
+) -> dict:
+    """Figure 6: x_t and the predicted x̂_0 at several steps of one sampling run of an image pipeline.
+
+    The run records the latents after every step (``callback_on_step_end``); at ``num_shown`` steps of the chain
+    x̂_0 = E[x_0 | x_t] is the UNet's output at (x_t, t) converted to "sample" with
+    ``parameterization.convert_prediction`` and the scheduler's ᾱ_t (Tweedie's formula for ε and score models).
+
+    Args:
+        pipeline: an image pipeline (``HVAEPipeline`` and alike; any UNet with ``sample_size`` set) or its folder.
+        num_inference_steps, batch_size, seed: the sampling run.
+        num_shown: how many steps of the chain to show (evenly spaced, from x_T to the last step).
+        class_labels: for a class-conditional UNet: passed to the pipeline and to the UNet for x̂_0.
+    Returns:
+        ``{"timesteps" [num_shown], "samples" [num_shown, B, C, H, W] (x_t), "predicted_original_samples"
+        [num_shown, B, C, H, W] (x̂_0), "final" [B, C, H, W] (the pipeline's output, ``output_type="latent"``)}``.
+    """
+    from .parameterization import convert_prediction
+
+    pipeline = load_pipeline(pipeline)
+    if _is_vector_pipeline(pipeline):
+        raise ValueError("plot_denoising_grid needs an image pipeline (unet.config.sample_size set)")
+    if isinstance(num_shown, bool) or not isinstance(num_shown, int) or not 2 <= num_shown <= num_inference_steps:
+        raise ValueError(f"num_shown must be an int in [2, num_inference_steps={num_inference_steps}], got {num_shown!r}")
+    latents, generator = _initial_latents(pipeline, batch_size, seed)
+    recorder = _LatentRecorder()
+    call_kwargs = {} if class_labels is None else {"class_labels": class_labels}
+    final = pipeline(batch_size=batch_size, num_inference_steps=num_inference_steps, generator=generator,
+                     latents=latents, output_type="latent", callback_on_step_end=recorder,
+                     **call_kwargs).images.cpu()  # fmt: skip
+    # the chain's x_t: x_T, then the latents after each step but the last (which is x_0, not a latent)
+    chain_samples = [latents.cpu()] + recorder.latents[:-1]
+    timesteps = pipeline.scheduler.timesteps.cpu()
+    picks = np.linspace(0, len(timesteps) - 1, num_shown).round().astype(int)
+
+    unet = pipeline.unet
+    prediction_type = pipeline.scheduler.config.prediction_type
+    labels = None if class_labels is None else torch.as_tensor(class_labels).reshape(-1).expand(batch_size)
+    shown_samples, predicted = [], []
+    for pick in picks:
+        sample = chain_samples[pick].to(unet.device, unet.dtype)
+        timestep = timesteps[pick]
+        with torch.no_grad():
+            unet_kwargs = {} if labels is None else {"class_labels": labels.to(unet.device)}
+            output = unet(sample, timestep.to(unet.device), **unet_kwargs).sample[:, : sample.shape[1]]
+        alphas_cumprod_t = float(pipeline.scheduler.alphas_cumprod[int(timestep)])
+        predicted.append(convert_prediction(output, sample, alphas_cumprod_t, prediction_type, "sample").cpu())
+        shown_samples.append(sample.cpu())
+    samples = torch.stack(shown_samples)
+    predicted_original_samples = torch.stack(predicted)
+
+    figure = Figure(figsize=(2.1 * num_shown, 4.6))
+    axes_grid = figure.subplots(2, num_shown, squeeze=False)
+    for column, pick in enumerate(picks):
+        t = int(timesteps[pick])
+        _show_images(axes_grid[0, column], samples[column].clamp(-1, 1), f"x_t, t = {t}")
+        _show_images(axes_grid[1, column], predicted_original_samples[column].clamp(-1, 1), f"x̂_0(x_t), t = {t}")
+    figure.suptitle("One sampling run: the latent x_t (top) and the model's estimate x̂_0 = E[x_0 | x_t] (bottom)")
+    _save(figure, path)
+    return {"timesteps": timesteps[picks], "samples": samples, "predicted_original_samples": predicted_original_samples,
+            "final": final}  # fmt: skip

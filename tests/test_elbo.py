@@ -134,7 +134,8 @@ def test_elbo_weight_at_the_first_latent_is_the_reconstruction(prediction_type, 
     predicted_x0 = convert_prediction(prediction, sample, a, prediction_type, "sample")
     negative_log_likelihood = -gaussian_log_likelihood(original, predicted_x0, log_variance)
     constant = 0.5 * original[0].numel() * (math.log(2 * math.pi) + log_variance)
-    torch.testing.assert_close(weighted_mse(prediction, target, weight).double(), negative_log_likelihood - constant, rtol=1e-5, atol=0)
+    weighted = weighted_mse(prediction, target, weight).double()
+    torch.testing.assert_close(weighted, negative_log_likelihood - constant, rtol=1e-5, atol=0)
     with pytest.raises(ValueError, match="first_latent_log_variance"):
         loss_weight(prediction_type, "elbo", a, a_prev)
 
@@ -337,7 +338,8 @@ def test_elbo_terms_of_8_bit_data(generator):
     terms = scheduler.elbo_terms(denoiser, pixels, generator=generator)
     assert terms.denoising_matching.shape == (4, 24) and terms.num_dims == 16
     assert bool(terms.reconstruction.le(0).all())  # a probability of a discrete outcome
-    torch.testing.assert_close(terms.elbo, terms.reconstruction - terms.prior_matching - terms.denoising_matching.sum(1))
+    parts = terms.reconstruction - terms.prior_matching - terms.denoising_matching.sum(1)
+    torch.testing.assert_close(terms.elbo, parts)
     torch.testing.assert_close(terms.bits_per_dim, -terms.elbo / (16 * math.log(2)))
     assert bool(torch.isfinite(terms.bits_per_dim).all() & (terms.bits_per_dim > 0).all())
 
@@ -364,3 +366,20 @@ def test_learned_range_elbo_at_its_ends_equals_the_fixed_variances(variance_outp
     torch.testing.assert_close(learned.denoising_matching, fixed.denoising_matching)
     torch.testing.assert_close(learned.reconstruction, fixed.reconstruction)
     torch.testing.assert_close(learned.bits_per_dim, fixed.bits_per_dim)
+
+
+@pytest.mark.parametrize("variance_type", ["fixed_large", "fixed_small"])
+def test_elbo_of_a_respaced_chain_bounds_the_log_likelihood(variance_type, single_thread):
+    """25 of DDPM's 1000 latents are the exact HVAE with 25 latents: still a lower bound on log p(x_0) on average."""
+    mixture = GaussianMixture(torch.zeros(1, 8, dtype=torch.float64), stds=0.5)
+    scheduler = HVAEScheduler(variance_type=variance_type, clip_sample=False)
+    scheduler.set_timesteps(25)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        denoiser = ExactMixtureDenoiser(mixture.means, mixture.stds, alphas_cumprod=scheduler.alphas_cumprod)
+    generator = torch.Generator().manual_seed(0)
+    original, _ = mixture.sample(2000, generator=generator)
+    terms = scheduler.elbo_terms(denoiser, original, generator=generator, discrete=False)
+    assert terms.timesteps.tolist() == scheduler.timesteps[:-1].tolist()
+    gap = mixture.log_prob(original) - terms.elbo
+    assert float(gap.mean()) > -3 * float(gap.std()) / math.sqrt(len(gap))

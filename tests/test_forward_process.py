@@ -76,7 +76,8 @@ def test_q_sample_matches_composed_single_steps(t, generator, single_thread):
         noise = torch.randn(original.shape, generator=generator, dtype=torch.float64)
         composed = forward_step_sample(composed, alpha, noise)
     alphas_cumprod_t = alphas.prod()
-    closed_form = q_sample(original, torch.randn(original.shape, generator=generator, dtype=torch.float64), alphas_cumprod_t)
+    noise = torch.randn(original.shape, generator=generator, dtype=torch.float64)
+    closed_form = q_sample(original, noise, alphas_cumprod_t)
 
     mean, variance = alphas_cumprod_t.sqrt() * original[0], 1 - alphas_cumprod_t
     mean_tolerance = 5 * math.sqrt(variance / num_samples)
@@ -103,7 +104,8 @@ def test_q_sample_per_sample_alphas_and_float64_precision():
 
 @pytest.mark.parametrize("t, t_prev", [(2, 1), (10, 9), (500, 499), (600, 300), (999, 0)])
 def test_posterior_matches_bayes_rule_on_a_grid(t, t_prev):
-    """q(x_{t'} | x_t, x_0) ∝ q(x_{t'} | x_0) q(x_t | x_{t'}) (a 1-D density on a fine grid) has the closed-form moments."""
+    """q(x_{t'} | x_t, x_0) ∝ q(x_{t'} | x_0) q(x_t | x_{t'}), a 1-D density on a fine grid, has the closed-form
+    moments."""
     alphas_cumprod = alphas_cumprod_from_betas(make_betas("linear", 1000))
     alphas_cumprod_t, prev_alphas_cumprod = alphas_cumprod[t], alphas_cumprod[t_prev]
     alpha = alphas_cumprod_t / prev_alphas_cumprod  # the single step between the two latents
@@ -151,7 +153,8 @@ def test_posterior_at_first_latent_is_the_data():
     """With ᾱ_{t−1} = 1 (x_0 itself) the posterior collapses onto x_0."""
     original, sample = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
     one = torch.tensor(1.0, dtype=torch.float64)
-    torch.testing.assert_close(posterior_mean(original, sample, torch.tensor(0.999, dtype=torch.float64), one), original)
+    alphas_cumprod_t = torch.tensor(0.999, dtype=torch.float64)
+    torch.testing.assert_close(posterior_mean(original, sample, alphas_cumprod_t, one), original)
     assert posterior_variance(torch.tensor(0.999, dtype=torch.float64), one) == 0
 
 

@@ -93,7 +93,9 @@ def test_logits_or_output_object():
     logits = torch.randn(4, 3)
     assert logits_of(logits) is logits
     assert logits_of(LogitsOutput(logits)) is logits
-    gradient_a = classifier_log_prob_gradient(lambda x, t: x @ torch.ones(2, 3), torch.randn(4, 2), 0, torch.zeros(4).long())
+    gradient_a = classifier_log_prob_gradient(
+        lambda x, t: x @ torch.ones(2, 3), torch.randn(4, 2), 0, torch.zeros(4).long()
+    )
     gradient_b = classifier_log_prob_gradient(
         lambda x, t: LogitsOutput(x @ torch.ones(2, 3)), torch.randn(4, 2), 0, torch.zeros(4).long()
     )

@@ -66,11 +66,15 @@ def test_standard_layout(saved):
 )
 def test_round_trip_samples_the_same(saved, name, pipeline_class, kwargs):
     pipelines, folders = saved
+
+    def run(pipeline):
+        return pipeline(num_inference_steps=3, output_type="pt", generator=seeded(), **kwargs).images
+
+    expected = run(quiet(pipelines[name]))
     for loader in (pipeline_class, DiffusionPipeline):
         loaded = quiet(loader.from_pretrained(folders[name]))
         assert type(loaded) is pipeline_class
-        run = lambda pipeline: pipeline(num_inference_steps=3, output_type="pt", generator=seeded(), **kwargs).images  # noqa: E731
-        torch.testing.assert_close(run(loaded), run(quiet(pipelines[name])))
+        torch.testing.assert_close(run(loaded), expected)
 
 
 def test_import_then_diffusion_pipeline_in_a_fresh_process(saved):

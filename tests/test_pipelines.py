@@ -379,8 +379,10 @@ def test_callback_on_step_end(image_pipeline):
             return {"latents": torch.zeros_like(callback_kwargs["latents"])}
         return {}
 
-    samples = image_pipeline(batch_size=2, num_inference_steps=4, output_type="latent",
-                             callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents"]).images  # fmt: skip
+    samples = image_pipeline(
+        batch_size=2, num_inference_steps=4, output_type="latent", callback_on_step_end=callback,
+        callback_on_step_end_tensor_inputs=["latents"],
+    ).images  # fmt: skip
     assert [step for step, _, _ in seen] == [0, 1, 2, 3]
     assert [t for _, t, _ in seen] == image_pipeline.scheduler.timesteps.tolist()
     assert seen[0][2] == (2, 1, 8, 8)
@@ -432,7 +434,10 @@ def test_text_prompts_and_negative_prompt(tmp_path):
     pipeline = quiet(
         ClassifierFreeGuidancePipeline(unet, HVAEScheduler(num_train_timesteps=20), text_encoder, tokenizer)
     )
-    run = lambda **kwargs: pipeline(num_inference_steps=3, output_type="pt", generator=seeded(), **kwargs).images  # noqa: E731
+
+    def run(**kwargs):
+        return pipeline(num_inference_steps=3, output_type="pt", generator=seeded(), **kwargs).images
+
     plain = run(prompt="a cat", batch_size=2, guidance_scale=2.0)
     assert plain.shape == (2, 1, 8, 8)
     negative = run(prompt=["a cat", "a cat"], negative_prompt="dog", guidance_scale=2.0)

@@ -116,7 +116,8 @@ def test_subsequence_step_is_the_respaced_hvae():
     single_step_variance = scheduler.betas[600] * (1 - scheduler.alphas_cumprod[599]) / (1 - a_t)
     assert abs(float(variance / single_step_variance) - 1) > 0.5  # the two chains really differ here
 
-    posterior_mean, posterior_variance = scheduler.posterior_mean_variance(predicted_x0, sample, torch.tensor([600, 600]))
+    timesteps = torch.tensor([600, 600])
+    posterior_mean, posterior_variance = scheduler.posterior_mean_variance(predicted_x0, sample, timesteps)
     torch.testing.assert_close(posterior_mean, mean)
     torch.testing.assert_close(posterior_variance, variance.expand(2))
 
@@ -145,10 +146,8 @@ def test_config_round_trips_through_other_diffusers_schedulers(scheduler, other_
 def test_compatibles_and_config_keys():
     scheduler = HVAEScheduler()
     assert DDIMScheduler in scheduler.compatibles and DDPMScheduler in scheduler.compatibles
-    assert set(scheduler.config.keys()) - {"_class_name", "_diffusers_version"} == set(DDPMScheduler().config.keys()) - {
-        "_class_name",
-        "_diffusers_version",
-    }
+    bookkeeping = {"_class_name", "_diffusers_version"}
+    assert set(scheduler.config.keys()) - bookkeeping == set(DDPMScheduler().config.keys()) - bookkeeping
 
 
 def test_defaults_equal_ddpm_scheduler_defaults():
@@ -193,7 +192,8 @@ def test_rescale_betas_zero_snr():
         scheduler.set_timesteps(10)
         sample = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
         for t in scheduler.timesteps:
-            sample = scheduler.step(toy_model(sample, t), t, sample, generator=torch.Generator().manual_seed(1)).prev_sample
+            output = toy_model(sample, t)
+            sample = scheduler.step(output, t, sample, generator=torch.Generator().manual_seed(1)).prev_sample
         assert bool(torch.isfinite(sample).all())
 
 
@@ -231,7 +231,8 @@ def test_add_noise_and_get_velocity_equal_ddpm():
     for prediction_type in PREDICTION_TYPES:
         scheduler = HVAEScheduler(prediction_type=prediction_type)
         sample = scheduler.add_noise(original, noise, timesteps)
-        expected = training_target(original, noise, sample, scheduler.alphas_cumprod[timesteps].float(), prediction_type)
+        alphas_cumprod_t = scheduler.alphas_cumprod[timesteps].float()
+        expected = training_target(original, noise, sample, alphas_cumprod_t, prediction_type)
         torch.testing.assert_close(scheduler.training_target(original, noise, timesteps), expected)
 
 

@@ -87,7 +87,9 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
         negative_prompt = "" if negative_prompt is None else negative_prompt
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         if len(negatives) != len(prompts) or not all(isinstance(p, str) for p in negatives):
-            raise ValueError(f"negative_prompt must be a string or a list of {len(prompts)} strings, got {negative_prompt!r}")
+            raise ValueError(
+                f"negative_prompt must be a string or a list of {len(prompts)} strings, got {negative_prompt!r}"
+            )
         return (
             {"encoder_hidden_states": self.encode_prompt(negatives)},
             {"encoder_hidden_states": self.encode_prompt(prompts)},
@@ -132,7 +134,9 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
         if batch_size is not None:
             check_batch_size(batch_size)
         if (class_labels is None) == (prompt is None):
-            raise ValueError("pass exactly one of class_labels (class-conditional unet) or prompt (text-conditional unet)")
+            raise ValueError(
+                "pass exactly one of class_labels (class-conditional unet) or prompt (text-conditional unet)"
+            )
         if class_labels is not None:
             unconditional, conditional = self.class_conditions(class_labels, batch_size)
         else:

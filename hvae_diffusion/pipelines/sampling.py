@@ -82,7 +82,8 @@ class SamplingChain:
 
 
 def chain_alphas_cumprod(scheduler, timesteps: torch.Tensor) -> list[float]:
-    """ᾱ_t at each of ``timesteps``: 1 / (1 + σ²) from the scheduler's per-step σ when it keeps one, else ``alphas_cumprod[t]``."""
+    """ᾱ_t at each of ``timesteps``: 1 / (1 + σ²) from the scheduler's per-step σ when it keeps one (Euler,
+    DPM-Solver), else ``alphas_cumprod[t]``."""
     if not hasattr(scheduler, "alphas_cumprod"):
         raise TypeError(
             f"{type(scheduler).__name__} has no alphas_cumprod: only variance-preserving (DDPM-family) schedulers are "
@@ -116,7 +117,7 @@ def prepare_sampling_chain(scheduler, num_inference_steps: int, device) -> Sampl
 
 
 def sample_shape(model_config, batch_size: int) -> tuple[int, ...]:
-    """(B, C, H, W) for image models (``sample_size`` an int or (H, W)), (B, D) for vector models (``sample_size`` None)."""
+    """(B, C, H, W) for image models (``sample_size`` an int or (H, W)); (B, D) for vector models (no ``sample_size``)."""
     in_channels = getattr(model_config, "in_channels", None)
     if in_channels is None:
         raise ValueError("unet.config.in_channels must be set to know the shape of the samples to draw")
@@ -223,7 +224,8 @@ class HVAESamplingPipeline(DiffusionPipeline):
             for step_index, timestep in enumerate(chain.timesteps):
                 model_input = chain.scheduler.scale_model_input(latents, timestep)
                 model_output = predict(model_input, timestep, step_index, chain)
-                latents = chain.scheduler.step(model_output, timestep, latents, generator=generator, return_dict=False)[0]
+                step = chain.scheduler.step(model_output, timestep, latents, generator=generator, return_dict=False)
+                latents = step[0]
                 if callback_on_step_end is not None:
                     callback_kwargs = {"latents": latents}
                     callback_kwargs = {name: callback_kwargs[name] for name in callback_on_step_end_tensor_inputs}

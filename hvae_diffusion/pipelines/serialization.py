@@ -18,7 +18,7 @@ import os
 
 PIPELINE_MODULE_NAME = "hvae_diffusion_pipeline"
 
-_REFERENCE_MODULE = '''"""Loader stub written by hvae-diffusion: the pipeline class lives in the installed `hvae_diffusion` package."""
+_REFERENCE_MODULE = '''"""Written by hvae-diffusion: the pipeline class lives in the installed `hvae_diffusion` package."""
 
 from hvae_diffusion import {class_name}  # noqa: F401
 '''

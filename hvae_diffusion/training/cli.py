@@ -94,12 +94,12 @@ def load_training_data(args, need_labels=False, need_captions=False):
 def warn_if_single_threaded():
     """Warn when ``accelerate launch --cpu`` pinned each process to one thread while more cores are free."""
     cores = os.cpu_count() or 1
-    launched = "ACCELERATE_MIXED_PRECISION" in os.environ or "LOCAL_RANK" in os.environ
+    launched = any(name in os.environ for name in ("ACCELERATE_USE_CPU", "ACCELERATE_MIXED_PRECISION", "LOCAL_RANK"))
     if launched and os.environ.get("OMP_NUM_THREADS") == "1" and cores > int(os.environ.get("WORLD_SIZE", "1")):
         warnings.warn(
             f"OMP_NUM_THREADS=1: `accelerate launch` without a config pins every process to one thread, leaving "
-            f"{cores - int(os.environ.get('WORLD_SIZE', '1'))} of {cores} cores idle. Launch with "
-            f"`accelerate launch --num_processes N --num_cpu_threads_per_process {max(1, cores // 2)} ...`, or run "
-            "one process with `python scripts/train.py ...`.",
+            f"{cores - int(os.environ.get('WORLD_SIZE', '1'))} of {cores} cores idle. Run one process with "
+            "`python scripts/train.py ...`, or give each process its share: `ACCELERATE_USE_CPU=1 accelerate launch "
+            f"--multi_gpu --num_processes N --num_cpu_threads_per_process {max(1, cores // 2)} scripts/train.py ...`",
             stacklevel=2,
         )

@@ -63,13 +63,14 @@ def push_to_hub(output_dir, repo_id, token=None, private=False, commit_message="
     Checkpoints and logs are not uploaded. On any failure raises ``HubUploadError`` whose message says the local
     output is complete and gives the command that retries the upload.
     """
-    from huggingface_hub import create_repo, upload_folder
+    from huggingface_hub import HfApi
 
     if not repo_id:
         raise ValueError("--hub_model_id is required with --push_to_hub (e.g. your-name/hvae-digits)")
     try:
-        repo_id = create_repo(repo_id, token=token, private=private, exist_ok=True).repo_id
-        commit = upload_folder(repo_id=repo_id, folder_path=output_dir, token=token, commit_message=commit_message,
+        api = HfApi(token=token)  # made here so that the endpoint (HF_ENDPOINT) is read at call time
+        repo_id = api.create_repo(repo_id, token=token, private=private, exist_ok=True).repo_id
+        commit = api.upload_folder(repo_id=repo_id, folder_path=output_dir, token=token, commit_message=commit_message,
                                ignore_patterns=list(ignore_patterns))  # fmt: skip
     except Exception as error:  # any network, HTTP or auth failure: the local folder is already complete
         raise HubUploadError(

@@ -1,0 +1,206 @@
+"""The scripts end to end on tiny runs: --help, the demo pipeline (train → classifier → sample → evaluate) as a
+subprocess, sample.py's arrays, the objectives' options, the errors that name their argument, and a 2-process
+Accelerate run against the 1-process run with the same global batch."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = os.path.join(ROOT, "scripts")
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(f"script_{name}", os.path.join(SCRIPTS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, SCRIPTS)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(SCRIPTS)
+    return module
+
+
+def run_script(name, *args, timeout=600):
+    result = subprocess.run([sys.executable, os.path.join(SCRIPTS, f"{name}.py"), *map(str, args)], env=ENV,
+                            capture_output=True, text=True, timeout=timeout, cwd=ROOT)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.parametrize("name", ["train", "train_classifier", "sample", "evaluate", "demo"])
+def test_every_script_has_help(name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_script(name).parse_args(["--help"])
+    assert exit_info.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    """``demo.py --quick``: every script's main, a few steps each, in one subprocess."""
+    out = tmp_path_factory.mktemp("demo")
+    run_script("demo", "--quick", "--output_dir", out)
+    return out
+
+
+def test_demo_writes_pipelines_grids_and_report(demo_dir):
+    import hvae_diffusion  # noqa: F401
+    from diffusers import DiffusionPipeline
+
+    from hvae_diffusion.pipelines import ClassifierFreeGuidancePipeline, ClassifierGuidedPipeline
+
+    for name in ["samples_unconditional.png", "samples_classifier_guided.png", "samples_cfg.png",
+                 "evaluation/elbo_denoising_terms.png", "evaluation/grid_cfg_2.png", "evaluation/grid_classifier_2.png",
+                 "evaluation/feature_classifier.pt", "denoiser/README.md", "denoiser/samples/cfg_grid.png",
+                 "classifier_guided/classifier_accuracy.json"]:  # fmt: skip
+        assert (demo_dir / name).is_file(), name
+    assert not list(demo_dir.glob("denoiser/checkpoint-*"))  # 4 steps, checkpoints every 1000
+    denoiser = DiffusionPipeline.from_pretrained(demo_dir / "denoiser")
+    assert isinstance(denoiser, ClassifierFreeGuidancePipeline) and denoiser.config.null_class_label == 10
+    assert denoiser.unet.config.num_class_embeds == 11
+    guided = DiffusionPipeline.from_pretrained(demo_dir / "classifier_guided")
+    assert isinstance(guided, ClassifierGuidedPipeline) and guided.unet.config.num_class_embeds is None
+    report = json.loads((demo_dir / "demo_report.json").read_text())
+    assert set(report["wall_time_seconds"]) >= {"train denoiser", "train noisy classifier", "sample", "evaluate"}
+    evaluation = json.loads((demo_dir / "evaluation" / "evaluation.json").read_text())
+    elbo = evaluation["elbo"]
+    assert elbo["bits_per_dim"] == pytest.approx(elbo["reconstruction"] + elbo["prior_matching"]
+                                                 + elbo["denoising_matching"], rel=1e-6)  # fmt: skip
+    assert evaluation["feature_classifier_test_accuracy"] > 0.9  # the evaluation classifier is a real classifier
+    # w = 0 is the unconditional model: the folded null-label UNet gives the same samples from the same seed
+    assert evaluation["cfg"]["0"]["num_samples"] == evaluation["unconditional"]["num_samples"] == 20
+    assert evaluation["cfg"]["0"]["frechet_distance"] == pytest.approx(evaluation["unconditional"]["frechet_distance"],
+                                                                       rel=1e-3)  # fmt: skip
+    card = (demo_dir / "denoiser" / "README.md").read_text()
+    assert "bits/dim" in card and "classifier-free guidance" in card
+
+
+@pytest.mark.parametrize("scheduler", ["dpmsolver", "hvae"])
+def test_sample_writes_arrays(demo_dir, tmp_path, scheduler):
+    output = tmp_path / "samples.npz"
+    run_script("sample", "--pipeline_dir", demo_dir / "denoiser", "--guidance", "cfg", "--scale", "3",
+               "--class_labels", 3, 7, "--num_samples", 4, "--num_inference_steps", 4, "--scheduler", scheduler,
+               "--grid", tmp_path / "grid.png", "--output", output)  # fmt: skip
+    arrays = np.load(output)
+    assert arrays["images"].shape == (4, 8, 8, 1) and arrays["images"].dtype == np.uint8
+    assert arrays["labels"].tolist() == [3, 7, 3, 7]
+    assert (tmp_path / "grid.png").is_file()
+
+
+def tiny_train_args(output_dir, *extra):
+    return ["--output_dir", str(output_dir), "--max_train_steps", "2", "--train_batch_size", "8",
+            "--checkpointing_steps", "0", "--report_to", "none", "--num_inference_steps", "3", "--elbo_timesteps", "3",
+            "--elbo_num_samples", "8", *map(str, extra)]  # fmt: skip
+
+
+@pytest.mark.parametrize("objective", [
+    ["--prediction_type", "v_prediction", "--loss_weighting", "min_snr", "--variance_type", "learned_range"],
+    ["--prediction_type", "score", "--loss_weighting", "elbo", "--use_ema", "--mixed_precision", "bf16"],
+])  # fmt: skip
+def test_train_objectives(tmp_path, objective):
+    train = load_script("train")
+    result = train.main(tiny_train_args(tmp_path / "run", *objective))
+    assert result.global_step == 2 and np.isfinite(result.final_loss)
+    summary = json.loads((tmp_path / "run" / "training_summary.json").read_text())
+    assert summary["prediction_type"] == objective[1] and np.isfinite(summary["test_bits_per_dim"])
+    unet_config = json.loads((tmp_path / "run" / "unet" / "config.json").read_text())
+    assert unet_config["out_channels"] == (2 if "learned_range" in objective else 1)
+
+
+def test_train_errors_name_the_argument(demo_dir, tmp_path):
+    train = load_script("train")
+    cases = [
+        (["--image_column", "picture"], "--image_column='picture'"),
+        (["--conditioning", "class", "--num_classes", "5"], r"--label_column='label' has labels .* outside \[0, 5\)"),
+        (["--pretrained_model_name_or_path", demo_dir / "denoiser", "--conditioning", "class", "--prediction_type",
+          "v_prediction"], "--prediction_type='v_prediction' contradicts the pretrained scheduler config"),
+        (["--resume_from_checkpoint", "checkpoint-99"], "--resume_from_checkpoint='checkpoint-99'"),
+        (["--cond_drop_prob", "0.1"], "--cond_drop_prob needs --conditioning"),
+    ]  # fmt: skip
+    for extra, message in cases:
+        with pytest.raises(ValueError, match=message):
+            train.main(tiny_train_args(tmp_path / "bad", *extra))
+
+
+def test_fine_tune_from_a_saved_pipeline(demo_dir, tmp_path):
+    train = load_script("train")
+    result = train.main(tiny_train_args(tmp_path / "tuned", "--pretrained_model_name_or_path", demo_dir / "denoiser",
+                                        "--conditioning", "class", "--cond_drop_prob", "0.1"))  # fmt: skip
+    assert result.global_step == 2
+    assert json.loads((tmp_path / "tuned" / "unet" / "config.json").read_text())["num_class_embeds"] == 11
+
+
+def test_single_thread_launch_warns(monkeypatch):
+    from hvae_diffusion.training.cli import warn_if_single_threaded
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.warns(UserWarning, match="OMP_NUM_THREADS=1"):
+        warn_if_single_threaded()
+    monkeypatch.setenv("WORLD_SIZE", "2")  # two processes on two cores: nothing idle
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_single_threaded()
+
+
+TWO_PROCESS_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    from hvae_diffusion import HVAEScheduler
+    from hvae_diffusion.models import MLPDenoiser
+    from hvae_diffusion.training.loop import TrainingConfig, train
+    from hvae_diffusion.training.losses import DiffusionLoss
+
+    def run(output_dir, batch_size):
+        generator = torch.Generator().manual_seed(0)
+        labels = torch.randint(0, 3, (64,), generator=generator)
+        data = torch.utils.data.TensorDataset(torch.randn(64, 2, generator=generator) + labels[:, None], labels)
+        torch.manual_seed(0)
+        model = MLPDenoiser(in_channels=2, hidden_dim=16, num_blocks=1, num_class_embeds=4)
+        config = TrainingConfig(output_dir=output_dir, train_batch_size=batch_size, max_train_steps=3,
+                                gradient_accumulation_steps=2, learning_rate=1e-2, checkpointing_steps=None,
+                                report_to=None, use_ema=True, seed=7)
+        loss_fn = DiffusionLoss(HVAEScheduler(num_train_timesteps=100), cond_drop_prob=0.3, null_label=3)
+        train(config, model, loss_fn, data, save_fn=lambda m, d: torch.save(m.state_dict(), d + "/weights.pt"))
+
+    if __name__ == "__main__":
+        run(sys.argv[1], int(sys.argv[2]))
+""")
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    script = tmp_path / "two_process_train.py"
+    script.write_text(TWO_PROCESS_SCRIPT)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
+               str(tmp_path / "two"), "4"]  # fmt: skip
+    os.makedirs(tmp_path / "two")
+    result = subprocess.run(command, env={**ENV, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    spec = importlib.util.spec_from_file_location("two_process_train", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    os.makedirs(tmp_path / "one")
+    module.run(str(tmp_path / "one"), 8)
+    two = torch.load(tmp_path / "two" / "weights.pt")
+    one = torch.load(tmp_path / "one" / "weights.pt")
+    for key in one:
+        assert torch.allclose(one[key], two[key], atol=1e-6), key
+    # and it is not trivially equal: the run moved the weights
+    torch.manual_seed(0)
+    from hvae_diffusion.models import MLPDenoiser
+
+    initial = MLPDenoiser(in_channels=2, hidden_dim=16, num_blocks=1, num_class_embeds=4).state_dict()
+    assert any(not torch.allclose(initial[key], one[key]) for key in one)
