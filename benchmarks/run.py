@@ -882,6 +882,25 @@ def bench_fastpaths(settings):
 # Main
 
 
+def markdown_table(report) -> str:
+    """The rows as a Markdown table (the one docs/benchmarks.md quotes), measurements without a baseline after it."""
+    lines = ["| item | case | candidate | time | baseline | time | ratio | target | met |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    notes = ["", "| item | case | values |", "|---|---|---|"]
+    for row in report["rows"]:
+        if row["baseline"] is None:
+            shown = ", ".join(f"{key}={_format_value(value)}" for key, value in row.items()
+                              if key not in ("item", "case", "candidate", "baseline", "ratio", "target", "met"))  # fmt: skip
+            notes.append(f"| {row['item']} | {row['case']} | {shown} |")
+            continue
+        ratio = f"{row['ratio']:.3f}" if row["ratio"] is not None else "-"
+        target = f"≤ {row['target']:g}" if row["target"] is not None else ""
+        met = {True: "yes", False: "**no**", None: ""}[row["met"]]
+        lines.append(f"| {row['item']} | {row['case']} | {row['candidate']} | {_format_seconds(row['candidate_s'])} | "
+                     f"{row['baseline']} | {_format_seconds(row['baseline_s'])} | {ratio} | {target} | {met} |")  # fmt: skip
+    return "\n".join(lines + (notes if len(notes) > 3 else [])) + "\n"
+
+
 def machine_info(settings) -> dict:
     import diffusers
 
@@ -922,6 +941,7 @@ def parse_args(argv=None):
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of the UNet (fastpaths)")
     parser.add_argument("--json", default="benchmarks/results.json", help="where to write the rows")
     parser.add_argument("--plot", default="benchmarks/scaling.png", help="where to write the scaling plot (item 7)")
+    parser.add_argument("--markdown", default=None, help="also write the table as Markdown to this file")
     args = parser.parse_args(argv)
     items = [item.strip() for item in args.items.split(",") if item.strip()]
     unknown = sorted(set(items) - set(ITEMS))
@@ -987,6 +1007,10 @@ def main(argv=None):
         with open(args.json, "w") as handle:
             json.dump(report, handle, indent=1, default=str)
         print(f"wrote {args.json}")
+    if args.markdown:
+        with open(args.markdown, "w") as handle:
+            handle.write(markdown_table(report))
+        print(f"wrote {args.markdown}")
     return report
 
 

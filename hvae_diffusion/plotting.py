@@ -20,6 +20,7 @@ import os
 
 import numpy as np
 import torch
+from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 
 from .forward_process import BETA_SCHEDULES, signal_to_noise_ratio
@@ -57,11 +58,10 @@ def _square_axes(axes, extent: float, title: str | None = None) -> None:
         axes.set_title(title, fontsize=9)
 
 
-def _density_background(axes, reference_samples, extent: float) -> None:
-    """The data density as a grey 2-D histogram of reference samples."""
-    reference = torch.as_tensor(reference_samples).double().cpu().numpy()
-    axes.hist2d(reference[:, 0], reference[:, 1], bins=80, range=[[-extent, extent], [-extent, extent]],
-                cmap="Greys", density=True, vmax=None)  # fmt: skip
+def _data_background(axes, reference_samples) -> None:
+    """The data as small grey points behind a plot."""
+    reference = _check_vectors(reference_samples, "reference_samples").double().cpu().numpy()
+    axes.scatter(reference[:, 0], reference[:, 1], s=0.5, color="0.78", rasterized=True)
 
 
 # ---------------------------------------------------------------------------------------------------- figure 1
@@ -274,9 +274,9 @@ def plot_elbo_terms(models, original_samples, path, seed: int = 0, discrete: boo
             "bits_per_dim": float(terms.bits_per_dim.double().mean()),
         }
 
-    figure = Figure(figsize=(12, 4.2))
-    curve_axes, bar_axes = figure.subplots(1, 2, gridspec_kw={"width_ratios": [1.3, 1]})
-    bar_names = ("−reconstruction\nE[−log p_θ(x_0|x_1)]", "prior matching\nKL(q(x_T|x_0) ‖ N(0,I))",
+    figure = Figure(figsize=(14, 4.6))
+    curve_axes, bar_axes = figure.subplots(1, 2, gridspec_kw={"width_ratios": [1.2, 1]})
+    bar_names = ("−reconstruction\nE[−log p_θ(x_0|x_1)]", "prior matching\nKL(q(x_T|x_0)‖N(0,I))",
                  "Σ_t denoising\nmatching", "−ELBO\n(total)")  # fmt: skip
     width = 0.8 / len(result)
     for index, (label, values) in enumerate(result.items()):
@@ -285,7 +285,7 @@ def plot_elbo_terms(models, original_samples, path, seed: int = 0, discrete: boo
                    values["negative_elbo"]]  # fmt: skip
         positions = np.arange(len(bar_names)) + (index - (len(result) - 1) / 2) * width
         bars = bar_axes.bar(positions, heights, width=width, label=f"{label}: {values['bits_per_dim']:.3f} bits/dim")
-        bar_axes.bar_label(bars, fmt="%.3g", fontsize=6)
+        bar_axes.bar_label(bars, fmt="%.2f", fontsize=6)
     curve_axes.set_yscale("log")
     curve_axes.set(xlabel="t", ylabel="KL (nats)", title="denoising matching KL(q(x_{t−1}|x_t,x_0) ‖ p_θ(x_{t−1}|x_t))")
     curve_axes.legend(fontsize=8)
@@ -374,7 +374,7 @@ def plot_reverse_trajectories(
     num_inference_steps: int = 100,
     seed: int = 0,
     reference_samples=None,
-    num_trajectories: int = 30,
+    num_trajectories: int = 8,
     extent: float = 3.5,
     call_kwargs: dict | None = None,
 ) -> dict:
@@ -387,7 +387,7 @@ def plot_reverse_trajectories(
     Args:
         pipeline: a pipeline of a 2-D vector model (``unet.config.sample_size`` None, ``in_channels`` 2), or its folder.
         num_samples, num_inference_steps, seed: the sampling run (x_T and every step's noise from ``seed``).
-        reference_samples: data ``[N, 2]`` drawn as a grey density behind the paths (optional).
+        reference_samples: data ``[N, 2]`` drawn in grey behind the samples (optional).
         call_kwargs: extra arguments of the pipeline call (for example ``class_labels``).
     Returns:
         ``{"timesteps" [S], "trajectories" [S + 1, N, 2] (index 0 is x_T, index k the latents after step k),
@@ -405,28 +405,38 @@ def plot_reverse_trajectories(
     timesteps = pipeline.scheduler.timesteps.cpu()
 
     figure = Figure(figsize=(13, 5.2))
-    grid = figure.add_gridspec(2, 5, width_ratios=[2.2, 1, 1, 1, 0.0001], wspace=0.08, hspace=0.2)
+    grid = figure.add_gridspec(2, 4, width_ratios=[2.2, 1, 1, 1], wspace=0.08, hspace=0.2)
     main_axes = figure.add_subplot(grid[:, 0])
     if reference_samples is not None:
-        _density_background(main_axes, _check_vectors(reference_samples, "reference_samples"), extent)
+        _data_background(main_axes, reference_samples)
     shown = trajectories[:, :num_trajectories].numpy()
-    colors = np.linspace(0, 1, len(shown))
     for index in range(shown.shape[1]):
-        main_axes.plot(shown[:, index, 0], shown[:, index, 1], color="tab:blue", linewidth=0.6, alpha=0.6)
-        main_axes.scatter(shown[:, index, 0], shown[:, index, 1], c=colors, cmap="viridis", s=2, zorder=3)
+        segments = np.stack([shown[:-1, index], shown[1:, index]], axis=1)
+        main_axes.add_collection(LineCollection(segments, cmap="viridis", array=np.linspace(0, 1, len(segments)),
+                                                linewidths=0.8, alpha=0.8))  # fmt: skip
     main_axes.scatter(shown[0, :, 0], shown[0, :, 1], marker="o", facecolors="none", edgecolors="black", s=18,
                       label="x_T ~ N(0, I)", zorder=4)  # fmt: skip
-    main_axes.scatter(shown[-1, :, 0], shown[-1, :, 1], marker="*", color="tab:red", s=40, label="x_0", zorder=5)
+    main_axes.scatter(shown[-1, :, 0], shown[-1, :, 1], marker="*", color="tab:red", s=50, label="x_0", zorder=5)
     main_axes.legend(fontsize=8, loc="upper right")
-    _square_axes(main_axes, extent, f"{num_trajectories} sampling paths x_T → x_0 ({len(timesteps)} steps)")
-    picks = np.unique(np.linspace(0, len(trajectories) - 1, 6).round().astype(int))
+    _square_axes(main_axes, extent, f"{shown.shape[1]} sampling paths x_T → x_0, coloured early (purple) → late (yellow)")
+    # the whole batch at x_T, at the latents nearest to a few noise levels (structure appears late), and at x_0
+    num_train_timesteps = pipeline.scheduler.config.num_train_timesteps
+    latent_timesteps = timesteps.tolist()  # trajectories[k] is the latent at timesteps[k] for k < len(timesteps)
+    picks = [0]
+    for fraction in (0.4, 0.2, 0.1, 0.04):
+        nearest = int(np.argmin([abs(t - fraction * num_train_timesteps) for t in latent_timesteps]))
+        if nearest not in picks:
+            picks.append(nearest)
+    picks.append(len(trajectories) - 1)
     for panel, pick in enumerate(picks[:6]):
         axes = figure.add_subplot(grid[panel // 3, 1 + panel % 3])
+        if reference_samples is not None:
+            _data_background(axes, reference_samples)
         points = trajectories[pick]
-        axes.scatter(points[:, 0], points[:, 1], s=1.5, alpha=0.6, color="tab:red" if pick == len(trajectories) - 1
-                     else "tab:blue")  # fmt: skip
-        label = "x_T" if pick == 0 else f"after step {pick} (t = {int(timesteps[pick - 1])})"
-        _square_axes(axes, extent, label if pick < len(trajectories) - 1 else "x_0 (output)")
+        is_output = pick == len(trajectories) - 1
+        axes.scatter(points[:, 0], points[:, 1], s=1.5, alpha=0.7, color="tab:red" if is_output else "tab:blue")
+        label = "x_0 (output)" if is_output else f"{'x_T' if pick == 0 else 'x_t'}, t = {latent_timesteps[pick]}"
+        _square_axes(axes, extent, label)
     figure.suptitle("Reverse process: ancestral sampling x_{t−1} ~ p_θ(x_{t−1} | x_t), from N(0, I) to the data")
     _save(figure, path)
     return {"timesteps": timesteps, "trajectories": trajectories, "samples": samples}
@@ -498,7 +508,7 @@ def plot_guidance(
             title = f"{kind}, {symbol} = {scales[column]:g}"
             if _is_vector_pipeline(pipeline):
                 if reference_samples is not None:
-                    _density_background(axes, _check_vectors(reference_samples, "reference_samples"), extent)
+                    _data_background(axes, reference_samples)
                 axes.scatter(samples[:, 0], samples[:, 1], s=2, alpha=0.6, color=_CLASS_COLORS[class_label % 10])
                 _square_axes(axes, extent, title)
             else:

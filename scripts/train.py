@@ -166,7 +166,7 @@ def main(argv=None):
         unet.eval()
         test_samples, test_labels = stack_dataset(torch.utils.data.Subset(test_dataset, range(
             min(args.elbo_num_samples, len(test_dataset)))))  # fmt: skip
-        denoiser = null_conditioned(unet, num_classes if args.conditioning == "class" else None)
+        denoiser = null_conditioned(unet, num_classes if args.conditioning == "class" else None, encode_prompt)
         report = elbo_report(HVAEScheduler.from_config(scheduler.config), denoiser, test_samples, generator=torch.Generator().manual_seed(0),
                              num_timesteps=min(args.elbo_timesteps, scheduler.config.num_train_timesteps - 1))  # fmt: skip
         summary["test_bits_per_dim"] = report["bits_per_dim"]
@@ -193,15 +193,16 @@ def main(argv=None):
     return result
 
 
-def null_conditioned(unet, null_label):
-    """``denoiser(x_t, t)`` for the ELBO: the UNet, given the null label when it is class-conditional."""
-    if null_label is None:
-        return unet
-
-    def denoiser(sample, timesteps):
-        return unet(sample, timesteps, class_labels=torch.full_like(timesteps, null_label))
-
-    return denoiser
+def null_conditioned(unet, null_label=None, encode_prompt=None):
+    """``denoiser(x_t, t)`` for the ELBO of the unconditional model: the UNet given the null label (class
+    conditioning) or the empty prompt (text conditioning)."""
+    if null_label is not None:
+        return lambda sample, timesteps: unet(sample, timesteps, class_labels=torch.full_like(timesteps, null_label))
+    if encode_prompt is not None:
+        empty = encode_prompt([""])
+        return lambda sample, timesteps: unet(sample, timesteps,
+                                              encoder_hidden_states=empty.expand(sample.shape[0], -1, -1))  # fmt: skip
+    return unet
 
 
 if __name__ == "__main__":

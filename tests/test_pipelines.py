@@ -22,17 +22,19 @@ from diffusers import (
 )
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, ViTConfig, ViTForImageClassification
 
 from hvae_diffusion import (
     ClassifierFreeGuidancePipeline,
     ClassifierGuidedPipeline,
     HVAEPipeline,
     HVAEScheduler,
+    MLPDenoiser,
     NoisyClassifier,
 )
 from hvae_diffusion.parameterization import PREDICTION_TYPES
 from hvae_diffusion.pipelines import prepare_sampling_chain
+from hvae_diffusion.pipelines.sampling import sample_shape
 from hvae_diffusion.testing import (
     ExactMixtureClassifier,
     ExactMixtureDenoiser,
@@ -249,9 +251,11 @@ def test_larger_scales_sharpen(guided_pipelines, mixture):
         assert sharp.std(0).sum() < 0.9 * exact.std(0).sum()
 
 
-@pytest.mark.parametrize("scheduler_class", [DDIMScheduler, EulerDiscreteScheduler])
-def test_guidance_with_swapped_scheduler(reference, scheduler_class):
-    scheduler = mixture_scheduler("score")
+@pytest.mark.parametrize("scheduler_class, prediction_type", [(DDIMScheduler, "score"), (EulerDiscreteScheduler, "sample")])
+def test_guidance_with_swapped_scheduler(reference, scheduler_class, prediction_type):
+    """Guidance on the score with Diffusers' schedulers; with Euler the x̂_0 → score conversion and the classifier
+    need x_t, the scaled model input, not Euler's sample x_t / √ᾱ_t."""
+    scheduler = mixture_scheduler(prediction_type)
     unet, classifier = exact_denoiser(scheduler), exact_classifier(scheduler)
     swapped = scheduler_class.from_config(scheduler.config)
     kwargs = dict(class_labels=1, batch_size=NUM_SAMPLES, num_inference_steps=50, generator=seeded())
@@ -285,29 +289,26 @@ def test_denoised_classifier_guides_through_the_tweedie_estimate(mixture):
     assert class_confidence(mixture, unguided, 1) < 0.5 < 0.85 < class_confidence(mixture, guided, 1)
 
 
-def test_denoised_mode_with_a_unet_and_image_classifier():
-    """The clean-image mode takes the gradient through a real UNet (its forward runs with grad)."""
+def test_denoised_mode_with_a_unet_and_transformers_image_classifier():
+    """The clean-image mode with a transformers image classifier: the gradient goes through a real UNet (its forward
+    runs with grad) and the classifier's ``config.num_labels`` is its class count."""
     unet = tiny_unet()
-    image_classifier = tiny_classifier()
+    torch.manual_seed(0)
+    image_classifier = ViTForImageClassification(ViTConfig(
+        image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, num_labels=3,
+    )).eval()  # fmt: skip
     pipeline = quiet(ClassifierGuidedPipeline(
-        unet, HVAEScheduler(num_train_timesteps=20), lambda_classifier(image_classifier), classifier_input="denoised"
+        unet, HVAEScheduler(num_train_timesteps=20), image_classifier, classifier_input="denoised"
     ))  # fmt: skip
-    images = pipeline(class_labels=[0, 2], classifier_scale=2.0, num_inference_steps=3, output_type="pt",
+    guided = pipeline(class_labels=[0, 2], classifier_scale=50.0, num_inference_steps=3, output_type="latent",
                       generator=seeded()).images  # fmt: skip
-    assert images.shape == (2, 1, 8, 8)
+    unguided = pipeline(class_labels=[0, 2], classifier_scale=0.0, num_inference_steps=3, output_type="latent",
+                        generator=seeded()).images  # fmt: skip
+    assert guided.shape == (2, 1, 8, 8) and not torch.allclose(guided, unguided)
     assert all(parameter.grad is None for parameter in unet.parameters())
-
-
-class lambda_classifier(ModelMixin):  # noqa: N801  (reads as a function at the call site)
-    """A clean-image classifier from a noisy one, evaluated at t = 0."""
-
-    def __init__(self, noisy_classifier):
-        super().__init__()
-        self.noisy_classifier = noisy_classifier
-        self.num_classes = noisy_classifier.num_classes
-
-    def forward(self, original_sample):
-        return self.noisy_classifier(original_sample, 0)
+    with pytest.raises(ValueError, match=r"class_labels must lie in \[0, 3\)"):
+        pipeline(class_labels=[3], num_inference_steps=2)
 
 
 # ---------------------------------------------------------------------------------------------- conventions
@@ -444,6 +445,41 @@ def test_text_prompts_and_negative_prompt(tmp_path):
     assert not torch.allclose(plain, negative)
     unconditional = run(prompt="a cat", batch_size=2, guidance_scale=0.0)
     torch.testing.assert_close(unconditional, run(prompt="zebra", batch_size=2, guidance_scale=0.0))
+
+
+def test_sample_shape_from_the_model_config():
+    assert sample_shape(tiny_unet().config, 3) == (3, 1, 8, 8)
+    assert sample_shape(tiny_unet(sample_size=(8, 4)).config, 2) == (2, 1, 8, 4)
+    assert sample_shape(MLPDenoiser(in_channels=5, hidden_dim=8, num_blocks=1).config, 4) == (4, 5)
+    pipeline = quiet(HVAEPipeline(tiny_unet(sample_size=(8, 4)), HVAEScheduler(num_train_timesteps=10)))
+    assert pipeline(batch_size=2, num_inference_steps=2, output_type="np").images.shape == (2, 8, 4, 1)
+
+
+def test_vector_model_with_classifier_free_guidance():
+    torch.manual_seed(0)
+    mlp = MLPDenoiser(in_channels=3, hidden_dim=16, num_blocks=1, num_class_embeds=3)
+    pipeline = quiet(ClassifierFreeGuidancePipeline(mlp, HVAEScheduler(num_train_timesteps=10)))
+    assert pipeline.config.null_class_label == 2
+    samples = pipeline(class_labels=[0, 1], guidance_scale=2.0, num_inference_steps=3).images
+    assert samples.shape == (2, 3)
+
+
+@pytest.mark.parametrize("scheduler", [HVAEScheduler(num_train_timesteps=10, variance_type="learned_range"),
+                                       DDIMScheduler(num_train_timesteps=10)])  # fmt: skip
+def test_learned_variance_channels(scheduler):
+    """A model with 2C output channels: the HVAE scheduler uses the variance half, DDIM gets the prediction only."""
+    pipeline = quiet(HVAEPipeline(tiny_unet(out_channels=2), scheduler))
+    samples = pipeline(batch_size=2, num_inference_steps=3, output_type="latent", generator=seeded()).images
+    assert samples.shape == (2, 1, 8, 8)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_float16():
+    unet = tiny_unet(num_class_embeds=3).to("cuda", torch.float16)
+    pipeline = quiet(ClassifierFreeGuidancePipeline(unet, HVAEScheduler(num_train_timesteps=20)))
+    samples = pipeline(class_labels=[0, 1], guidance_scale=2.0, num_inference_steps=4, output_type="latent",
+                       generator=torch.Generator("cuda").manual_seed(0)).images  # fmt: skip
+    assert samples.device.type == "cuda" and samples.dtype == torch.float16 and torch.isfinite(samples).all()
 
 
 def test_final_nan_is_reported():

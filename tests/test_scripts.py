@@ -85,11 +85,10 @@ def test_demo_writes_pipelines_grids_and_report(demo_dir):
     assert "bits/dim" in card and "classifier-free guidance" in card
 
 
-@pytest.mark.parametrize("scheduler", ["dpmsolver", "hvae"])
-def test_sample_writes_arrays(demo_dir, tmp_path, scheduler):
+def test_sample_writes_arrays(demo_dir, tmp_path):
     output = tmp_path / "samples.npz"
     run_script("sample", "--pipeline_dir", demo_dir / "denoiser", "--guidance", "cfg", "--scale", "3",
-               "--class_labels", 3, 7, "--num_samples", 4, "--num_inference_steps", 4, "--scheduler", scheduler,
+               "--class_labels", 3, 7, "--num_samples", 4, "--num_inference_steps", 4, "--scheduler", "dpmsolver",
                "--grid", tmp_path / "grid.png", "--output", output)  # fmt: skip
     arrays = np.load(output)
     assert arrays["images"].shape == (4, 8, 8, 1) and arrays["images"].dtype == np.uint8
@@ -204,3 +203,50 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
 
     initial = MLPDenoiser(in_channels=2, hidden_dim=16, num_blocks=1, num_class_embeds=4).state_dict()
     assert any(not torch.allclose(initial[key], one[key]) for key in one)
+
+
+def make_text_setup(root):
+    """A tiny CLIP text encoder + tokenizer, a cross-attention UNet config and a captioned image folder."""
+    from PIL import Image
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    (root / "encoder" / "tokenizer").mkdir(parents=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for token in ["a</w>", "digit</w>", "zero</w>", "one</w>"] + list("adegiotrnz"):
+        vocab.setdefault(token, len(vocab))
+    (root / "vocab.json").write_text(json.dumps(vocab))
+    (root / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"), model_max_length=8).save_pretrained(
+        root / "encoder" / "tokenizer")  # fmt: skip
+    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                            num_attention_heads=2, max_position_embeddings=8, bos_token_id=0, eos_token_id=1,
+                            pad_token_id=1)  # fmt: skip
+    CLIPTextModel(config).save_pretrained(root / "encoder" / "text_encoder")
+    (root / "images").mkdir()
+    rows = []
+    for index in range(16):
+        Image.new("L", (8, 8), color=index * 15).save(root / "images" / f"{index}.png")
+        rows.append(json.dumps({"file_name": f"{index}.png", "text": ["a digit zero", "a digit one"][index % 2]}))
+    (root / "images" / "metadata.jsonl").write_text("\n".join(rows))
+    (root / "unet.json").write_text(json.dumps({
+        "_class_name": "UNet2DConditionModel", "sample_size": 8, "in_channels": 1, "out_channels": 1,
+        "block_out_channels": [16, 32], "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "layers_per_block": 1, "norm_num_groups": 8,
+        "cross_attention_dim": 16, "attention_head_dim": 4,
+    }))  # fmt: skip
+
+
+def test_text_conditioning_with_prompt_dropout(tmp_path):
+    make_text_setup(tmp_path)
+    train = load_script("train")
+    output = tmp_path / "text_run"
+    train.main(tiny_train_args(output, "--train_data_dir", tmp_path / "images", "--conditioning", "text",
+                               "--cond_drop_prob", "0.3", "--unet_config", tmp_path / "unet.json",
+                               "--text_encoder_name_or_path", tmp_path / "encoder", "--train_batch_size", "4"))  # fmt: skip
+    for component in ["unet", "scheduler", "text_encoder", "tokenizer"]:
+        assert (output / component).is_dir(), component
+    sample = load_script("sample")
+    pipe = sample.load_sampling_pipeline(str(output), "cfg")
+    assert pipe.text_encoder is not None and pipe.unet.config.cross_attention_dim == 16
+    images, labels = sample.sample(pipe, "cfg", 2.0, None, ["a digit one"], 2, 3, seed=0)
+    assert images.shape == (2, 1, 8, 8) and labels.tolist() == [-1, -1]

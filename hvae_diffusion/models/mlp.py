@@ -204,6 +204,10 @@ class MLPNoisyClassifier(ModelMixin, ConfigMixin):
         self.network = TimeConditionedMLP(in_channels, num_classes, hidden_dim, num_blocks,
                                           time_embedding_dim or hidden_dim, flip_sin_to_cos, freq_shift)  # fmt: skip
 
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
     def forward(self, sample: torch.Tensor, timestep, return_dict: bool = True):
         """Logits log p_φ(y | x_t) (unnormalized), ``[B, num_classes]``, for x_t ``[B, in_channels]`` at ``timestep``."""
         _check_vector_sample(sample, self.config.in_channels)

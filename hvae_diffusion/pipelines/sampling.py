@@ -143,9 +143,11 @@ class HVAESamplingPipeline(DiffusionPipeline):
     _callback_tensor_inputs = ["latents"]
     model_cpu_offload_seq = "unet"
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
-        """Diffusers' layout (model_index.json, one folder a component, safetensors), plus the pipeline reference."""
-        super().save_pretrained(save_directory, *args, **kwargs)
+    def save_config(self, save_directory: str | os.PathLike, *args, **kwargs):
+        """model_index.json, naming this class so that ``DiffusionPipeline.from_pretrained`` finds it, and the module
+        that imports it (``serialization``). ``save_pretrained`` calls this after saving the components and before
+        any upload, so ``push_to_hub`` carries both files."""
+        super().save_config(save_directory, *args, **kwargs)
         serialization.write_pipeline_reference(save_directory, type(self))
 
     @classmethod
@@ -224,8 +226,9 @@ class HVAESamplingPipeline(DiffusionPipeline):
             for step_index, timestep in enumerate(chain.timesteps):
                 model_input = chain.scheduler.scale_model_input(latents, timestep)
                 model_output = predict(model_input, timestep, step_index, chain)
-                step = chain.scheduler.step(model_output, timestep, latents, generator=generator, return_dict=False)
-                latents = step[0]
+                latents = chain.scheduler.step(
+                    model_output, timestep, latents, generator=generator, return_dict=False
+                )[0]
                 if callback_on_step_end is not None:
                     callback_kwargs = {"latents": latents}
                     callback_kwargs = {name: callback_kwargs[name] for name in callback_on_step_end_tensor_inputs}

@@ -175,22 +175,20 @@ def feature_frechet_distance(model, samples_a, samples_b):
 # ---------------------------------------------------------------------------------------------- grids
 
 
-def image_grid(samples, num_columns=10, min_cell_pixels=32):
-    """A PIL grid of ``[N, C, H, W]`` samples in [−1, 1] (or uint8 ``[N, H, W, C]``), upscaled so a cell is at least
-    ``min_cell_pixels`` wide (nearest neighbour, to keep 8x8 pixels visible)."""
+def image_grid(samples, num_columns=10, min_cell_pixels=32, padding=1, padding_value=96):
+    """A PIL grid of ``[N, C, H, W]`` samples in [−1, 1] (or uint8 ``[N, H, W, C]``), cells separated by ``padding``
+    grey pixels, upscaled so a cell is at least ``min_cell_pixels`` wide (nearest neighbour keeps 8x8 pixels sharp)."""
     images = tensor_to_uint8(samples) if isinstance(samples, torch.Tensor) else np.asarray(samples, dtype=np.uint8)
     count, height, width, channels = images.shape
     num_columns = min(num_columns, count)
     num_rows = -(-count // num_columns)
-    canvas = np.zeros((num_rows * height, num_columns * width, channels), dtype=np.uint8)
+    cell_height, cell_width = height + padding, width + padding
+    canvas = np.full((num_rows * cell_height + padding, num_columns * cell_width + padding, channels), padding_value,
+                     dtype=np.uint8)  # fmt: skip
     for index, image in enumerate(images):
         row, column = divmod(index, num_columns)
-        canvas[row * height : (row + 1) * height, column * width : (column + 1) * width] = image
+        top, left = row * cell_height + padding, column * cell_width + padding
+        canvas[top : top + height, left : left + width] = image
     grid = Image.fromarray(canvas[:, :, 0] if channels == 1 else canvas)
     scale = max(1, -(-min_cell_pixels // width))
     return grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
-
-
-def pipeline_samples_to_tensor(images):
-    """A pipeline's ``output_type="np"`` images ``[N, H, W, C]`` in [0, 1] → ``[N, C, H, W]`` in [−1, 1]."""
-    return torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).float() * 2 - 1

@@ -215,7 +215,11 @@ def save_checkpoint(accelerator, output_dir, global_step, total_limit):
 def make_accelerator(config):
     """An ``Accelerator`` for ``config`` (trackers under ``output_dir/logging_dir``)."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import ProjectConfiguration
+
+    # a second run in the same process (a notebook, a test) may change mixed precision; the process group stays
+    AcceleratorState._reset_state(reset_partial_state=False)
 
     report_to = None if config.report_to in (None, "none") else config.report_to
     project_config = ProjectConfiguration(

@@ -115,8 +115,6 @@ class DiffusionLoss:
             raise ValueError(f"--loss_weighting must be one of {LOSS_WEIGHTINGS}, got {weighting!r}")
         if not 0.0 <= cond_drop_prob < 1.0:
             raise ValueError(f"--cond_drop_prob must be in [0, 1), got {cond_drop_prob}")
-        if cond_drop_prob > 0 and null_label is None:
-            raise ValueError("cond_drop_prob > 0 needs null_label (the label meaning 'no condition')")
         if scheduler.num_inference_steps is not None:
             raise ValueError("the training scheduler must keep its full chain: do not call set_timesteps on it")
         self.scheduler = scheduler
@@ -145,6 +143,8 @@ class DiffusionLoss:
         sample = self.scheduler.add_noise(original_samples, noise, timesteps)
         conditioning = {}
         if batch.get("class_labels") is not None:
+            if self.cond_drop_prob > 0 and self.null_label is None:
+                raise ValueError("cond_drop_prob > 0 with class labels needs null_label (the label meaning 'no class')")
             conditioning["class_labels"] = drop_conditions(
                 batch["class_labels"], self.null_label, self.cond_drop_prob, randomness
             )
