@@ -86,9 +86,11 @@ def main(argv=None):
     ], [])  # fmt: skip
     quick = ["--num_samples_per_class", "2", "--num_unconditional_samples", "20", "--elbo_timesteps", "5",
              "--elbo_num_samples", "66"] if args.quick else []  # fmt: skip
+    scales = [] if args.quick else ["--num_samples_per_class", "10", "--num_unconditional_samples", "200"]
     report = stage("evaluate", evaluate.main, [
         "--pipeline_dir", denoiser_dir, "--classifier_dir", guided_dir, "--output_dir", evaluation_dir,
-        "--num_inference_steps", str(args.num_inference_steps), *seed, *quick,
+        "--num_inference_steps", str(args.num_inference_steps), "--cfg_scales", *sorted({"0", "1", f"{args.cfg_scale:g}", "4"}, key=float),
+        "--classifier_scales", *sorted({"1", f"{args.classifier_scale:g}", "4"}, key=float), *seed, *(quick or scales),
     ])  # fmt: skip
     timings["total"] = round(time.time() - started, 1)
     cpu_timings["total"] = round(time.process_time() - cpu_started, 1)

@@ -3,6 +3,7 @@
 
     python scripts/toy2d.py --output_dir docs/figures
     python scripts/toy2d.py --output_dir docs/figures --digits_dir runs/demo   # adds the digits figures
+    python scripts/toy2d.py --output_dir docs/figures --digits_dir runs/demo --skip_toy   # only those
 
 Every model is an ``MLPDenoiser`` (or ``MLPNoisyClassifier``) trained by ``hvae_diffusion.training.train`` with
 ``DiffusionLoss`` (``NoisyClassifierLoss``), the loop and losses of ``scripts/train.py``, and saved as a pipeline
@@ -45,6 +46,7 @@ def parse_args(argv=None):
     parser.add_argument("--elbo_num_samples", type=int, default=1000, help="held-out points for the ELBO figure")
     parser.add_argument("--guidance_class", type=int, default=0, help="the class of the guidance figures")
     parser.add_argument("--digits_dir", default=None, help="output folder of scripts/demo.py (digits figures)")
+    parser.add_argument("--skip_toy", action="store_true", help="only the digits figures (with --digits_dir)")
     parser.add_argument("--num_threads", type=int, default=1,
                         help="torch CPU threads: 1 is fastest for these tiny models on a shared machine")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
@@ -62,8 +64,13 @@ def toy_scheduler(num_train_timesteps=1000, prediction_type="epsilon"):
                          beta_end=0.02 * scale, clip_sample=False, prediction_type=prediction_type)  # fmt: skip
 
 
-def train_toy_model(name, model, loss_fn, dataset, pipeline_of, args):
-    """Train ``model`` with the package's training loop and save ``pipeline_of(model)`` in ``work_dir/name``."""
+def figure_path(args, name):
+    return os.path.join(args.output_dir, name)
+
+
+def train_toy_model(name, make_model, loss_fn, dataset, pipeline_of, args):
+    """Build ``make_model()`` from ``--seed``, train it with the package's training loop, save ``pipeline_of(model)``
+    in ``work_dir/name`` and return the trained model (in eval mode) and a summary of the run."""
     from hvae_diffusion.training import TrainingConfig, train
 
     config = TrainingConfig(
@@ -72,6 +79,7 @@ def train_toy_model(name, model, loss_fn, dataset, pipeline_of, args):
         args.max_train_steps // 10), checkpointing_steps=None, report_to=None, seed=args.seed,
     )  # fmt: skip
     torch.manual_seed(args.seed)
+    model = make_model()
     started = time.time()
     result = train(config, model, loss_fn, dataset,
                    save_fn=lambda trained, output_dir: pipeline_of(trained).save_pretrained(output_dir))  # fmt: skip
@@ -80,26 +88,20 @@ def train_toy_model(name, model, loss_fn, dataset, pipeline_of, args):
     return model.eval(), {"steps": result.global_step, "seconds": round(seconds, 1), "final_loss": result.final_loss}
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    torch.set_num_threads(args.num_threads)
-    if args.quick:
-        args.max_train_steps, args.num_samples, args.num_inference_steps, args.elbo_num_samples = 5, 512, 5, 64
-        args.num_train_timesteps = 50
+def toy_figures(args, report):
+    """Train the toy models and draw figures 1 to 5 on 2-D data; numbers go into ``report``."""
     from hvae_diffusion import ClassifierFreeGuidancePipeline, ClassifierGuidedPipeline, HVAEPipeline, MLPDenoiser
     from hvae_diffusion import MLPNoisyClassifier, plotting
     from hvae_diffusion.toy_data import make_toy_dataset, make_toy_samples, toy_gaussian_mixture
     from hvae_diffusion.training import DiffusionLoss, NoisyClassifierLoss
 
-    figure = lambda name: os.path.join(args.output_dir, name)  # noqa: E731
     at_fractions = lambda *fractions: [round(f * (args.num_train_timesteps - 1)) for f in fractions]  # noqa: E731
-    report = {"training": {}, "figures": {}}
     mixture = toy_gaussian_mixture()
     mixture_data = make_toy_dataset("gaussian_mixture", args.num_samples, seed=args.seed)
 
     # 1. the forward process needs no training
     moons, _ = make_toy_samples("moons", 1000, seed=args.seed)
-    plotting.plot_forward_process(moons, figure("1_forward_process.png"), toy_scheduler(args.num_train_timesteps),
+    plotting.plot_forward_process(moons, figure_path(args, "1_forward_process.png"), toy_scheduler(args.num_train_timesteps),
                                   timesteps=at_fractions(0, 0.05, 0.1, 0.2, 0.4, 1),
                                   generator=torch.Generator().manual_seed(args.seed))  # fmt: skip
 
@@ -108,11 +110,11 @@ def main(argv=None):
     for objective, prediction_type in OBJECTIVES.items():
         scheduler = toy_scheduler(args.num_train_timesteps, prediction_type)
         model, report["training"][f"mixture_{objective}"] = train_toy_model(
-            f"mixture_{objective}", MLPDenoiser(in_channels=2), DiffusionLoss(scheduler, args.loss_weighting),
+            f"mixture_{objective}", lambda: MLPDenoiser(in_channels=2), DiffusionLoss(scheduler, args.loss_weighting),
             mixture_data, lambda m, s=scheduler: HVAEPipeline(unet=m, scheduler=s), args,
         )  # fmt: skip
         denoisers[objective] = (model, scheduler)
-        field = plotting.plot_score_field(mixture, figure(f"3_score_field_{objective}.png"), scheduler, model=model,
+        field = plotting.plot_score_field(mixture, figure_path(args, f"3_score_field_{objective}.png"), scheduler, model=model,
                                           timesteps=at_fractions(0.01, 0.1, 0.3))
         report["figures"][f"3_score_field_{objective}"] = {
             f"t={t}": {"mean_error": float(error.mean()), "density_weighted_error": float(
@@ -123,7 +125,7 @@ def main(argv=None):
 
     # 4. the ELBO of each objective on held-out points
     held_out, _ = mixture.sample(args.elbo_num_samples, generator=torch.Generator().manual_seed(args.seed + 1))
-    elbo = plotting.plot_elbo_terms(denoisers, held_out.float(), figure("4_elbo_terms.png"), seed=args.seed)
+    elbo = plotting.plot_elbo_terms(denoisers, held_out.float(), figure_path(args, "4_elbo_terms.png"), seed=args.seed)
     report["figures"]["4_elbo_terms"] = {
         label: {k: v for k, v in values.items() if isinstance(v, float)} for label, values in elbo.items()
     }
@@ -134,7 +136,7 @@ def main(argv=None):
     for name in ("moons", "swiss_roll"):
         scheduler = toy_scheduler(args.num_train_timesteps)
         model, report["training"][name] = train_toy_model(
-            name, MLPDenoiser(in_channels=2), DiffusionLoss(scheduler, args.loss_weighting),
+            name, lambda: MLPDenoiser(in_channels=2), DiffusionLoss(scheduler, args.loss_weighting),
             make_toy_dataset(name, args.num_samples, seed=args.seed),
             lambda m, s=scheduler: HVAEPipeline(unet=m, scheduler=s), args,
         )  # fmt: skip
@@ -142,20 +144,20 @@ def main(argv=None):
     for name, pipeline in pipelines.items():
         pipeline.set_progress_bar_config(disable=True)
         reference, _ = make_toy_samples(name, 5000, seed=args.seed + 2)
-        plotting.plot_reverse_trajectories(pipeline, figure(f"2_reverse_{name}.png"), seed=args.seed,
+        plotting.plot_reverse_trajectories(pipeline, figure_path(args, f"2_reverse_{name}.png"), seed=args.seed,
                                            num_inference_steps=args.num_inference_steps,
                                            reference_samples=reference)  # fmt: skip
 
     # 5. guidance on the mixture: a noisy classifier + the unconditional ε model; a conditional model with dropout
     labelled = make_toy_dataset("gaussian_mixture", args.num_samples, seed=args.seed, with_labels=True)
     classifier, report["training"]["mixture_classifier"] = train_toy_model(
-        "mixture_classifier", MLPNoisyClassifier(in_channels=2, num_classes=mixture.num_classes),
+        "mixture_classifier", lambda: MLPNoisyClassifier(in_channels=2, num_classes=mixture.num_classes),
         NoisyClassifierLoss(toy_scheduler(args.num_train_timesteps)), labelled,
         lambda m: ClassifierGuidedPipeline(unet=epsilon_model, scheduler=epsilon_scheduler, classifier=m), args,
     )  # fmt: skip
     scheduler = toy_scheduler(args.num_train_timesteps)
     conditional, report["training"]["mixture_conditional"] = train_toy_model(
-        "mixture_conditional", MLPDenoiser(in_channels=2, num_class_embeds=mixture.num_classes + 1),
+        "mixture_conditional", lambda: MLPDenoiser(in_channels=2, num_class_embeds=mixture.num_classes + 1),
         DiffusionLoss(scheduler, args.loss_weighting, cond_drop_prob=0.2, null_label=mixture.num_classes), labelled,
         lambda m, s=scheduler: ClassifierFreeGuidancePipeline(unet=m, scheduler=s), args,
     )  # fmt: skip
@@ -164,7 +166,7 @@ def main(argv=None):
     for pipeline in (guided, free):
         pipeline.set_progress_bar_config(disable=True)
     reference, _ = mixture.sample(5000, generator=torch.Generator().manual_seed(args.seed + 3))
-    guidance = plotting.plot_guidance(figure("5_guidance_toy.png"), args.guidance_class, classifier_pipeline=guided,
+    guidance = plotting.plot_guidance(figure_path(args, "5_guidance_toy.png"), args.guidance_class, classifier_pipeline=guided,
                                       cfg_pipeline=free, num_inference_steps=args.num_inference_steps,
                                       seed=args.seed, reference_samples=reference.float())  # fmt: skip
     # the share of guided samples whose most likely class under the exact mixture is the class asked for
@@ -174,19 +176,35 @@ def main(argv=None):
         for kind, runs in guidance.items()
     }  # fmt: skip
 
-    if args.digits_dir is not None:
-        cfg_dir = os.path.join(args.digits_dir, "denoiser")
-        classifier_dir = os.path.join(args.digits_dir, "classifier_guided")
-        plotting.plot_guidance(figure("5_guidance_digits.png"), args.guidance_class,
-                               classifier_pipeline=classifier_dir if os.path.isdir(classifier_dir) else None,
-                               classifier_scales=(0.0, 1.0, 2.0, 4.0), cfg_pipeline=cfg_dir,
-                               guidance_scales=(0.0, 1.0, 2.0, 4.0), num_samples=36,
-                               num_inference_steps=args.num_inference_steps, seed=args.seed)  # fmt: skip
-        plotting.plot_denoising_grid(cfg_dir, figure("6_denoising_digits.png"),
-                                     num_inference_steps=args.num_inference_steps, num_shown=6, batch_size=16,
-                                     seed=args.seed, class_labels=args.guidance_class)  # fmt: skip
 
-    os.makedirs(args.output_dir, exist_ok=True)
+def digits_figures(args):
+    """Figures 5 and 6 from the saved digits pipelines of ``scripts/demo.py`` (``args.digits_dir``)."""
+    from hvae_diffusion import plotting
+
+    cfg_dir = os.path.join(args.digits_dir, "denoiser")
+    classifier_dir = os.path.join(args.digits_dir, "classifier_guided")
+    plotting.plot_guidance(figure_path(args, "5_guidance_digits.png"), args.guidance_class,
+                           classifier_pipeline=classifier_dir if os.path.isdir(classifier_dir) else None,
+                           classifier_scales=(0.0, 1.0, 2.0, 4.0), cfg_pipeline=cfg_dir,
+                           guidance_scales=(0.0, 1.0, 2.0, 4.0), num_samples=36,
+                           num_inference_steps=args.num_inference_steps, seed=args.seed)  # fmt: skip
+    plotting.plot_denoising_grid(cfg_dir, figure_path(args, "6_denoising_digits.png"),
+                                 num_inference_steps=args.num_inference_steps, num_shown=6, batch_size=16,
+                                 seed=args.seed, class_labels=args.guidance_class)  # fmt: skip
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.num_threads)
+    if args.quick:
+        args.max_train_steps, args.num_samples, args.num_inference_steps, args.elbo_num_samples = 5, 512, 5, 64
+        args.num_train_timesteps = 50
+    report = {"training": {}, "figures": {}}
+    if not args.skip_toy:
+        toy_figures(args, report)
+    if args.digits_dir is not None:
+        digits_figures(args)
+    os.makedirs(args.work_dir, exist_ok=True)
     with open(os.path.join(args.work_dir, "toy2d_report.json"), "w") as handle:
         json.dump(report, handle, indent=2)
     print(json.dumps(report, indent=2))

@@ -66,7 +66,7 @@ def test_score_field_plots_the_mixtures_exact_score(tmp_path, mixture):
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "score"])
-def test_score_field_of_the_exact_denoiser_has_no_error(tmp_path, mixture, prediction_type):
+def test_score_field_of_the_exact_denoiser_has_no_error(tmp_path, mixture, prediction_type, single_thread):
     """The learned row converts any parameterization to the score: for the exact denoiser it is the exact score."""
     scheduler = toy_scheduler(prediction_type)
     result = plotting.plot_score_field(mixture, tmp_path / "f3.png", scheduler, timesteps=(2, 8), grid_size=4,
@@ -119,7 +119,7 @@ def test_reverse_trajectories_end_at_the_pipelines_samples(tmp_path, mixture):
     assert torch.equal(result["trajectories"][0], torch.randn(20, 2, generator=torch.Generator().manual_seed(4)))
 
 
-def test_guidance_figure_plots_the_pipelines_samples(tmp_path, mixture):
+def test_guidance_figure_plots_the_pipelines_samples(tmp_path, mixture, single_thread):
     scheduler = toy_scheduler()
     unet = exact_denoiser(mixture, scheduler)
     classifier = ExactMixtureClassifier(mixture.means, mixture.stds, component_labels=mixture.component_labels.tolist(),
@@ -145,7 +145,7 @@ def test_guidance_figure_plots_the_pipelines_samples(tmp_path, mixture):
         plotting.plot_guidance(tmp_path / "f5.png", 1)
 
 
-def test_denoising_grid_from_a_saved_tiny_unet_pipeline(tmp_path):
+def test_denoising_grid_from_a_saved_tiny_unet_pipeline(tmp_path, single_thread):
     """Figure 6 on an untrained tiny UNet2DModel, loaded from its saved folder."""
     torch.manual_seed(0)
     unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),

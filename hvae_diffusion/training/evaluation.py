@@ -90,7 +90,7 @@ class FeatureClassifier(torch.nn.Module):
     """A small CNN classifier of clean images in [−1, 1]; its penultimate layer is the feature space of the
     Fréchet distance (the role Inception plays in FID)."""
 
-    def __init__(self, in_channels=1, num_classes=10, resolution=8, width=32, feature_dim=128):
+    def __init__(self, in_channels=1, num_classes=10, resolution=8, width=32, feature_dim=64):
         super().__init__()
         self.config = {"in_channels": in_channels, "num_classes": num_classes, "resolution": resolution,
                        "width": width, "feature_dim": feature_dim}  # fmt: skip

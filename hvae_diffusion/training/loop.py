@@ -222,6 +222,11 @@ def make_accelerator(config):
     AcceleratorState._reset_state(reset_partial_state=False)
 
     report_to = None if config.report_to in (None, "none") else config.report_to
+    if report_to == "tensorboard":
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+            raise ValueError("--report_to tensorboard needs `pip install tensorboard` (or pass --report_to none)")
     project_config = ProjectConfiguration(
         project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, config.logging_dir)
     )
