@@ -276,7 +276,8 @@ def bench_scheduler(settings):
         # At the large shape a 1000-step loop takes seconds: the full matrix only with --full.
         large = math.prod(shape) > 100_000
         configs = all_configs if settings.full or not large else [("epsilon", "fixed_small"), ("v_prediction", "learned_range")]
-        repeats = settings.repeats if not large else max(3, settings.repeats // 2)
+        # Small-shape loops take a fraction of a second: more repetitions there, against the noise.
+        repeats = settings.repeats if large or settings.quick else max(5, settings.repeats)
         generator = torch.Generator().manual_seed(0)
         initial_sample = torch.randn(shape, generator=generator).to(device, dtype)
         for prediction_type, variance_type in configs:
@@ -514,9 +515,11 @@ def bench_elbo(settings):
         def candidate(scheduler=scheduler, data=data):
             holder["terms"] = scheduler.elbo_terms(denoiser, data, generator=torch.Generator(device).manual_seed(0))
 
-        repeats = settings.repeats if num_latents * batch <= 4000 else 3
+        # The long cases come after short ones that warmed everything up.
+        long_case = num_latents * batch > 4000
+        repeats = min(3, settings.repeats) if long_case else settings.repeats
         result = time_interleaved({"elbo": candidate, "floor": lambda s=scheduler, d=data: floor(s, d)}, settings,
-                                  repeats=repeats, warmup=1)  # fmt: skip
+                                  repeats=repeats, warmup=0 if long_case else 1)  # fmt: skip
         add_row(settings, "elbo", f"T={num_latents} batch={batch}", "elbo_terms", result["elbo"]["median"],
                 f"{num_latents} UNet fwd", result["floor"]["median"], target=None,
                 unit="s per batch", seconds_per_image=result["elbo"]["median"] / batch,
@@ -728,6 +731,15 @@ def bench_classifier(settings):
                         generator=_generator(device), latents=latents, output_type="latent")  # fmt: skip
 
     result = time_interleaved({"pipeline": run, "floor": floor}, settings)
+    # The noisy-classifier mode must not differentiate through the UNet: count its forwards run with grad enabled.
+    with_grad = []
+    handle = unet.register_forward_pre_hook(lambda *_: with_grad.append(torch.is_grad_enabled()))
+    try:
+        run()
+    finally:
+        handle.remove()
+    add_note(settings, "classifier", "UNet forwards with autograd on, one call", count=sum(with_grad),
+             of=len(with_grad))  # fmt: skip
     add_row(settings, "classifier", f"batch={batch} steps={steps} noisy", "ClassifierGuidedPipeline",
             result["pipeline"]["median"] / steps, "UNet fwd + clf fwd/bwd", result["floor"]["median"] / steps,
             target=1.1, unit="s per step")  # fmt: skip
@@ -754,7 +766,7 @@ def bench_scaling(settings, plot_path=None):
     batch_steps = 3 if settings.quick else 20
     by_steps, by_batch = [], []
     for steps in step_counts:
-        repeats = 3 if steps >= 300 else settings.repeats
+        repeats = min(3, settings.repeats) if steps >= 300 else settings.repeats
         seconds = time_interleaved({"run": lambda steps=steps: run(steps_batch, steps)}, settings, repeats=repeats)
         seconds = seconds["run"]["median"]
         by_steps.append({"steps": steps, "batch": steps_batch, "seconds": seconds, "seconds_per_step": seconds / steps})
@@ -844,7 +856,8 @@ def bench_fastpaths(settings):
         return run
 
     baseline = pipeline_with(unet)
-    variants = {"default (fp32, no_grad)": runner(baseline)}
+    base_name = f"default ({str(settings.dtype).replace('torch.', '')}, no_grad)"
+    variants = {base_name: runner(baseline)}
     variants["torch.inference_mode"] = runner(baseline, torch.inference_mode)
     variants["channels_last"] = runner(pipeline_with(copy.deepcopy(unet).to(memory_format=torch.channels_last)))
     classic = copy.deepcopy(unet)
@@ -859,16 +872,16 @@ def bench_fastpaths(settings):
             baseline, lambda: torch.autocast(device.type, dtype=low_precision)
         )
         variants[f"{precision_name} weights"] = runner(pipeline_with(copy.deepcopy(unet).to(low_precision)))
-    compiled = None
     if settings.compile:
-        compiled = pipeline_with(torch.compile(copy.deepcopy(unet)))
+        # Diffusers' idiom, which these pipelines support as they are: replace the component by its compiled module.
+        compiled = pipeline_with(copy.deepcopy(unet))
+        compiled.unet = torch.compile(compiled.unet)
         start = time.perf_counter()
         runner(compiled)()
         synchronize(device)
         add_note(settings, "fastpaths", "torch.compile first call (compile time)", seconds=time.perf_counter() - start)
         variants["torch.compile(unet)"] = runner(compiled)
     result = time_interleaved(variants, settings)
-    base_name = "default (fp32, no_grad)"
     for name in variants:
         if name != base_name:
             add_row(settings, "fastpaths", f"HVAEPipeline batch={batch} steps={steps}", name,
@@ -933,7 +946,7 @@ def parse_args(argv=None):
                         help="every prediction/variance type at the large scheduler shape too (slow on CPU)")  # fmt: skip
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    parser.add_argument("--repeats", type=int, default=None, help="timed repetitions per case (default 5, quick 2)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repetitions per case (default 3, quick 2)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls per case before timing")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--scheduler-shapes", default=None,
@@ -968,7 +981,7 @@ def main(argv=None):
     settings = Settings(
         device=device,
         dtype=getattr(torch, args.dtype),
-        repeats=args.repeats or (2 if args.quick else 5),
+        repeats=args.repeats or (2 if args.quick else 3),
         warmup=args.warmup,
         quick=args.quick,
         full=args.full,

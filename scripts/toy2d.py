@@ -12,7 +12,8 @@ under --work_dir. The figures (PNG, in --output_dir) are drawn by ``hvae_diffusi
 1. ``1_forward_process.png``: two moons dissolving into N(0, I); ᾱ_t and SNR(t) of each built-in schedule.
 2. ``2_reverse_<data>.png``: sampling paths x_T → x_0 over the data, for the mixture, two moons and the swiss roll.
 3. ``3_score_field_<objective>.png``: the learned score beside the exact score of the Gaussian mixture, and the error.
-4. ``4_elbo_terms.png``: the ELBO's three terms and bits/dim for the x0, ε and score objectives side by side.
+4. ``4_elbo_terms.png``: the ELBO's three terms and bits/dim for the x0, ε and score objectives side by side, and
+   for the mixture's exact denoiser (the best this schedule allows).
 5. ``5_guidance_toy.png``: one class of the mixture under classifier guidance (γ) and classifier-free guidance (w);
    ``5_guidance_digits.png`` too with --digits_dir.
 6. ``6_denoising_digits.png`` (with --digits_dir): x_t and x̂_0 at several steps of one digits sampling run.
@@ -23,7 +24,6 @@ under --work_dir. The figures (PNG, in --output_dir) are drawn by ``hvae_diffusi
 import argparse
 import json
 import os
-import sys
 import time
 
 import torch
@@ -92,6 +92,7 @@ def toy_figures(args, report):
     """Train the toy models and draw figures 1 to 5 on 2-D data; numbers go into ``report``."""
     from hvae_diffusion import ClassifierFreeGuidancePipeline, ClassifierGuidedPipeline, HVAEPipeline, MLPDenoiser
     from hvae_diffusion import MLPNoisyClassifier, plotting
+    from hvae_diffusion.testing import ExactMixtureDenoiser
     from hvae_diffusion.toy_data import make_toy_dataset, make_toy_samples, toy_gaussian_mixture
     from hvae_diffusion.training import DiffusionLoss, NoisyClassifierLoss
 
@@ -125,7 +126,12 @@ def toy_figures(args, report):
 
     # 4. the ELBO of each objective on held-out points
     held_out, _ = mixture.sample(args.elbo_num_samples, generator=torch.Generator().manual_seed(args.seed + 1))
-    elbo = plotting.plot_elbo_terms(denoisers, held_out.float(), figure_path(args, "4_elbo_terms.png"), seed=args.seed)
+    # beside them the exact denoiser of the mixture: the best ELBO this schedule and decoder variance allow
+    oracle_scheduler = toy_scheduler(args.num_train_timesteps)
+    oracle = ExactMixtureDenoiser(mixture.means, mixture.stds, component_labels=mixture.component_labels.tolist(),
+                                  alphas_cumprod=oracle_scheduler.alphas_cumprod)  # fmt: skip
+    elbo = plotting.plot_elbo_terms({**denoisers, "exact denoiser": (oracle, oracle_scheduler)}, held_out.float(),
+                                    figure_path(args, "4_elbo_terms.png"), seed=args.seed)  # fmt: skip
     report["figures"]["4_elbo_terms"] = {
         label: {k: v for k, v in values.items() if isinstance(v, float)} for label, values in elbo.items()
     }

@@ -125,6 +125,7 @@ def test_train_errors_name_the_argument(demo_dir, tmp_path):
           "v_prediction"], "--prediction_type='v_prediction' contradicts the pretrained scheduler config"),
         (["--resume_from_checkpoint", "checkpoint-99"], "--resume_from_checkpoint='checkpoint-99'"),
         (["--cond_drop_prob", "0.1"], "--cond_drop_prob needs --conditioning"),
+        (["--push_to_hub"], "--push_to_hub needs --hub_model_id"),
     ]  # fmt: skip
     for extra, message in cases:
         with pytest.raises(ValueError, match=message):

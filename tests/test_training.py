@@ -71,6 +71,8 @@ def test_data_errors_name_the_argument(digits, tmp_path):
         image_dataset_to_tensors(digits["train"], label_column="label", num_classes=5)
     with pytest.raises(ValueError, match="--train_data_dir"):
         load_image_dataset(train_data_dir=str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="--dataset_name: cannot load"):
+        load_image_dataset(dataset_name=str(tmp_path / "no_such_dataset"))
     from PIL import Image
 
     for index, mode in enumerate(["L", "RGB", "L", "RGB", "L", "L"]):

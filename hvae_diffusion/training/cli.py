@@ -62,7 +62,9 @@ def add_training_arguments(parser, learning_rate=1e-4, train_batch_size=64):
 
 
 def training_config_from_args(args, **overrides):
-    """A ``TrainingConfig`` from the parsed arguments of ``add_training_arguments``."""
+    """A ``TrainingConfig`` from the parsed arguments of ``add_training_arguments`` (checked before any work)."""
+    if getattr(args, "push_to_hub", False) and not args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id (for example your-name/hvae-digits)")
     names = {field.name for field in fields(TrainingConfig)}
     values = {name: getattr(args, name) for name in names if hasattr(args, name)}
     values.update(overrides)

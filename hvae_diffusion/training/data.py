@@ -57,7 +57,7 @@ def load_image_dataset(dataset_name=None, dataset_config_name=None, train_data_d
             loaded = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)
         else:
             loaded = datasets.load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ConnectionError) as error:  # includes datasets' DatasetNotFoundError
         argument = "--dataset_name" if dataset_name is not None else "--train_data_dir"
         raise ValueError(f"{argument}: cannot load {dataset_name or train_data_dir!r}: {error}") from error
     if "train" not in loaded:

@@ -158,11 +158,10 @@ def frechet_distance(features_a, features_b):
     features_b = np.asarray(features_b, dtype=np.float64)
     mean_a, mean_b = features_a.mean(0), features_b.mean(0)
     cov_a, cov_b = np.cov(features_a, rowvar=False), np.cov(features_b, rowvar=False)
-    covariance_sqrt, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
-    if not np.isfinite(covariance_sqrt).all():
-        offset = np.eye(cov_a.shape[0]) * 1e-6
-        covariance_sqrt = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
-    covariance_sqrt = covariance_sqrt.real
+    # features after a ReLU have dead units, so the covariances can be singular: a tiny ridge keeps sqrtm defined
+    ridge = np.eye(cov_a.shape[0]) * 1e-6
+    cov_a, cov_b = cov_a + ridge, cov_b + ridge
+    covariance_sqrt = linalg.sqrtm(cov_a @ cov_b).real
     return float(((mean_a - mean_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * covariance_sqrt))
 
 
