@@ -30,7 +30,7 @@ from hvae_diffusion.training.components import CONDITIONINGS, build_unet, denois
 from hvae_diffusion.training.data import stack_dataset
 from hvae_diffusion.training.evaluation import elbo_report, image_grid
 from hvae_diffusion.training.hub import HubUploadError, push_to_hub, render_model_card
-from hvae_diffusion.training.loop import make_accelerator, train
+from hvae_diffusion.training.loop import NonFiniteLossError, make_accelerator, train
 from hvae_diffusion.training.losses import DiffusionLoss
 
 
@@ -68,8 +68,13 @@ def parse_args(argv=None):
 def make_scheduler(args):
     """The noise scheduler: the pretrained pipeline's (checked against the flags) or a new ``HVAEScheduler``."""
     path = args.pretrained_model_name_or_path
-    if path is not None and os.path.isfile(os.path.join(path, "scheduler", "scheduler_config.json")):
-        scheduler = HVAEScheduler.from_pretrained(path, subfolder="scheduler")
+    scheduler = None
+    if path is not None:
+        try:
+            scheduler = HVAEScheduler.from_pretrained(path, subfolder="scheduler")
+        except (OSError, ValueError):  # a bare UNet: the flags define a new scheduler
+            scheduler = None
+    if scheduler is not None:
         for name in ("prediction_type", "variance_type"):
             requested, loaded = getattr(args, name), scheduler.config[name]
             if requested is not None and requested != loaded:
@@ -206,4 +211,8 @@ def null_conditioned(unet, null_label=None, encode_prompt=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except NonFiniteLossError as error:  # the message names the last good checkpoint, which is kept
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)

@@ -29,7 +29,7 @@ from hvae_diffusion.training.cli import (
 from hvae_diffusion.training.components import classifier_guided_pipeline, default_classifier_config
 from hvae_diffusion.training.data import stack_dataset
 from hvae_diffusion.training.hub import HubUploadError, push_to_hub, render_model_card
-from hvae_diffusion.training.loop import make_accelerator, train
+from hvae_diffusion.training.loop import NonFiniteLossError, make_accelerator, train
 from hvae_diffusion.training.losses import NoisyClassifierLoss
 
 
@@ -126,4 +126,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except NonFiniteLossError as error:  # the message names the last good checkpoint, which is kept
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)

@@ -138,6 +138,11 @@ def test_fine_tune_from_a_saved_pipeline(demo_dir, tmp_path):
                                         "--conditioning", "class", "--cond_drop_prob", "0.1"))  # fmt: skip
     assert result.global_step == 2
     assert json.loads((tmp_path / "tuned" / "unet" / "config.json").read_text())["num_class_embeds"] == 11
+    # a bare UNet folder has no scheduler to contradict: the flags define a new one
+    train.main(tiny_train_args(tmp_path / "bare", "--pretrained_model_name_or_path", demo_dir / "denoiser" / "unet",
+                               "--conditioning", "class", "--prediction_type", "v_prediction"))  # fmt: skip
+    scheduler_config = json.loads((tmp_path / "bare" / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler_config["prediction_type"] == "v_prediction"
 
 
 def test_single_thread_launch_warns(monkeypatch):

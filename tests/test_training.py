@@ -29,7 +29,6 @@ from hvae_diffusion.training.loop import (
 )
 from hvae_diffusion.training.losses import BatchRandomness, DiffusionLoss, NoisyClassifierLoss, drop_conditions
 
-torch.set_num_threads(1)
 
 
 # ------------------------------------------------------------------------------------------------ data

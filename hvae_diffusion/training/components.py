@@ -38,20 +38,32 @@ def default_unet_config(resolution, channels, num_class_embeds=None, learned_var
     }
 
 
+def pretrained_unet_config(pretrained_model_name_or_path):
+    """``(subfolder, config)`` of the UNet in a pipeline (``unet/``) or UNet folder or Hub repo."""
+    from diffusers import UNet2DModel
+
+    for subfolder in ("unet", None):
+        try:
+            return subfolder, UNet2DModel.load_config(pretrained_model_name_or_path, subfolder=subfolder)
+        except (OSError, ValueError):
+            continue
+    raise ValueError(
+        f"--pretrained_model_name_or_path={pretrained_model_name_or_path!r}: no UNet config.json in it or in its "
+        "unet/ subfolder"
+    )
+
+
 def build_unet(config_file=None, pretrained_model_name_or_path=None, **default_kwargs):
     """A ``UNet2DModel`` (or ``UNet2DConditionModel``) from a pretrained model/pipeline, a config file or the default.
 
-    ``pretrained_model_name_or_path`` may be a UNet folder or a pipeline folder with a ``unet`` subfolder.
+    ``pretrained_model_name_or_path`` may be a UNet or a pipeline (with a ``unet`` subfolder), local or on the Hub.
     """
     from diffusers import UNet2DConditionModel, UNet2DModel
 
     if pretrained_model_name_or_path is not None:
-        unet_folder = pretrained_model_name_or_path
-        subfolder = "unet" if os.path.isfile(os.path.join(unet_folder, "model_index.json")) else None
-        config_path = os.path.join(unet_folder, subfolder or "", "config.json")
-        class_name = json.load(open(config_path)).get("_class_name") if os.path.isfile(config_path) else None
-        cls = UNet2DConditionModel if class_name == "UNet2DConditionModel" else UNet2DModel
-        return cls.from_pretrained(unet_folder, subfolder=subfolder)
+        subfolder, config = pretrained_unet_config(pretrained_model_name_or_path)
+        cls = UNet2DConditionModel if config.get("_class_name") == "UNet2DConditionModel" else UNet2DModel
+        return cls.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder)
     if config_file is not None:
         with open(config_file) as handle:
             config = json.load(handle)
