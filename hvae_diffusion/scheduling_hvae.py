@@ -365,10 +365,15 @@ class HVAEScheduler(SchedulerMixin, ConfigMixin):
         (x0_from_sample, x0_from_output, x0_coefficient, sample_coefficient, noise_std, min_log_variance,
          max_log_variance) = self._step_coefficients[index]  # fmt: skip
 
-        predicted_x0 = torch.add(sample * x0_from_sample, model_output, alpha=x0_from_output)
+        # Each fresh tensor below is updated in place where its dtype already is the promoted one: the same numbers
+        # as out-of-place arithmetic, with no allocation beyond x̂_0, x_{t'} and the noise (at large shapes a fresh
+        # allocation costs more than the arithmetic).
+        predicted_x0 = sample * x0_from_sample
+        if predicted_x0.dtype == model_output.dtype:
+            predicted_x0 = predicted_x0.add_(model_output, alpha=x0_from_output)
+        else:
+            predicted_x0 = predicted_x0.add(model_output, alpha=x0_from_output)
         predicted_x0 = self._clip_or_threshold(predicted_x0)
-        # In place on a fresh tensor whose dtype (x̂_0's) already covers the sample's: the same numbers, one
-        # allocation fewer.
         prev_sample = torch.mul(predicted_x0, x0_coefficient).add_(sample, alpha=sample_coefficient)
 
         if index < len(self._step_coefficients) - 1:
@@ -377,7 +382,7 @@ class HVAEScheduler(SchedulerMixin, ConfigMixin):
                 prev_sample = prev_sample.add_(noise, alpha=noise_std)
             else:
                 log_variance = learned_range_log_variance(variance_output, min_log_variance, max_log_variance)
-                prev_sample = prev_sample + torch.exp(0.5 * log_variance) * noise
+                prev_sample = prev_sample.add_(log_variance.mul_(0.5).exp_().mul_(noise))
 
         if not return_dict:
             return (prev_sample, predicted_x0)

@@ -23,13 +23,14 @@ from hvae_diffusion.training.cli import (
     add_data_arguments,
     add_training_arguments,
     load_training_data,
+    push_output_dir,
     training_config_from_args,
     warn_if_single_threaded,
 )
 from hvae_diffusion.training.components import CONDITIONINGS, build_unet, denoiser_pipeline
 from hvae_diffusion.training.data import stack_dataset
 from hvae_diffusion.training.evaluation import elbo_report, image_grid
-from hvae_diffusion.training.hub import HubUploadError, push_to_hub, render_model_card
+from hvae_diffusion.training.hub import render_model_card
 from hvae_diffusion.training.loop import NonFiniteLossError, make_accelerator, train
 from hvae_diffusion.training.losses import DiffusionLoss
 
@@ -190,11 +191,7 @@ def main(argv=None):
     )  # fmt: skip
     print(json.dumps(summary))
     if args.push_to_hub:
-        try:
-            print("uploaded:", push_to_hub(args.output_dir, args.hub_model_id, args.hub_token, args.hub_private_repo))
-        except HubUploadError as error:
-            print(f"error: {error}", file=sys.stderr)
-            sys.exit(1)
+        push_output_dir(args)
     return result
 
 

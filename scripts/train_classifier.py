@@ -23,12 +23,13 @@ from hvae_diffusion.training.cli import (
     add_data_arguments,
     add_training_arguments,
     load_training_data,
+    push_output_dir,
     training_config_from_args,
     warn_if_single_threaded,
 )
 from hvae_diffusion.training.components import classifier_guided_pipeline, default_classifier_config
 from hvae_diffusion.training.data import stack_dataset
-from hvae_diffusion.training.hub import HubUploadError, push_to_hub, render_model_card
+from hvae_diffusion.training.hub import render_model_card
 from hvae_diffusion.training.loop import NonFiniteLossError, make_accelerator, train
 from hvae_diffusion.training.losses import NoisyClassifierLoss
 
@@ -117,11 +118,7 @@ def main(argv=None):
                   + ", ".join(f"t in {b['timesteps']}: {b['accuracy']:.3f}" for b in bands),
         )  # fmt: skip
     if args.push_to_hub:
-        try:
-            print("uploaded:", push_to_hub(args.output_dir, args.hub_model_id, args.hub_token, args.hub_private_repo))
-        except HubUploadError as error:
-            print(f"error: {error}", file=sys.stderr)
-            sys.exit(1)
+        push_output_dir(args)
     return result
 
 

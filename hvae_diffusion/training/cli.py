@@ -2,6 +2,7 @@
 training examples), the ``TrainingConfig`` they make, the data they load, and the Accelerate thread check."""
 
 import os
+import sys
 import warnings
 from dataclasses import fields
 
@@ -105,3 +106,17 @@ def warn_if_single_threaded():
             f"--multi_gpu --num_processes N --num_cpu_threads_per_process {max(1, cores // 2)} scripts/train.py ...`",
             stacklevel=2,
         )
+
+
+def push_output_dir(args):
+    """Upload ``--output_dir`` to ``--hub_model_id``; on failure exit with the error, which says how to retry.
+
+    The local output is complete before the upload starts, so a failed upload loses nothing.
+    """
+    from .hub import HubUploadError, push_to_hub
+
+    try:
+        print("uploaded:", push_to_hub(args.output_dir, args.hub_model_id, args.hub_token, args.hub_private_repo))
+    except HubUploadError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
