@@ -695,7 +695,7 @@ def bench_cfg(settings):
     cases = {"doubled batch": doubled, "two forwards": two_forwards}
     # The pipeline's option for how the two halves run (see docs/benchmarks.md), when it has one.
     option = "guidance_batching" if "guidance_batching" in inspect.signature(pipeline.__call__).parameters else None
-    modes = ["auto", "batched", "separate"] if option else [None]
+    modes = ["batched", "separate"] if option else [None]
     for mode in modes:
         kwargs = {option: mode} if option else {}
 

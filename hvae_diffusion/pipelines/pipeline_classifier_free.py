@@ -5,6 +5,11 @@ import torch
 from ..guidance import check_guidance_scale, classifier_free_guidance
 from .sampling import HVAESamplingPipeline, SamplingChain, check_batch_size, labels_tensor, model_output_of
 
+# How the unconditional and conditional halves run: "batched", one UNet forward on the doubled batch (the default:
+# measured faster than two forwards on a 2-core CPU, see docs/benchmarks.md, and the usual winner on GPUs), or
+# "separate", two forwards of the batch (half the peak activation memory).
+GUIDANCE_BATCHING = ("batched", "separate")
+
 
 class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
     """Classifier-free guidance (Ho & Salimans 2022) with a model trained both with and without its condition.
@@ -14,7 +19,8 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
     config), or text prompts, for a ``UNet2DConditionModel`` with a transformers ``text_encoder`` and ``tokenizer``
     (∅ is the empty prompt, or ``negative_prompt``). The guided prediction is formed in the model's parameterization
     (the same combination in every one, see ``guidance.classifier_free_guidance``) and converted for the scheduler.
-    The unconditional and conditional halves run as one batched forward (``predict_unconditional_and_conditional``).
+    The unconditional and conditional halves run as one forward on the doubled batch, or as two forwards with
+    ``guidance_batching="separate"`` (``predict_unconditional_and_conditional``).
 
     Args:
         unet: a class-conditional ``UNet2DModel`` (or any model taking ``class_labels``) or a ``UNet2DConditionModel``.
@@ -95,8 +101,12 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
             {"encoder_hidden_states": self.encode_prompt(prompts)},
         )
 
-    def predict_unconditional_and_conditional(self, model_input, timestep, unconditional, conditional):
-        """The model's outputs without and with the condition, from one forward on the doubled batch."""
+    def predict_unconditional_and_conditional(self, model_input, timestep, unconditional, conditional,
+                                              batched: bool = True):  # fmt: skip
+        """The model's outputs without and with the condition: one forward on the doubled batch, or two forwards."""
+        if not batched:
+            return (model_output_of(self.unet(model_input, timestep, **unconditional)),
+                    model_output_of(self.unet(model_input, timestep, **conditional)))  # fmt: skip
         conditions = {name: torch.cat([unconditional[name], conditional[name]]) for name in conditional}
         output = model_output_of(self.unet(torch.cat([model_input, model_input]), timestep, **conditions))
         return output.chunk(2)
@@ -118,6 +128,7 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
         return_dict: bool = True,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        guidance_batching: str = "batched",
     ):
         """Draw one sample per label or prompt with guidance weight w = ``guidance_scale``.
 
@@ -129,8 +140,12 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
             guidance_scale: w ≥ 0: 1 is the conditional model, 0 the unconditional one, > 1 sharpens.
             num_inference_steps, generator, latents, output_type, return_dict, callback_on_step_end,
             callback_on_step_end_tensor_inputs: as for ``HVAEPipeline``.
+            guidance_batching: "batched" (one UNet forward on the doubled batch a step, the default) or "separate"
+                (two forwards: half the activation memory); the samples agree up to float rounding.
         """
         check_guidance_scale(guidance_scale, "guidance_scale")
+        if guidance_batching not in GUIDANCE_BATCHING:
+            raise ValueError(f"guidance_batching must be one of {GUIDANCE_BATCHING}, got {guidance_batching!r}")
         if batch_size is not None:
             check_batch_size(batch_size)
         if (class_labels is None) == (prompt is None):
@@ -155,7 +170,7 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
                 guided = model_output_of(self.unet(model_input, timestep, **condition))
             else:
                 unconditional_output, conditional_output = self.predict_unconditional_and_conditional(
-                    model_input, timestep, unconditional, conditional
+                    model_input, timestep, unconditional, conditional, batched=guidance_batching == "batched"
                 )
                 guided = classifier_free_guidance(unconditional_output, conditional_output, guidance_scale)
             prediction, variance = chain.split(guided, model_input)
