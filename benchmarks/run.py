@@ -381,7 +381,7 @@ def bench_training(settings):
         return
     batch = 8 if settings.quick else 64  # scripts/train.py's default --train_batch_size
     steps = 4 if settings.quick else 25
-    rounds = 1 if settings.quick else 3
+    rounds = 1 if settings.quick else settings.repeats
     split = load_digits_dataset()["train"]
     train_dataset = image_dataset_to_tensors(split, "image")  # what scripts/train.py trains on (unconditional)
     preloaded, _ = stack_dataset(train_dataset)
