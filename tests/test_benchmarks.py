@@ -86,30 +86,3 @@ def test_bad_arguments_are_rejected():
                                cwd=ROOT, timeout=120)  # fmt: skip
     assert completed.returncode != 0
     assert "--items" in completed.stderr and "nonsense" in completed.stderr
-
-
-def test_cfg_guidance_batching_options_agree():
-    """The CFG option the cfg benchmark measures: both ways give the same samples, with 1 or 2 forwards a step."""
-    import torch
-    from diffusers import UNet2DModel
-
-    from hvae_diffusion import ClassifierFreeGuidancePipeline, HVAEScheduler
-
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=8, num_class_embeds=3)  # fmt: skip
-    forwards = []
-    unet.register_forward_pre_hook(lambda module, args: forwards.append(args[0].shape[0]))
-    pipeline = ClassifierFreeGuidancePipeline(unet, HVAEScheduler(num_train_timesteps=20))
-    pipeline.set_progress_bar_config(disable=True)
-    samples, batch_sizes = {}, {}
-    for mode in ("batched", "separate"):
-        forwards.clear()
-        samples[mode] = pipeline(class_labels=[0, 1], guidance_scale=3.0, num_inference_steps=3, output_type="latent",
-                                 generator=torch.Generator().manual_seed(0), guidance_batching=mode).images  # fmt: skip
-        batch_sizes[mode] = list(forwards)
-    assert batch_sizes == {"batched": [4] * 3, "separate": [2] * 6}
-    torch.testing.assert_close(samples["batched"], samples["separate"], atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="guidance_batching"):
-        pipeline(class_labels=[0], num_inference_steps=2, guidance_batching="doubled")
