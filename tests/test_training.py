@@ -322,3 +322,19 @@ def test_elbo_report_agrees_with_elbo_terms():
     subset = elbo_report(scheduler, denoiser, samples, batch_size=3, num_timesteps=5,
                          generator=torch.Generator().manual_seed(0))  # fmt: skip
     assert subset["num_timesteps_evaluated"] == 5 and subset["standard_error"] > 0
+
+
+def test_preloaded_split_gives_the_items_decoding_gives(monkeypatch):
+    """A split small enough is decoded once up front; its items must equal decoding each one, labels included."""
+    from hvae_diffusion.training import data
+
+    split = data.load_digits_dataset()["train"].select(range(40))
+    preloaded = data.image_dataset_to_tensors(split, "image", label_column="label")
+    monkeypatch.setattr(data, "PRELOAD_MAX_BYTES", 0)
+    decoded_each_time = data.image_dataset_to_tensors(split, "image", label_column="label")
+    assert preloaded._samples is not None and decoded_each_time._samples is None
+    for index in (0, 17, 39):
+        assert preloaded[index]["class_labels"] == decoded_each_time[index]["class_labels"] == split[index]["label"]
+        torch.testing.assert_close(preloaded[index]["sample"], decoded_each_time[index]["sample"], rtol=0, atol=0)
+    preloaded.label_column = None  # what scripts/train.py does for unconditional models
+    assert set(preloaded[0]) == {"sample"}
