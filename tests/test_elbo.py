@@ -1,7 +1,6 @@
 """The ELBO terms, the loss weights they imply, and the bound itself against exact Gaussian log-likelihoods."""
 
 import math
-import warnings
 
 import pytest
 import torch
@@ -242,9 +241,7 @@ def test_elbo_terms_average_to_the_closed_form_and_bound_the_log_likelihood(vari
         scheduler = HVAEScheduler.from_alphas(
             _variance_preserving_alphas(num_train_timesteps), variance_type=variance_type, clip_sample=False
         )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            denoiser = ExactMixtureDenoiser(mixture.means, mixture.stds, alphas_cumprod=scheduler.alphas_cumprod)
+        denoiser = ExactMixtureDenoiser(mixture.means, mixture.stds, alphas_cumprod=scheduler.alphas_cumprod)
         generator = torch.Generator().manual_seed(num_train_timesteps)
         original, _ = mixture.sample(num_samples, generator=generator)
         elbo = scheduler.elbo_terms(denoiser, original, generator=generator, discrete=False).elbo
@@ -283,9 +280,7 @@ def test_denoising_kls_of_the_optimal_denoiser_are_exact(single_thread):
     stds = torch.tensor([0.3, 1.0], dtype=torch.float64)
     mixture = GaussianMixture([[0.2, -0.5]], stds=stds[None])
     scheduler = HVAEScheduler(num_train_timesteps=20, beta_end=0.3, clip_sample=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        denoiser = ExactMixtureDenoiser(mixture.means, mixture.stds, alphas_cumprod=scheduler.alphas_cumprod)
+    denoiser = ExactMixtureDenoiser(mixture.means, mixture.stds, alphas_cumprod=scheduler.alphas_cumprod)
     generator = torch.Generator().manual_seed(0)
     original, _ = mixture.sample(20_000, generator=generator)
     terms = scheduler.elbo_terms(denoiser, original, generator=generator, discrete=False)
@@ -304,9 +299,7 @@ def test_timestep_subset_estimate_is_unbiased(single_thread):
     """Evaluating num_timesteps random latents and scaling by (chain length / num_timesteps) is unbiased."""
     mixture = GaussianMixture([[0.2, -0.5]], stds=0.5)
     scheduler = HVAEScheduler(num_train_timesteps=20, beta_end=0.3, clip_sample=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        denoiser = ExactMixtureDenoiser(mixture.means, mixture.stds, alphas_cumprod=scheduler.alphas_cumprod)
+    denoiser = ExactMixtureDenoiser(mixture.means, mixture.stds, alphas_cumprod=scheduler.alphas_cumprod)
     generator = torch.Generator().manual_seed(1)
     original, _ = mixture.sample(64, generator=generator)
     full = scheduler.elbo_terms(denoiser, original, generator=generator, discrete=False)
@@ -332,9 +325,7 @@ def test_elbo_terms_of_8_bit_data(generator):
     scheduler = HVAEScheduler(num_train_timesteps=1000)
     scheduler.set_timesteps(25)
     pixels = torch.randint(0, 256, (4, 1, 4, 4), generator=generator).double() / 127.5 - 1
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        denoiser = ExactMixtureDenoiser(torch.zeros(1, 16), 0.5, alphas_cumprod=scheduler.alphas_cumprod)
+    denoiser = ExactMixtureDenoiser(torch.zeros(1, 16), 0.5, alphas_cumprod=scheduler.alphas_cumprod)
     terms = scheduler.elbo_terms(denoiser, pixels, generator=generator)
     assert terms.denoising_matching.shape == (4, 24) and terms.num_dims == 16
     assert bool(terms.reconstruction.le(0).all())  # a probability of a discrete outcome
@@ -349,10 +340,8 @@ def test_learned_range_elbo_at_its_ends_equals_the_fixed_variances(variance_outp
     """learned_range with v = +1 is log β_t at every latent and v = −1 the clipped σ_q²: the same ELBO terms."""
     pixels = torch.randint(0, 256, (3, 2, 2, 2), generator=generator).double() / 127.5 - 1
     schedule = {"num_train_timesteps": 50, "beta_end": 0.3}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        alphas_cumprod = HVAEScheduler(**schedule).alphas_cumprod
-        denoiser = ExactMixtureDenoiser(torch.zeros(1, 8), 0.5, alphas_cumprod=alphas_cumprod)
+    alphas_cumprod = HVAEScheduler(**schedule).alphas_cumprod
+    denoiser = ExactMixtureDenoiser(torch.zeros(1, 8), 0.5, alphas_cumprod=alphas_cumprod)
 
     def learned_denoiser(sample, timesteps):
         prediction = denoiser(sample, timesteps).sample
@@ -374,9 +363,7 @@ def test_elbo_of_a_respaced_chain_bounds_the_log_likelihood(variance_type, singl
     mixture = GaussianMixture(torch.zeros(1, 8, dtype=torch.float64), stds=0.5)
     scheduler = HVAEScheduler(variance_type=variance_type, clip_sample=False)
     scheduler.set_timesteps(25)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        denoiser = ExactMixtureDenoiser(mixture.means, mixture.stds, alphas_cumprod=scheduler.alphas_cumprod)
+    denoiser = ExactMixtureDenoiser(mixture.means, mixture.stds, alphas_cumprod=scheduler.alphas_cumprod)
     generator = torch.Generator().manual_seed(0)
     original, _ = mixture.sample(2000, generator=generator)
     terms = scheduler.elbo_terms(denoiser, original, generator=generator, discrete=False)
