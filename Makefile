@@ -14,7 +14,11 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 install: $(VENV)/.installed
 
-test: $(VENV)/.installed
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q tests
 
 # The demo on the built-in digits: trains, samples with three kinds of guidance and evaluates (docs/training.md).
@@ -22,4 +26,4 @@ DEMO_DIR ?= demo_output
 demo: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(PYTHON) scripts/demo.py --output_dir $(DEMO_DIR)
 
-.PHONY: install test demo
+.PHONY: install lint test demo

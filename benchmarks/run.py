@@ -191,13 +191,23 @@ def _print_row(row):
     ratio = f"{row['ratio']:.3f}" if row["ratio"] is not None else "-"
     target = f"≤{row['target']:g}" if row["target"] is not None else "-"
     met = {True: "yes", False: "NO", None: ""}[row["met"]]
-    print(f"{row['item']:<10} {row['case']:<44} {candidate:<34} {baseline:<34} {ratio:>6} {target:>7}  {met}", flush=True)
+    print(
+        f"{row['item']:<10} {row['case']:<44} {candidate:<34} {baseline:<34} {ratio:>6} {target:>7}  {met}", flush=True
+    )
 
 
 def add_note(settings, item, case, **values):
     """Record a measurement that is not a ratio (a fraction, a count, a memory peak)."""
-    row = {"item": item, "case": case, "candidate": None, "baseline": None, "ratio": None, "target": None,
-           "met": None, **values}  # fmt: skip
+    row = {
+        "item": item,
+        "case": case,
+        "candidate": None,
+        "baseline": None,
+        "ratio": None,
+        "target": None,
+        "met": None,
+        **values,
+    }
     settings.rows.append(row)
     shown = ", ".join(f"{key}={_format_value(value)}" for key, value in values.items())
     print(f"{item:<10} {case:<44} {shown}", flush=True)
@@ -250,8 +260,10 @@ def _pipelines_available():
     try:
         import hvae_diffusion
 
-        return all(hasattr(hvae_diffusion, name) for name in
-                   ("HVAEPipeline", "ClassifierGuidedPipeline", "ClassifierFreeGuidancePipeline"))  # fmt: skip
+        return all(
+            hasattr(hvae_diffusion, name)
+            for name in ("HVAEPipeline", "ClassifierGuidedPipeline", "ClassifierFreeGuidancePipeline")
+        )
     except ImportError:
         return False
 
@@ -300,7 +312,11 @@ def bench_scheduler(settings):
         all_configs = [(p, v) for p in PREDICTION_TYPES for v in VARIANCE_TYPES]
         # At the large shape a 1000-step loop takes seconds: the full matrix only with --full.
         large = math.prod(shape) > 100_000
-        configs = all_configs if settings.full or not large else [("epsilon", "fixed_small"), ("v_prediction", "learned_range")]
+        configs = (
+            all_configs
+            if settings.full or not large
+            else [("epsilon", "fixed_small"), ("v_prediction", "learned_range")]
+        )
         # Small-shape loops take a fraction of a second: more repetitions there, against the noise.
         repeats = settings.repeats if large or settings.quick else max(5, settings.repeats)
         generator = torch.Generator().manual_seed(0)
@@ -315,7 +331,9 @@ def bench_scheduler(settings):
             coefficients = [(0.99, -0.01, 0.1)] * num_steps
             cases = {
                 "hvae": lambda: _scheduler_loop(hvae, model_output, initial_sample, 0, device),
-                "floor": lambda: _fused_floor_loop(coefficients, model_output[:, : shape[1]], initial_sample, 0, device),
+                "floor": lambda: _fused_floor_loop(
+                    coefficients, model_output[:, : shape[1]], initial_sample, 0, device
+                ),
             }
             if prediction_type != "score":  # DDPMScheduler has no score parameterization
                 ddpm = DDPMScheduler(**kwargs)
@@ -324,13 +342,39 @@ def bench_scheduler(settings):
             result = time_interleaved(cases, settings, repeats=repeats)
             case = f"{list(shape)} {prediction_type}/{variance_type}"
             unit = f"s per {num_steps}-step loop"
-            add_row(settings, "scheduler", case, "HVAEScheduler.step", result["hvae"]["median"], "fused floor",
-                    result["floor"]["median"], target=1.3, unit=unit)  # fmt: skip
+            add_row(
+                settings,
+                "scheduler",
+                case,
+                "HVAEScheduler.step",
+                result["hvae"]["median"],
+                "fused floor",
+                result["floor"]["median"],
+                target=1.3,
+                unit=unit,
+            )
             if "ddpm" in result:
-                add_row(settings, "scheduler", case, "HVAEScheduler.step", result["hvae"]["median"],
-                        "DDPMScheduler.step", result["ddpm"]["median"], target=1.0, unit=unit)  # fmt: skip
-                add_row(settings, "scheduler", case, "DDPMScheduler.step", result["ddpm"]["median"], "fused floor",
-                        result["floor"]["median"], unit=unit)  # fmt: skip
+                add_row(
+                    settings,
+                    "scheduler",
+                    case,
+                    "HVAEScheduler.step",
+                    result["hvae"]["median"],
+                    "DDPMScheduler.step",
+                    result["ddpm"]["median"],
+                    target=1.0,
+                    unit=unit,
+                )
+                add_row(
+                    settings,
+                    "scheduler",
+                    case,
+                    "DDPMScheduler.step",
+                    result["ddpm"]["median"],
+                    "fused floor",
+                    result["floor"]["median"],
+                    unit=unit,
+                )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -404,8 +448,13 @@ def bench_training(settings):
 
         dataset = _TimedDataset(train_dataset)
         with tempfile.TemporaryDirectory() as output_dir, contextlib.redirect_stderr(io.StringIO()):
-            config = TrainingConfig(output_dir=output_dir, train_batch_size=batch, max_train_steps=steps,
-                                    checkpointing_steps=None, report_to="none")  # fmt: skip
+            config = TrainingConfig(
+                output_dir=output_dir,
+                train_batch_size=batch,
+                max_train_steps=steps,
+                checkpointing_steps=None,
+                report_to="none",
+            )
             train(config, fresh_unet(), timed_loss, dataset)
         data_seconds.append(dataset.seconds)
 
@@ -489,16 +538,36 @@ def bench_training(settings):
     seconds = {name: statistics.median(values) for name, values in intervals.items()}
     case = f"digits 8x8 batch={batch}"
     for name in ("train()", "example loop"):
-        row = add_row(settings, "training", case, name, seconds[name], "minimal loop", seconds["minimal loop"],
-                      target=round(1 / 0.98, 4) if name == "train()" else None, unit="s per optimizer step",
-                      data_wait_fraction=statistics.median(data_fraction[name]))  # fmt: skip
+        row = add_row(
+            settings,
+            "training",
+            case,
+            name,
+            seconds[name],
+            "minimal loop",
+            seconds["minimal loop"],
+            target=round(1 / 0.98, 4) if name == "train()" else None,
+            unit="s per optimizer step",
+            data_wait_fraction=statistics.median(data_fraction[name]),
+        )
         row["steps_per_second_ratio"] = seconds["minimal loop"] / seconds[name]
     if "minimal loop, 1 thread" in seconds:
-        add_row(settings, "training", case, "minimal loop, 1 thread", seconds["minimal loop, 1 thread"],
-                f"minimal loop, {torch.get_num_threads()} threads", seconds["minimal loop"],
-                unit="s per optimizer step")  # fmt: skip
-    add_note(settings, "training", case + " data wait",
-             **{name.replace(" ", "_"): statistics.median(data_fraction[name]) for name in ("train()", "example loop")})
+        add_row(
+            settings,
+            "training",
+            case,
+            "minimal loop, 1 thread",
+            seconds["minimal loop, 1 thread"],
+            f"minimal loop, {torch.get_num_threads()} threads",
+            seconds["minimal loop"],
+            unit="s per optimizer step",
+        )
+    add_note(
+        settings,
+        "training",
+        case + " data wait",
+        **{name.replace(" ", "_"): statistics.median(data_fraction[name]) for name in ("train()", "example loop")},
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -544,12 +613,25 @@ def bench_elbo(settings):
         # The long cases come after short ones that warmed everything up.
         long_case = num_latents * batch > 500
         repeats = min(3, settings.repeats) if long_case else settings.repeats
-        result = time_interleaved({"elbo": candidate, "floor": lambda s=scheduler, d=data: floor(s, d)}, settings,
-                                  repeats=repeats, warmup=0 if long_case else 1)  # fmt: skip
-        add_row(settings, "elbo", f"T={num_latents} batch={batch}", "elbo_terms", result["elbo"]["median"],
-                f"{num_latents} UNet fwd", result["floor"]["median"], target=None,
-                unit="s per batch", seconds_per_image=result["elbo"]["median"] / batch,
-                bits_per_dim=float(holder["terms"].bits_per_dim.mean()))  # fmt: skip
+        result = time_interleaved(
+            {"elbo": candidate, "floor": lambda s=scheduler, d=data: floor(s, d)},
+            settings,
+            repeats=repeats,
+            warmup=0 if long_case else 1,
+        )
+        add_row(
+            settings,
+            "elbo",
+            f"T={num_latents} batch={batch}",
+            "elbo_terms",
+            result["elbo"]["median"],
+            f"{num_latents} UNet fwd",
+            result["floor"]["median"],
+            target=None,
+            unit="s per batch",
+            seconds_per_image=result["elbo"]["median"] / batch,
+            bits_per_dim=float(holder["terms"].bits_per_dim.mean()),
+        )
 
     # The unbiased subset estimate (hvae_diffusion.training.evaluation.elbo_report with num_timesteps=n: every batch
     # draws its own n of the T latents; the standard error is that of the batch estimates) against all T terms.
@@ -563,22 +645,49 @@ def bench_elbo(settings):
     for subset in [None] + ([2] if settings.quick else [10, 50, 200]):
         synchronize(device)
         start = time.perf_counter()
-        reports[subset] = elbo_report(scheduler, denoiser, data, batch_size=report_batch, num_timesteps=subset,
-                                      generator=torch.Generator(device).manual_seed(0))  # fmt: skip
+        reports[subset] = elbo_report(
+            scheduler,
+            denoiser,
+            data,
+            batch_size=report_batch,
+            num_timesteps=subset,
+            generator=torch.Generator(device).manual_seed(0),
+        )
         synchronize(device)
         reports[subset]["seconds"] = time.perf_counter() - start
     full = reports.pop(None)
-    add_note(settings, "elbo", f"all {num_latents} terms, {num_samples} images", seconds=full["seconds"],
-             bits_per_dim=full["bits_per_dim"], standard_error_bpd=full["standard_error"])  # fmt: skip
+    add_note(
+        settings,
+        "elbo",
+        f"all {num_latents} terms, {num_samples} images",
+        seconds=full["seconds"],
+        bits_per_dim=full["bits_per_dim"],
+        standard_error_bpd=full["standard_error"],
+    )
     for subset, report in reports.items():
         standard_error = report["standard_error"]
-        add_row(settings, "elbo", f"subset n={subset} of T={num_latents}, {num_samples} images", "elbo_report(n)",
-                report["seconds"], f"all {num_latents} terms", full["seconds"], unit="s per evaluation",
-                bits_per_dim=report["bits_per_dim"], standard_error_bpd=standard_error,
-                bits_per_dim_all_terms=full["bits_per_dim"],
-                z=(report["bits_per_dim"] - full["bits_per_dim"]) / standard_error if standard_error else None)  # fmt: skip
-        add_note(settings, "elbo", f"subset n={subset} estimate", bits_per_dim=report["bits_per_dim"],
-                 standard_error=standard_error, all_terms=full["bits_per_dim"])  # fmt: skip
+        add_row(
+            settings,
+            "elbo",
+            f"subset n={subset} of T={num_latents}, {num_samples} images",
+            "elbo_report(n)",
+            report["seconds"],
+            f"all {num_latents} terms",
+            full["seconds"],
+            unit="s per evaluation",
+            bits_per_dim=report["bits_per_dim"],
+            standard_error_bpd=standard_error,
+            bits_per_dim_all_terms=full["bits_per_dim"],
+            z=(report["bits_per_dim"] - full["bits_per_dim"]) / standard_error if standard_error else None,
+        )
+        add_note(
+            settings,
+            "elbo",
+            f"subset n={subset} estimate",
+            bits_per_dim=report["bits_per_dim"],
+            standard_error=standard_error,
+            all_terms=full["bits_per_dim"],
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -637,7 +746,8 @@ def bench_sampling(settings):
     unet = make_unet(settings, sample_size, channels)
     ddpm = _quiet(DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).to(device))
     hvae = _quiet(HVAEPipeline(unet=unet, scheduler=HVAEScheduler()).to(device))
-    for steps in ([5] if settings.quick else [100, 1000]):
+    for steps in [5] if settings.quick else [100, 1000]:
+
         def run_ddpm(steps=steps):
             return ddpm(batch_size=batch, num_inference_steps=steps, generator=_generator(device), output_type="np")
 
@@ -647,16 +757,34 @@ def bench_sampling(settings):
         # 1000 steps take long on a CPU: the 100-step case warmed everything up, and two interleaved pairs (plus
         # the profiled pair) give the ratio.
         long_run = steps >= 1000
-        result = time_interleaved({"hvae": run_hvae, "ddpm": run_ddpm}, settings,
-                                  repeats=min(2, settings.repeats) if long_run else None,
-                                  warmup=0 if long_run else None)  # fmt: skip
+        result = time_interleaved(
+            {"hvae": run_hvae, "ddpm": run_ddpm},
+            settings,
+            repeats=min(2, settings.repeats) if long_run else None,
+            warmup=0 if long_run else None,
+        )
         outside_hvae, _, _ = fraction_outside(unet, run_hvae, device)
         outside_ddpm, _, _ = fraction_outside(unet, run_ddpm, device)
-        add_row(settings, "sampling", f"batch={batch} steps={steps}", "HVAEPipeline", result["hvae"]["median"],
-                "DDPMPipeline", result["ddpm"]["median"], target=1.0, unit="s per call",
-                fraction_outside_unet=outside_hvae, baseline_fraction_outside_unet=outside_ddpm)  # fmt: skip
-        add_note(settings, "sampling", f"batch={batch} steps={steps} time outside UNet",
-                 hvae=outside_hvae, ddpm=outside_ddpm)  # fmt: skip
+        add_row(
+            settings,
+            "sampling",
+            f"batch={batch} steps={steps}",
+            "HVAEPipeline",
+            result["hvae"]["median"],
+            "DDPMPipeline",
+            result["ddpm"]["median"],
+            target=1.0,
+            unit="s per call",
+            fraction_outside_unet=outside_hvae,
+            baseline_fraction_outside_unet=outside_ddpm,
+        )
+        add_note(
+            settings,
+            "sampling",
+            f"batch={batch} steps={steps} time outside UNet",
+            hvae=outside_hvae,
+            ddpm=outside_ddpm,
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -672,13 +800,16 @@ def bench_cfg(settings):
     sample_size, channels, batch = unet_size(settings)
     num_classes = 10
     unet = make_unet(settings, sample_size, channels, num_class_embeds=num_classes + 1)
-    pipeline = _quiet(ClassifierFreeGuidancePipeline(unet=unet, scheduler=HVAEScheduler(),
-                                                     null_class_label=num_classes).to(device))  # fmt: skip
+    pipeline = _quiet(
+        ClassifierFreeGuidancePipeline(unet=unet, scheduler=HVAEScheduler(), null_class_label=num_classes).to(device)
+    )
     steps = 4 if settings.quick else 50
     labels = torch.arange(batch, device=device) % num_classes
     null = torch.full_like(labels, num_classes)
     doubled_labels = torch.cat([null, labels])
-    latents = torch.randn(batch, channels, sample_size, sample_size, generator=_generator("cpu")).to(device, settings.dtype)
+    latents = torch.randn(batch, channels, sample_size, sample_size, generator=_generator("cpu")).to(
+        device, settings.dtype
+    )
     timesteps = torch.linspace(999, 0, steps).long().to(device)
 
     @torch.no_grad()
@@ -700,19 +831,43 @@ def bench_cfg(settings):
         kwargs = {option: mode} if option else {}
 
         def run(kwargs=kwargs):
-            return pipeline(class_labels=labels.tolist(), guidance_scale=3.0, num_inference_steps=steps,
-                            generator=_generator(device), latents=latents, output_type="latent", **kwargs)  # fmt: skip
+            return pipeline(
+                class_labels=labels.tolist(),
+                guidance_scale=3.0,
+                num_inference_steps=steps,
+                generator=_generator(device),
+                latents=latents,
+                output_type="latent",
+                **kwargs,
+            )
 
         cases[f"pipeline {mode or 'default'}"] = run
     result = time_interleaved(cases, settings)
     floor_name = min(("doubled batch", "two forwards"), key=lambda name: result[name]["median"])
     per_step = {name: value["median"] / steps for name, value in result.items()}
-    add_row(settings, "cfg", f"batch={batch} steps={steps}", "UNet(2B) once", per_step["doubled batch"],
-            "UNet(B) twice", per_step["two forwards"], unit="s per step")  # fmt: skip
+    add_row(
+        settings,
+        "cfg",
+        f"batch={batch} steps={steps}",
+        "UNet(2B) once",
+        per_step["doubled batch"],
+        "UNet(B) twice",
+        per_step["two forwards"],
+        unit="s per step",
+    )
     for name in cases:
         if name.startswith("pipeline"):
-            add_row(settings, "cfg", f"batch={batch} steps={steps}", name, per_step[name], f"faster: {floor_name}",
-                    per_step[floor_name], target=1.05, unit="s per step")  # fmt: skip
+            add_row(
+                settings,
+                "cfg",
+                f"batch={batch} steps={steps}",
+                name,
+                per_step[name],
+                f"faster: {floor_name}",
+                per_step[floor_name],
+                target=1.05,
+                unit="s per step",
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -724,8 +879,13 @@ def make_classifier(settings, sample_size, channels, num_classes=10):
 
     torch.manual_seed(1)
     widths = (8, 16) if settings.quick else (16, 32)
-    classifier = NoisyClassifier(sample_size=sample_size, in_channels=channels, num_classes=num_classes,
-                                 block_out_channels=widths, norm_num_groups=8)  # fmt: skip
+    classifier = NoisyClassifier(
+        sample_size=sample_size,
+        in_channels=channels,
+        num_classes=num_classes,
+        block_out_channels=widths,
+        norm_num_groups=8,
+    )
     return to_settings(classifier, settings).eval()
 
 
@@ -739,7 +899,9 @@ def bench_classifier(settings):
     pipeline = _quiet(ClassifierGuidedPipeline(unet=unet, scheduler=HVAEScheduler(), classifier=classifier).to(device))
     steps = 4 if settings.quick else 50
     labels = torch.arange(batch, device=device) % 10
-    latents = torch.randn(batch, channels, sample_size, sample_size, generator=_generator("cpu")).to(device, settings.dtype)
+    latents = torch.randn(batch, channels, sample_size, sample_size, generator=_generator("cpu")).to(
+        device, settings.dtype
+    )
     timesteps = torch.linspace(999, 0, steps).long().to(device)
 
     def floor():
@@ -753,8 +915,14 @@ def bench_classifier(settings):
                 torch.autograd.grad(log_probs.gather(1, labels[:, None]).sum(), sample)
 
     def run():
-        return pipeline(class_labels=labels.tolist(), classifier_scale=2.0, num_inference_steps=steps,
-                        generator=_generator(device), latents=latents, output_type="latent")  # fmt: skip
+        return pipeline(
+            class_labels=labels.tolist(),
+            classifier_scale=2.0,
+            num_inference_steps=steps,
+            generator=_generator(device),
+            latents=latents,
+            output_type="latent",
+        )
 
     result = time_interleaved({"pipeline": run, "floor": floor}, settings)
     # The noisy-classifier mode must not differentiate through the UNet: count its forwards run with grad enabled.
@@ -764,11 +932,20 @@ def bench_classifier(settings):
         run()
     finally:
         handle.remove()
-    add_note(settings, "classifier", "UNet forwards with autograd on, one call", count=sum(with_grad),
-             of=len(with_grad))  # fmt: skip
-    add_row(settings, "classifier", f"batch={batch} steps={steps} noisy", "ClassifierGuidedPipeline",
-            result["pipeline"]["median"] / steps, "UNet fwd + clf fwd/bwd", result["floor"]["median"] / steps,
-            target=1.1, unit="s per step")  # fmt: skip
+    add_note(
+        settings, "classifier", "UNet forwards with autograd on, one call", count=sum(with_grad), of=len(with_grad)
+    )
+    add_row(
+        settings,
+        "classifier",
+        f"batch={batch} steps={steps} noisy",
+        "ClassifierGuidedPipeline",
+        result["pipeline"]["median"] / steps,
+        "UNet fwd + clf fwd/bwd",
+        result["floor"]["median"] / steps,
+        target=1.1,
+        unit="s per step",
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -784,7 +961,9 @@ def bench_scaling(settings, plot_path=None):
     pipeline = _quiet(HVAEPipeline(unet=unet, scheduler=HVAEScheduler()).to(device))
 
     def run(batch, steps):
-        return pipeline(batch_size=batch, num_inference_steps=steps, generator=_generator(device), output_type="latent")
+        return pipeline(
+            batch_size=batch, num_inference_steps=steps, generator=_generator(device), output_type="latent"
+        )
 
     step_counts = [2, 5, 10] if settings.quick else [10, 30, 100, 300, 1000]
     steps_batch = 1 if settings.quick else 4
@@ -795,15 +974,29 @@ def bench_scaling(settings, plot_path=None):
         repeats = min(3, settings.repeats) if steps >= 300 else settings.repeats
         seconds = time_interleaved({"run": lambda steps=steps: run(steps_batch, steps)}, settings, repeats=repeats)
         seconds = seconds["run"]["median"]
-        by_steps.append({"steps": steps, "batch": steps_batch, "seconds": seconds, "seconds_per_step": seconds / steps})
-        add_note(settings, "scaling", f"batch={steps_batch} steps={steps}", seconds=seconds,
-                 ms_per_step=1e3 * seconds / steps)  # fmt: skip
+        by_steps.append(
+            {"steps": steps, "batch": steps_batch, "seconds": seconds, "seconds_per_step": seconds / steps}
+        )
+        add_note(
+            settings,
+            "scaling",
+            f"batch={steps_batch} steps={steps}",
+            seconds=seconds,
+            ms_per_step=1e3 * seconds / steps,
+        )
     for batch in batches:
         seconds = time_interleaved({"run": lambda batch=batch: run(batch, batch_steps)}, settings)["run"]["median"]
         peak, how = peak_memory_mib(lambda batch=batch: run(batch, batch_steps), device)
         by_batch.append({"steps": batch_steps, "batch": batch, "seconds": seconds, "peak_memory_mib": peak})
-        add_note(settings, "scaling", f"batch={batch} steps={batch_steps}", seconds=seconds,
-                 ms_per_image_step=1e3 * seconds / (batch * batch_steps), peak_memory_mib=peak, memory=how)  # fmt: skip
+        add_note(
+            settings,
+            "scaling",
+            f"batch={batch} steps={batch_steps}",
+            seconds=seconds,
+            ms_per_image_step=1e3 * seconds / (batch * batch_steps),
+            peak_memory_mib=peak,
+            memory=how,
+        )
     if plot_path:
         plot_scaling(by_steps, by_batch, plot_path, settings)
     return by_steps, by_batch
@@ -868,7 +1061,9 @@ def bench_fastpaths(settings):
     sample_size, channels, batch = unet_size(settings)
     steps = 3 if settings.quick else 50
     unet = make_unet(settings, sample_size, channels)
-    latents = torch.randn(batch, channels, sample_size, sample_size, generator=_generator("cpu")).to(device, settings.dtype)
+    latents = torch.randn(batch, channels, sample_size, sample_size, generator=_generator("cpu")).to(
+        device, settings.dtype
+    )
 
     def pipeline_with(model):
         return _quiet(HVAEPipeline(unet=model, scheduler=HVAEScheduler()).to(device))
@@ -876,8 +1071,13 @@ def bench_fastpaths(settings):
     def runner(pipeline, context=contextlib.nullcontext):
         def run():
             with context():
-                return pipeline(batch_size=batch, num_inference_steps=steps, generator=_generator(device),
-                                latents=latents, output_type="latent")  # fmt: skip
+                return pipeline(
+                    batch_size=batch,
+                    num_inference_steps=steps,
+                    generator=_generator(device),
+                    latents=latents,
+                    output_type="latent",
+                )
 
         return run
 
@@ -910,11 +1110,23 @@ def bench_fastpaths(settings):
     result = time_interleaved(variants, settings)
     for name in variants:
         if name != base_name:
-            add_row(settings, "fastpaths", f"HVAEPipeline batch={batch} steps={steps}", name,
-                    result[name]["median"], base_name, result[base_name]["median"], unit="s per call")  # fmt: skip
+            add_row(
+                settings,
+                "fastpaths",
+                f"HVAEPipeline batch={batch} steps={steps}",
+                name,
+                result[name]["median"],
+                base_name,
+                result[base_name]["median"],
+                unit="s per call",
+            )
     syncs = _count_host_syncs(runner(baseline), device)
-    add_note(settings, "fastpaths", f"host syncs in one call of {steps} steps",
-             syncs=syncs if syncs is not None else "n/a (CPU)")  # fmt: skip
+    add_note(
+        settings,
+        "fastpaths",
+        f"host syncs in one call of {steps} steps",
+        syncs=syncs if syncs is not None else "n/a (CPU)",
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -923,20 +1135,27 @@ def bench_fastpaths(settings):
 
 def markdown_table(report) -> str:
     """The rows as a Markdown table (the one docs/benchmarks.md quotes), measurements without a baseline after it."""
-    lines = ["| item | case | candidate | time | baseline | time | ratio | target | met |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| item | case | candidate | time | baseline | time | ratio | target | met |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     notes = ["", "| item | case | values |", "|---|---|---|"]
     for row in report["rows"]:
         if row["baseline"] is None:
-            shown = ", ".join(f"{key}={_format_value(value)}" for key, value in row.items()
-                              if key not in ("item", "case", "candidate", "baseline", "ratio", "target", "met"))  # fmt: skip
+            shown = ", ".join(
+                f"{key}={_format_value(value)}"
+                for key, value in row.items()
+                if key not in ("item", "case", "candidate", "baseline", "ratio", "target", "met")
+            )
             notes.append(f"| {row['item']} | {row['case']} | {shown} |")
             continue
         ratio = f"{row['ratio']:.3f}" if row["ratio"] is not None else "-"
         target = f"≤ {row['target']:g}" if row["target"] is not None else ""
         met = {True: "yes", False: "**no**", None: ""}[row["met"]]
-        lines.append(f"| {row['item']} | {row['case']} | {row['candidate']} | {_format_seconds(row['candidate_s'])} | "
-                     f"{row['baseline']} | {_format_seconds(row['baseline_s'])} | {ratio} | {target} | {met} |")  # fmt: skip
+        lines.append(
+            f"| {row['item']} | {row['case']} | {row['candidate']} | {_format_seconds(row['candidate_s'])} | "
+            f"{row['baseline']} | {_format_seconds(row['baseline_s'])} | {ratio} | {target} | {met} |"
+        )
     return "\n".join(lines + (notes if len(notes) > 3 else [])) + "\n"
 
 
@@ -965,18 +1184,25 @@ def machine_info(settings) -> dict:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--items", default=",".join(ITEMS),
-                        help=f"comma-separated subset of {','.join(ITEMS)} (default: all)")  # fmt: skip
+    parser.add_argument(
+        "--items", default=",".join(ITEMS), help=f"comma-separated subset of {','.join(ITEMS)} (default: all)"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few repetitions (seconds)")
-    parser.add_argument("--full", action="store_true",
-                        help="every prediction/variance type at the large scheduler shape too (slow on CPU)")  # fmt: skip
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help="every prediction/variance type at the large scheduler shape too (slow on CPU)",
+    )
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--repeats", type=int, default=None, help="timed repetitions per case (default 3, quick 2)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls per case before timing")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--scheduler-shapes", default=None,
-                        help="shapes of the scheduler item, e.g. 16x1x32x32,64x3x64x64 (the default)")  # fmt: skip
+    parser.add_argument(
+        "--scheduler-shapes",
+        default=None,
+        help="shapes of the scheduler item, e.g. 16x1x32x32,64x3x64x64 (the default)",
+    )
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of the UNet (fastpaths)")
     parser.add_argument("--json", default="benchmarks/results.json", help="where to write the rows")
     parser.add_argument("--plot", default="benchmarks/scaling.png", help="where to write the scaling plot (item 7)")
@@ -989,7 +1215,9 @@ def parse_args(argv=None):
     args.items = items
     if args.scheduler_shapes:
         try:
-            args.scheduler_shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.scheduler_shapes.split(",")]
+            args.scheduler_shapes = [
+                tuple(int(n) for n in shape.split("x")) for shape in args.scheduler_shapes.split(",")
+            ]
         except ValueError:
             parser.error(f"--scheduler-shapes: expected e.g. 16x1x32x32,64x3x64x64, got {args.scheduler_shapes!r}")
     if args.repeats is not None and args.repeats < 1:
@@ -1003,7 +1231,11 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
+    device = (
+        torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if args.device == "auto"
+        else torch.device(args.device)
+    )
     settings = Settings(
         device=device,
         dtype=getattr(torch, args.dtype),

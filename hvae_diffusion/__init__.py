@@ -19,6 +19,8 @@ from .forward_process import (
     rescale_zero_terminal_snr,
     signal_to_noise_ratio,
 )
+from .guidance import classifier_free_guidance, classifier_guided_score
+from .models import MLPDenoiser, MLPNoisyClassifier, NoisyClassifier, NoisyClassifierOutput
 from .parameterization import (
     PREDICTION_TYPES,
     convert_prediction,
@@ -32,10 +34,7 @@ from .parameterization import (
     velocity,
     velocity_from_epsilon,
 )
-from .scheduling_hvae import HVAEScheduler, HVAESchedulerOutput
-from .models import MLPDenoiser, MLPNoisyClassifier
-from .guidance import classifier_free_guidance, classifier_guided_score
-from .models import NoisyClassifier, NoisyClassifierOutput
 from .pipelines import ClassifierFreeGuidancePipeline, ClassifierGuidedPipeline, HVAEPipeline
+from .scheduling_hvae import HVAEScheduler, HVAESchedulerOutput
 
 __version__ = "0.1.0"

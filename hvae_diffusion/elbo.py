@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .forward_process import broadcast_to, signal_to_noise_ratio
+from .forward_process import signal_to_noise_ratio
 from .parameterization import check_prediction_type
 
 LOSS_WEIGHTINGS = ("simple", "elbo", "min_snr")

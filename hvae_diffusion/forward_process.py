@@ -54,9 +54,10 @@ def make_betas(
         return torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
     if beta_schedule == "squaredcos_cap_v2":
         return cosine_betas(num_train_timesteps)
-    return torch.sigmoid(torch.linspace(-6, 6, num_train_timesteps, dtype=torch.float64)) * (
-        beta_end - beta_start
-    ) + beta_start
+    return (
+        torch.sigmoid(torch.linspace(-6, 6, num_train_timesteps, dtype=torch.float64)) * (beta_end - beta_start)
+        + beta_start
+    )
 
 
 def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:

@@ -25,8 +25,18 @@ from matplotlib.figure import Figure
 
 from .forward_process import BETA_SCHEDULES, signal_to_noise_ratio
 
-_CLASS_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
-                 "tab:gray", "tab:olive", "tab:cyan")  # fmt: skip
+_CLASS_COLORS = (
+    "tab:blue",
+    "tab:orange",
+    "tab:green",
+    "tab:red",
+    "tab:purple",
+    "tab:brown",
+    "tab:pink",
+    "tab:gray",
+    "tab:olive",
+    "tab:cyan",
+)
 
 
 def _save(figure: Figure, path) -> str:
@@ -132,8 +142,13 @@ def plot_forward_process(
     snr_axes.legend(fontsize=8)
     figure.suptitle("Forward process q(x_t | x_0) = N(√ᾱ_t x_0, (1 − ᾱ_t) I): the data dissolves into N(0, I)")
     _save(figure, path)
-    return {"timesteps": timesteps, "noise": noise, "noisy_samples": noisy_samples,
-            "alphas_cumprod": alphas_cumprod, "snr": snr}  # fmt: skip
+    return {
+        "timesteps": timesteps,
+        "noise": noise,
+        "noisy_samples": noisy_samples,
+        "alphas_cumprod": alphas_cumprod,
+        "snr": snr,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- figure 3
@@ -216,20 +231,40 @@ def plot_score_field(
             arrows = (1 - alpha_bar) * scores[column]
             # one scale per column (shared by the rows, so learned and exact compare): longest arrow = 1.2 cells
             longest = float((1 - alpha_bar) * exact[column].norm(dim=-1).max())
-            axes.quiver(grid[:, 0], grid[:, 1], arrows[:, 0], arrows[:, 1], color=color, angles="xy",
-                        scale_units="xy", scale=longest / (1.2 * spacing), width=0.005)  # fmt: skip
+            axes.quiver(
+                grid[:, 0],
+                grid[:, 1],
+                arrows[:, 0],
+                arrows[:, 1],
+                color=color,
+                angles="xy",
+                scale_units="xy",
+                scale=longest / (1.2 * spacing),
+                width=0.005,
+            )
             _square_axes(axes, extent, f"{label}, t = {t} (ᾱ_t = {alpha_bar:.3g})")
         if model is not None:
             axes = axes_grid[-1, column]
-            image = axes.imshow(result["error"][column].reshape(grid_size, grid_size).numpy(), origin="lower",
-                                extent=(-extent, extent, -extent, extent), cmap="magma")  # fmt: skip
+            image = axes.imshow(
+                result["error"][column].reshape(grid_size, grid_size).numpy(),
+                origin="lower",
+                extent=(-extent, extent, -extent, extent),
+                cmap="magma",
+            )
             figure.colorbar(image, ax=axes, fraction=0.046)
-            axes.contour(*np.meshgrid(np.linspace(-extent, extent, 120), np.linspace(-extent, extent, 120)),
-                         log_density, levels=4, colors="white", linewidths=0.5)  # fmt: skip
+            axes.contour(
+                *np.meshgrid(np.linspace(-extent, extent, 120), np.linspace(-extent, extent, 120)),
+                log_density,
+                levels=4,
+                colors="white",
+                linewidths=0.5,
+            )
             _square_axes(axes, extent, f"error ‖ε̂ − ε*‖, t = {t}")
-    figure.suptitle("Score field over the density of x_t. Arrows: (1 − ᾱ_t) ∇log p(x_t) = √ᾱ_t E[x_0 | x_t] − x_t"
-                    " (Tweedie), scaled per column.\nError: √(1 − ᾱ_t) ‖ŝ_θ − ∇log q(x_t)‖ = ‖ε̂ − ε*‖ (noise units).",
-                    fontsize=10)
+    figure.suptitle(
+        "Score field over the density of x_t. Arrows: (1 − ᾱ_t) ∇log p(x_t) = √ᾱ_t E[x_0 | x_t] − x_t"
+        " (Tweedie), scaled per column.\nError: √(1 − ᾱ_t) ‖ŝ_θ − ∇log q(x_t)‖ = ‖ε̂ − ε*‖ (noise units).",
+        fontsize=10,
+    )
     _save(figure, path)
     return result
 
@@ -276,18 +311,28 @@ def plot_elbo_terms(models, original_samples, path, seed: int = 0, discrete: boo
 
     figure = Figure(figsize=(14, 4.6))
     curve_axes, bar_axes = figure.subplots(1, 2, gridspec_kw={"width_ratios": [1.2, 1]})
-    bar_names = ("−reconstruction\nE[−log p_θ(x_0|x_1)]", "prior matching\nKL(q(x_T|x_0)‖N(0,I))",
-                 "Σ_t denoising\nmatching", "−ELBO\n(total)")  # fmt: skip
+    bar_names = (
+        "−reconstruction\nE[−log p_θ(x_0|x_1)]",
+        "prior matching\nKL(q(x_T|x_0)‖N(0,I))",
+        "Σ_t denoising\nmatching",
+        "−ELBO\n(total)",
+    )
     width = 0.8 / len(result)
     for index, (label, values) in enumerate(result.items()):
         curve_axes.plot(values["timesteps"], values["denoising_matching"], label=label, linewidth=1)
-        heights = [-values["reconstruction"], values["prior_matching"], values["denoising_matching_total"],
-                   values["negative_elbo"]]  # fmt: skip
+        heights = [
+            -values["reconstruction"],
+            values["prior_matching"],
+            values["denoising_matching_total"],
+            values["negative_elbo"],
+        ]
         positions = np.arange(len(bar_names)) + (index - (len(result) - 1) / 2) * width
         bars = bar_axes.bar(positions, heights, width=width, label=f"{label}: {values['bits_per_dim']:.3f} bits/dim")
         bar_axes.bar_label(bars, fmt="%.2f", fontsize=6)
     curve_axes.set_yscale("log")
-    curve_axes.set(xlabel="t", ylabel="KL (nats)", title="denoising matching KL(q(x_{t−1}|x_t,x_0) ‖ p_θ(x_{t−1}|x_t))")
+    curve_axes.set(
+        xlabel="t", ylabel="KL (nats)", title="denoising matching KL(q(x_{t−1}|x_t,x_0) ‖ p_θ(x_{t−1}|x_t))"
+    )
     curve_axes.legend(fontsize=8)
     bar_axes.axhline(0, color="black", linewidth=0.5)
     bar_axes.set_xticks(np.arange(len(bar_names)), bar_names, fontsize=7)
@@ -310,7 +355,9 @@ def load_pipeline(pipeline):
             raise ValueError(f"pipeline folder {os.fspath(pipeline)!r} does not exist")
         return DiffusionPipeline.from_pretrained(pipeline)
     if not callable(pipeline) or not hasattr(pipeline, "unet"):
-        raise TypeError(f"pipeline must be a pipeline with a unet or a saved pipeline folder, got {type(pipeline).__name__}")
+        raise TypeError(
+            f"pipeline must be a pipeline with a unet or a saved pipeline folder, got {type(pipeline).__name__}"
+        )
     return pipeline
 
 
@@ -336,8 +383,9 @@ def _initial_latents(pipeline, batch_size: int, seed: int) -> tuple[torch.Tensor
     from .pipelines.sampling import sample_shape
 
     generator = torch.Generator().manual_seed(seed)
-    latents = randn_tensor(sample_shape(pipeline.unet.config, batch_size), generator=generator,
-                           dtype=pipeline.unet.dtype)  # fmt: skip
+    latents = randn_tensor(
+        sample_shape(pipeline.unet.config, batch_size), generator=generator, dtype=pipeline.unet.dtype
+    )
     return latents, generator
 
 
@@ -398,9 +446,15 @@ def plot_reverse_trajectories(
         raise ValueError("pipeline must sample 2-D vectors (unet.config.sample_size None and in_channels 2)")
     latents, generator = _initial_latents(pipeline, num_samples, seed)
     recorder = _LatentRecorder()
-    samples = pipeline(batch_size=num_samples, num_inference_steps=num_inference_steps, generator=generator,
-                       latents=latents, output_type="latent", callback_on_step_end=recorder,
-                       **(call_kwargs or {})).images  # fmt: skip
+    samples = pipeline(
+        batch_size=num_samples,
+        num_inference_steps=num_inference_steps,
+        generator=generator,
+        latents=latents,
+        output_type="latent",
+        callback_on_step_end=recorder,
+        **(call_kwargs or {}),
+    ).images
     trajectories = torch.stack([latents.cpu()] + recorder.latents).float()
     timesteps = pipeline.scheduler.timesteps.cpu()
 
@@ -412,13 +466,24 @@ def plot_reverse_trajectories(
     shown = trajectories[:, :num_trajectories].numpy()
     for index in range(shown.shape[1]):
         segments = np.stack([shown[:-1, index], shown[1:, index]], axis=1)
-        main_axes.add_collection(LineCollection(segments, cmap="viridis", array=np.linspace(0, 1, len(segments)),
-                                                linewidths=0.8, alpha=0.8))  # fmt: skip
-    main_axes.scatter(shown[0, :, 0], shown[0, :, 1], marker="o", facecolors="none", edgecolors="black", s=18,
-                      label="x_T ~ N(0, I)", zorder=4)  # fmt: skip
+        main_axes.add_collection(
+            LineCollection(segments, cmap="viridis", array=np.linspace(0, 1, len(segments)), linewidths=0.8, alpha=0.8)
+        )
+    main_axes.scatter(
+        shown[0, :, 0],
+        shown[0, :, 1],
+        marker="o",
+        facecolors="none",
+        edgecolors="black",
+        s=18,
+        label="x_T ~ N(0, I)",
+        zorder=4,
+    )
     main_axes.scatter(shown[-1, :, 0], shown[-1, :, 1], marker="*", color="tab:red", s=50, label="x_0", zorder=5)
     main_axes.legend(fontsize=8, loc="upper right")
-    _square_axes(main_axes, extent, f"{shown.shape[1]} sampling paths x_T → x_0, coloured early (purple) → late (yellow)")
+    _square_axes(
+        main_axes, extent, f"{shown.shape[1]} sampling paths x_T → x_0, coloured early (purple) → late (yellow)"
+    )
     # the whole batch at x_T, at the latents nearest to a few noise levels (structure appears late), and at x_0
     num_train_timesteps = pipeline.scheduler.config.num_train_timesteps
     latent_timesteps = timesteps.tolist()  # trajectories[k] is the latent at timesteps[k] for k < len(timesteps)
@@ -475,11 +540,19 @@ def plot_guidance(
     """
     rows = []
     if classifier_pipeline is not None:
-        rows.append(("classifier_guidance", load_pipeline(classifier_pipeline), "classifier_scale", "γ",
-                     list(classifier_scales)))  # fmt: skip
+        rows.append(
+            (
+                "classifier_guidance",
+                load_pipeline(classifier_pipeline),
+                "classifier_scale",
+                "γ",
+                list(classifier_scales),
+            )
+        )
     if cfg_pipeline is not None:
-        rows.append(("classifier_free_guidance", load_pipeline(cfg_pipeline), "guidance_scale", "w",
-                     list(guidance_scales)))  # fmt: skip
+        rows.append(
+            ("classifier_free_guidance", load_pipeline(cfg_pipeline), "guidance_scale", "w", list(guidance_scales))
+        )
     if not rows:
         raise ValueError("give a classifier_pipeline, a cfg_pipeline or both")
     if any(not scales for *_, scales in rows):
@@ -490,9 +563,15 @@ def plot_guidance(
         result[name] = {}
         for scale in scales:
             latents, generator = _initial_latents(pipeline, num_samples, seed)
-            result[name][scale] = pipeline(class_labels=class_label, batch_size=num_samples, generator=generator,
-                                           latents=latents, num_inference_steps=num_inference_steps,
-                                           output_type="latent", **{argument: scale}).images.cpu()  # fmt: skip
+            result[name][scale] = pipeline(
+                class_labels=class_label,
+                batch_size=num_samples,
+                generator=generator,
+                latents=latents,
+                num_inference_steps=num_inference_steps,
+                output_type="latent",
+                **{argument: scale},
+            ).images.cpu()
 
     columns = max(len(scales) for *_, scales in rows)
     figure = Figure(figsize=(3.0 * columns, 3.2 * len(rows)))
@@ -551,13 +630,21 @@ def plot_denoising_grid(
     if _is_vector_pipeline(pipeline):
         raise ValueError("plot_denoising_grid needs an image pipeline (unet.config.sample_size set)")
     if isinstance(num_shown, bool) or not isinstance(num_shown, int) or not 2 <= num_shown <= num_inference_steps:
-        raise ValueError(f"num_shown must be an int in [2, num_inference_steps={num_inference_steps}], got {num_shown!r}")
+        raise ValueError(
+            f"num_shown must be an int in [2, num_inference_steps={num_inference_steps}], got {num_shown!r}"
+        )
     latents, generator = _initial_latents(pipeline, batch_size, seed)
     recorder = _LatentRecorder()
     call_kwargs = {} if class_labels is None else {"class_labels": class_labels}
-    final = pipeline(batch_size=batch_size, num_inference_steps=num_inference_steps, generator=generator,
-                     latents=latents, output_type="latent", callback_on_step_end=recorder,
-                     **call_kwargs).images.cpu()  # fmt: skip
+    final = pipeline(
+        batch_size=batch_size,
+        num_inference_steps=num_inference_steps,
+        generator=generator,
+        latents=latents,
+        output_type="latent",
+        callback_on_step_end=recorder,
+        **call_kwargs,
+    ).images.cpu()
     # the chain's x_t: x_T, then the latents after each step but the last (which is x_0, not a latent)
     chain_samples = [latents.cpu()] + recorder.latents[:-1]
     timesteps = pipeline.scheduler.timesteps.cpu()
@@ -587,5 +674,9 @@ def plot_denoising_grid(
         _show_images(axes_grid[1, column], predicted_original_samples[column].clamp(-1, 1), f"x̂_0(x_t), t = {t}")
     figure.suptitle("One sampling run: the latent x_t (top) and the model's estimate x̂_0 = E[x_0 | x_t] (bottom)")
     _save(figure, path)
-    return {"timesteps": timesteps[picks], "samples": samples, "predicted_original_samples": predicted_original_samples,
-            "final": final}  # fmt: skip
+    return {
+        "timesteps": timesteps[picks],
+        "samples": samples,
+        "predicted_original_samples": predicted_original_samples,
+        "final": final,
+    }

@@ -318,7 +318,9 @@ class HVAEScheduler(SchedulerMixin, ConfigMixin):
         # Only on the CPU: on an accelerator the check would sync the host every step; pipelines check the
         # final sample there instead.
         # A Python float test of the float32 sum: a third of the cost of a tensor isfinite at small shapes.
-        if model_output.device.type == "cpu" and not math.isfinite(torch.sum(model_output, dtype=torch.float32).item()):
+        if model_output.device.type == "cpu" and not math.isfinite(
+            torch.sum(model_output, dtype=torch.float32).item()
+        ):
             raise ValueError("model_output contains NaN or inf; the model diverged or received bad input")
 
     def _threshold_sample(self, sample: torch.Tensor) -> torch.Tensor:
@@ -362,8 +364,15 @@ class HVAEScheduler(SchedulerMixin, ConfigMixin):
         index = self._chain_index(timestep)
         model_output, variance_output = self._split_model_output(model_output, sample)
         self._check_finite(model_output)
-        (x0_from_sample, x0_from_output, x0_coefficient, sample_coefficient, noise_std, min_log_variance,
-         max_log_variance) = self._step_coefficients[index]  # fmt: skip
+        (
+            x0_from_sample,
+            x0_from_output,
+            x0_coefficient,
+            sample_coefficient,
+            noise_std,
+            min_log_variance,
+            max_log_variance,
+        ) = self._step_coefficients[index]
 
         # Each fresh tensor below is updated in place where its dtype already is the promoted one: the same numbers
         # as out-of-place arithmetic, with no allocation beyond x̂_0, x_{t'} and the noise (at large shapes a fresh
@@ -546,7 +555,9 @@ class HVAEScheduler(SchedulerMixin, ConfigMixin):
             sample, timesteps, model_mean, model_log_variance = evaluate(timestep)
             true_mean, true_variance = self.posterior_mean_variance(original_samples, sample, timesteps)
             true_log_variance = broadcast_to(true_variance.log().to(dtype), sample)
-            kls.append(elbo_terms_module.denoising_matching_kl(true_mean, true_log_variance, model_mean, model_log_variance))
+            kls.append(
+                elbo_terms_module.denoising_matching_kl(true_mean, true_log_variance, model_mean, model_log_variance)
+            )
 
         _, _, decoder_mean, decoder_log_variance = evaluate(chain[-1])
         if discrete:

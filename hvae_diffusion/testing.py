@@ -96,8 +96,6 @@ class GaussianMixture:
         return per_class - torch.logsumexp(log_joint, dim=1, keepdim=True)
 
 
-
-
 class _MixtureModel(ModelMixin, ConfigMixin):
     """Shared set-up of the exact models: the mixture and the ᾱ table they are evaluated with."""
 
@@ -193,7 +191,9 @@ def sliced_wasserstein_distance(samples_a, samples_b, num_projections: int = 64,
     samples_a = samples_a.reshape(samples_a.shape[0], -1).double()
     samples_b = samples_b.reshape(samples_b.shape[0], -1).double()
     if samples_a.shape != samples_b.shape:
-        raise ValueError(f"sample sets must have equal shapes, got {tuple(samples_a.shape)} and {tuple(samples_b.shape)}")
+        raise ValueError(
+            f"sample sets must have equal shapes, got {tuple(samples_a.shape)} and {tuple(samples_b.shape)}"
+        )
     generator = torch.Generator().manual_seed(seed)
     directions = torch.randn(samples_a.shape[1], num_projections, generator=generator, dtype=torch.float64)
     directions = directions / directions.norm(dim=0, keepdim=True)

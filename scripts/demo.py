@@ -33,8 +33,12 @@ def parse_args(argv=None):
     parser.add_argument("--output_dir", default="demo_output")
     parser.add_argument("--denoiser_steps", type=int, default=1500)
     parser.add_argument("--classifier_steps", type=int, default=400)
-    parser.add_argument("--num_threads", type=int, default=1,
-                        help="torch CPU threads: 1 is fastest on a shared 2-core machine (2 threads oversubscribe)")  # fmt: skip
+    parser.add_argument(
+        "--num_threads",
+        type=int,
+        default=1,
+        help="torch CPU threads: 1 is fastest on a shared 2-core machine (2 threads oversubscribe)",
+    )
     parser.add_argument("--num_inference_steps", type=int, default=100)
     parser.add_argument("--cfg_scale", type=float, default=2.0)
     parser.add_argument("--classifier_scale", type=float, default=2.0)
@@ -64,34 +68,136 @@ def main(argv=None):
         cpu_timings[name] = round(time.process_time() - cpu_begin, 1)
         return result
 
-    stage("train denoiser", train.main, [
-        "--output_dir", denoiser_dir, "--conditioning", "class", "--cond_drop_prob", "0.15",
-        "--max_train_steps", str(args.denoiser_steps), "--train_batch_size", "64", "--learning_rate", "2e-3",
-        "--lr_warmup_steps", str(min(100, args.denoiser_steps // 10)), "--use_ema", "--ema_max_decay", "0.999",
-        "--checkpointing_steps", "1000", "--checkpoints_total_limit", "1", "--elbo_timesteps", "0",
-        "--num_inference_steps", str(args.num_inference_steps), *seed,
-    ])  # fmt: skip
-    stage("train noisy classifier", train_classifier.main, [
-        "--output_dir", guided_dir, "--denoiser_dir", denoiser_dir, "--max_train_steps", str(args.classifier_steps),
-        "--train_batch_size", "64", "--learning_rate", "2e-3", "--checkpointing_steps", "0", *seed,
-    ])  # fmt: skip
+    stage(
+        "train denoiser",
+        train.main,
+        [
+            "--output_dir",
+            denoiser_dir,
+            "--conditioning",
+            "class",
+            "--cond_drop_prob",
+            "0.15",
+            "--max_train_steps",
+            str(args.denoiser_steps),
+            "--train_batch_size",
+            "64",
+            "--learning_rate",
+            "2e-3",
+            "--lr_warmup_steps",
+            str(min(100, args.denoiser_steps // 10)),
+            "--use_ema",
+            "--ema_max_decay",
+            "0.999",
+            "--checkpointing_steps",
+            "1000",
+            "--checkpoints_total_limit",
+            "1",
+            "--elbo_timesteps",
+            "0",
+            "--num_inference_steps",
+            str(args.num_inference_steps),
+            *seed,
+        ],
+    )
+    stage(
+        "train noisy classifier",
+        train_classifier.main,
+        [
+            "--output_dir",
+            guided_dir,
+            "--denoiser_dir",
+            denoiser_dir,
+            "--max_train_steps",
+            str(args.classifier_steps),
+            "--train_batch_size",
+            "64",
+            "--learning_rate",
+            "2e-3",
+            "--checkpointing_steps",
+            "0",
+            *seed,
+        ],
+    )
     common = ["--num_inference_steps", str(args.num_inference_steps), "--num_samples", "100", *seed]
-    stage("sample", lambda _: [
-        sample.main(["--pipeline_dir", denoiser_dir, "--guidance", "none", "--grid",
-                     os.path.join(out, "samples_unconditional.png"), *common]),
-        sample.main(["--pipeline_dir", guided_dir, "--guidance", "classifier", "--scale", str(args.classifier_scale),
-                     "--grid", os.path.join(out, "samples_classifier_guided.png"), *common]),
-        sample.main(["--pipeline_dir", denoiser_dir, "--guidance", "cfg", "--scale", str(args.cfg_scale),
-                     "--grid", os.path.join(out, "samples_cfg.png"), *common]),
-    ], [])  # fmt: skip
-    quick = ["--num_samples_per_class", "2", "--num_unconditional_samples", "20", "--elbo_timesteps", "5",
-             "--elbo_num_samples", "66"] if args.quick else []  # fmt: skip
+    stage(
+        "sample",
+        lambda _: [
+            sample.main(
+                [
+                    "--pipeline_dir",
+                    denoiser_dir,
+                    "--guidance",
+                    "none",
+                    "--grid",
+                    os.path.join(out, "samples_unconditional.png"),
+                    *common,
+                ]
+            ),
+            sample.main(
+                [
+                    "--pipeline_dir",
+                    guided_dir,
+                    "--guidance",
+                    "classifier",
+                    "--scale",
+                    str(args.classifier_scale),
+                    "--grid",
+                    os.path.join(out, "samples_classifier_guided.png"),
+                    *common,
+                ]
+            ),
+            sample.main(
+                [
+                    "--pipeline_dir",
+                    denoiser_dir,
+                    "--guidance",
+                    "cfg",
+                    "--scale",
+                    str(args.cfg_scale),
+                    "--grid",
+                    os.path.join(out, "samples_cfg.png"),
+                    *common,
+                ]
+            ),
+        ],
+        [],
+    )
+    quick = (
+        [
+            "--num_samples_per_class",
+            "2",
+            "--num_unconditional_samples",
+            "20",
+            "--elbo_timesteps",
+            "5",
+            "--elbo_num_samples",
+            "66",
+        ]
+        if args.quick
+        else []
+    )
     scales = [] if args.quick else ["--num_samples_per_class", "10", "--num_unconditional_samples", "200"]
-    report = stage("evaluate", evaluate.main, [
-        "--pipeline_dir", denoiser_dir, "--classifier_dir", guided_dir, "--output_dir", evaluation_dir,
-        "--num_inference_steps", str(args.num_inference_steps), "--cfg_scales", *sorted({"0", "1", f"{args.cfg_scale:g}", "4"}, key=float),
-        "--classifier_scales", *sorted({"1", f"{args.classifier_scale:g}", "4"}, key=float), *seed, *(quick or scales),
-    ])  # fmt: skip
+    report = stage(
+        "evaluate",
+        evaluate.main,
+        [
+            "--pipeline_dir",
+            denoiser_dir,
+            "--classifier_dir",
+            guided_dir,
+            "--output_dir",
+            evaluation_dir,
+            "--num_inference_steps",
+            str(args.num_inference_steps),
+            "--cfg_scales",
+            *sorted({"0", "1", f"{args.cfg_scale:g}", "4"}, key=float),
+            "--classifier_scales",
+            *sorted({"1", f"{args.classifier_scale:g}", "4"}, key=float),
+            *seed,
+            *(quick or scales),
+        ],
+    )
     timings["total"] = round(time.time() - started, 1)
     cpu_timings["total"] = round(time.process_time() - cpu_started, 1)
 
@@ -123,16 +229,22 @@ def _update_model_card(denoiser_dir, summary, cfg_result, cfg_scale):
     with open(os.path.join(denoiser_dir, "training_summary.json")) as handle:
         trained = json.load(handle)
     render_model_card(
-        denoiser_dir, pipeline_class="ClassifierFreeGuidancePipeline", dataset="scikit-learn digits (built in)",
-        prediction_type=trained["prediction_type"], loss_weighting=trained["loss_weighting"],
-        variance_type=trained["variance_type"], conditioning=trained["conditioning"],
-        num_train_steps=trained["global_step"], final_loss=f"{trained['final_loss']:.4f}",
+        denoiser_dir,
+        pipeline_class="ClassifierFreeGuidancePipeline",
+        dataset="scikit-learn digits (built in)",
+        prediction_type=trained["prediction_type"],
+        loss_weighting=trained["loss_weighting"],
+        variance_type=trained["variance_type"],
+        conditioning=trained["conditioning"],
+        num_train_steps=trained["global_step"],
+        final_loss=f"{trained['final_loss']:.4f}",
         bits_per_dim=f"{summary['bits_per_dim']:.3f} ± {summary['bits_per_dim_standard_error'] or 0:.3f}",
         fid=f"{summary['frechet_distance_unconditional']:.2f} (unconditional; real train vs test: "
-            f"{summary['frechet_distance_train_vs_test']:.2f})",
+        f"{summary['frechet_distance_train_vs_test']:.2f})",
         guided_accuracy=f"{cfg_result.get('guided_accuracy', float('nan')):.3f} (classifier-free guidance, w={cfg_scale:g})",
-        sample_grid="samples/cfg_grid.png", extra=None,
-    )  # fmt: skip
+        sample_grid="samples/cfg_grid.png",
+        extra=None,
+    )
 
 
 if __name__ == "__main__":

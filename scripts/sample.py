@@ -28,8 +28,13 @@ def parse_args(argv=None):
     parser.add_argument("--classifier_dir", default=None, help="noisy classifier for --guidance classifier")
     parser.add_argument("--guidance", default="none", choices=["none", "classifier", "cfg"])
     parser.add_argument("--scale", type=float, default=1.0, help="classifier_scale γ or guidance_scale w")
-    parser.add_argument("--class_labels", type=int, nargs="+", default=None,
-                        help="labels to sample (cycled to --num_samples; default 0..num_classes-1 cycled)")  # fmt: skip
+    parser.add_argument(
+        "--class_labels",
+        type=int,
+        nargs="+",
+        default=None,
+        help="labels to sample (cycled to --num_samples; default 0..num_classes-1 cycled)",
+    )
     parser.add_argument("--prompt", nargs="+", default=None, help="prompts for a text-conditional model")
     parser.add_argument("--num_samples", type=int, default=None, help="default: one per label, else 16")
     parser.add_argument("--num_inference_steps", type=int, default=100)
@@ -48,8 +53,12 @@ def swap_scheduler(pipe, name):
 
     from hvae_diffusion import HVAEScheduler
 
-    cls = {"hvae": HVAEScheduler, "ddim": DDIMScheduler, "dpmsolver": DPMSolverMultistepScheduler,
-           "euler": EulerDiscreteScheduler}[name]  # fmt: skip
+    cls = {
+        "hvae": HVAEScheduler,
+        "ddim": DDIMScheduler,
+        "dpmsolver": DPMSolverMultistepScheduler,
+        "euler": EulerDiscreteScheduler,
+    }[name]
     pipe.scheduler = cls.from_config(pipe.scheduler.config)
     return pipe
 
@@ -66,8 +75,9 @@ def load_sampling_pipeline(pipeline_dir, guidance, classifier_dir=None):
     pipe = DiffusionPipeline.from_pretrained(pipeline_dir)
     if guidance == "cfg":
         if not isinstance(pipe, ClassifierFreeGuidancePipeline):
-            raise ValueError(f"--guidance cfg needs a ClassifierFreeGuidancePipeline, {pipeline_dir!r} holds "
-                             f"{type(pipe).__name__}")  # fmt: skip
+            raise ValueError(
+                f"--guidance cfg needs a ClassifierFreeGuidancePipeline, {pipeline_dir!r} holds {type(pipe).__name__}"
+            )
         return pipe
     if guidance == "classifier":
         if isinstance(pipe, ClassifierGuidedPipeline) and classifier_dir is None:
@@ -118,8 +128,9 @@ def main(argv=None):
 
     if args.guidance == "none" and (args.class_labels or args.prompt):
         raise ValueError("--class_labels/--prompt need --guidance classifier or cfg")
-    pipe = swap_scheduler(load_sampling_pipeline(args.pipeline_dir, args.guidance, args.classifier_dir),
-                          args.scheduler)  # fmt: skip
+    pipe = swap_scheduler(
+        load_sampling_pipeline(args.pipeline_dir, args.guidance, args.classifier_dir), args.scheduler
+    )
     pipe.set_progress_bar_config(disable=True)
     labels = args.class_labels
     if args.guidance != "none" and not labels and not args.prompt:
@@ -128,8 +139,17 @@ def main(argv=None):
             raise ValueError("give --class_labels or --prompt for this pipeline")
         labels = list(range(num_classes))
     num_samples = args.num_samples or (len(labels or args.prompt or []) or 16)
-    samples, sample_labels = sample(pipe, args.guidance, args.scale, labels, args.prompt, num_samples,
-                                    args.num_inference_steps, args.seed, args.batch_size)  # fmt: skip
+    samples, sample_labels = sample(
+        pipe,
+        args.guidance,
+        args.scale,
+        labels,
+        args.prompt,
+        num_samples,
+        args.num_inference_steps,
+        args.seed,
+        args.batch_size,
+    )
     image_grid(samples, args.num_columns).save(args.grid)
     if args.output:
         np.savez(args.output, images=tensor_to_uint8(samples), labels=sample_labels)

@@ -38,8 +38,12 @@ def parse_args(argv=None):
     parser.add_argument("--max_train_steps", type=int, default=2000, help="optimizer steps per model")
     parser.add_argument("--train_batch_size", type=int, default=256)
     parser.add_argument("--learning_rate", type=float, default=2e-3)
-    parser.add_argument("--loss_weighting", default="simple", choices=("simple", "elbo", "min_snr"),
-                        help="the weighting of every denoiser's loss (simple: DDPM's uniform MSE on ε)")  # fmt: skip
+    parser.add_argument(
+        "--loss_weighting",
+        default="simple",
+        choices=("simple", "elbo", "min_snr"),
+        help="the weighting of every denoiser's loss (simple: DDPM's uniform MSE on ε)",
+    )
     parser.add_argument("--num_train_timesteps", type=int, default=1000, help="T, the number of latents")
     parser.add_argument("--num_samples", type=int, default=8192, help="training points per data set")
     parser.add_argument("--num_inference_steps", type=int, default=100, help="sampling steps of the figures")
@@ -47,8 +51,12 @@ def parse_args(argv=None):
     parser.add_argument("--guidance_class", type=int, default=0, help="the class of the guidance figures")
     parser.add_argument("--digits_dir", default=None, help="output folder of scripts/demo.py (digits figures)")
     parser.add_argument("--skip_toy", action="store_true", help="only the digits figures (with --digits_dir)")
-    parser.add_argument("--num_threads", type=int, default=1,
-                        help="torch CPU threads: 1 is fastest for these tiny models on a shared machine")  # fmt: skip
+    parser.add_argument(
+        "--num_threads",
+        type=int,
+        default=1,
+        help="torch CPU threads: 1 is fastest for these tiny models on a shared machine",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a few steps of everything (a smoke test)")
     return parser.parse_args(argv)
@@ -60,8 +68,14 @@ def toy_scheduler(num_train_timesteps=1000, prediction_type="epsilon"):
     from hvae_diffusion import HVAEScheduler
 
     scale = 1000 / num_train_timesteps
-    return HVAEScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="linear", beta_start=1e-4 * scale,
-                         beta_end=0.02 * scale, clip_sample=False, prediction_type=prediction_type)  # fmt: skip
+    return HVAEScheduler(
+        num_train_timesteps=num_train_timesteps,
+        beta_schedule="linear",
+        beta_start=1e-4 * scale,
+        beta_end=0.02 * scale,
+        clip_sample=False,
+        prediction_type=prediction_type,
+    )
 
 
 def figure_path(args, name):
@@ -74,15 +88,25 @@ def train_toy_model(name, make_model, loss_fn, dataset, pipeline_of, args):
     from hvae_diffusion.training import TrainingConfig, train
 
     config = TrainingConfig(
-        output_dir=os.path.join(args.work_dir, name), train_batch_size=args.train_batch_size,
-        max_train_steps=args.max_train_steps, learning_rate=args.learning_rate, lr_warmup_steps=min(100,
-        args.max_train_steps // 10), checkpointing_steps=None, report_to=None, seed=args.seed,
-    )  # fmt: skip
+        output_dir=os.path.join(args.work_dir, name),
+        train_batch_size=args.train_batch_size,
+        max_train_steps=args.max_train_steps,
+        learning_rate=args.learning_rate,
+        lr_warmup_steps=min(100, args.max_train_steps // 10),
+        checkpointing_steps=None,
+        report_to=None,
+        seed=args.seed,
+    )
     torch.manual_seed(args.seed)
     model = make_model()
     started = time.time()
-    result = train(config, model, loss_fn, dataset,
-                   save_fn=lambda trained, output_dir: pipeline_of(trained).save_pretrained(output_dir))  # fmt: skip
+    result = train(
+        config,
+        model,
+        loss_fn,
+        dataset,
+        save_fn=lambda trained, output_dir: pipeline_of(trained).save_pretrained(output_dir),
+    )
     seconds = time.time() - started
     print(f"{name}: {result.global_step} steps in {seconds:.1f} s, final loss {result.final_loss:.4f}", flush=True)
     return model.eval(), {"steps": result.global_step, "seconds": round(seconds, 1), "final_loss": result.final_loss}
@@ -90,8 +114,14 @@ def train_toy_model(name, make_model, loss_fn, dataset, pipeline_of, args):
 
 def toy_figures(args, report):
     """Train the toy models and draw figures 1 to 5 on 2-D data; numbers go into ``report``."""
-    from hvae_diffusion import ClassifierFreeGuidancePipeline, ClassifierGuidedPipeline, HVAEPipeline, MLPDenoiser
-    from hvae_diffusion import MLPNoisyClassifier, plotting
+    from hvae_diffusion import (
+        ClassifierFreeGuidancePipeline,
+        ClassifierGuidedPipeline,
+        HVAEPipeline,
+        MLPDenoiser,
+        MLPNoisyClassifier,
+        plotting,
+    )
     from hvae_diffusion.testing import ExactMixtureDenoiser
     from hvae_diffusion.toy_data import make_toy_dataset, make_toy_samples, toy_gaussian_mixture
     from hvae_diffusion.training import DiffusionLoss, NoisyClassifierLoss
@@ -102,36 +132,61 @@ def toy_figures(args, report):
 
     # 1. the forward process needs no training
     moons, _ = make_toy_samples("moons", 1000, seed=args.seed)
-    plotting.plot_forward_process(moons, figure_path(args, "1_forward_process.png"), toy_scheduler(args.num_train_timesteps),
-                                  timesteps=at_fractions(0, 0.05, 0.1, 0.2, 0.4, 1),
-                                  generator=torch.Generator().manual_seed(args.seed))  # fmt: skip
+    plotting.plot_forward_process(
+        moons,
+        figure_path(args, "1_forward_process.png"),
+        toy_scheduler(args.num_train_timesteps),
+        timesteps=at_fractions(0, 0.05, 0.1, 0.2, 0.4, 1),
+        generator=torch.Generator().manual_seed(args.seed),
+    )
 
     # the three objectives on the Gaussian mixture (whose score is exact)
     denoisers = {}
     for objective, prediction_type in OBJECTIVES.items():
         scheduler = toy_scheduler(args.num_train_timesteps, prediction_type)
         model, report["training"][f"mixture_{objective}"] = train_toy_model(
-            f"mixture_{objective}", lambda: MLPDenoiser(in_channels=2), DiffusionLoss(scheduler, args.loss_weighting),
-            mixture_data, lambda m, s=scheduler: HVAEPipeline(unet=m, scheduler=s), args,
-        )  # fmt: skip
+            f"mixture_{objective}",
+            lambda: MLPDenoiser(in_channels=2),
+            DiffusionLoss(scheduler, args.loss_weighting),
+            mixture_data,
+            lambda m, s=scheduler: HVAEPipeline(unet=m, scheduler=s),
+            args,
+        )
         denoisers[objective] = (model, scheduler)
-        field = plotting.plot_score_field(mixture, figure_path(args, f"3_score_field_{objective}.png"), scheduler, model=model,
-                                          timesteps=at_fractions(0.01, 0.1, 0.3))
+        field = plotting.plot_score_field(
+            mixture,
+            figure_path(args, f"3_score_field_{objective}.png"),
+            scheduler,
+            model=model,
+            timesteps=at_fractions(0.01, 0.1, 0.3),
+        )
         report["figures"][f"3_score_field_{objective}"] = {
-            f"t={t}": {"mean_error": float(error.mean()), "density_weighted_error": float(
-                (error * mixture.log_prob(field["grid"], float(scheduler.alphas_cumprod[t])).exp()).sum()
-                / mixture.log_prob(field["grid"], float(scheduler.alphas_cumprod[t])).exp().sum())}
+            f"t={t}": {
+                "mean_error": float(error.mean()),
+                "density_weighted_error": float(
+                    (error * mixture.log_prob(field["grid"], float(scheduler.alphas_cumprod[t])).exp()).sum()
+                    / mixture.log_prob(field["grid"], float(scheduler.alphas_cumprod[t])).exp().sum()
+                ),
+            }
             for t, error in zip(field["timesteps"], field["error"])
-        }  # fmt: skip
+        }
 
     # 4. the ELBO of each objective on held-out points
     held_out, _ = mixture.sample(args.elbo_num_samples, generator=torch.Generator().manual_seed(args.seed + 1))
     # beside them the exact denoiser of the mixture: the best ELBO this schedule and decoder variance allow
     oracle_scheduler = toy_scheduler(args.num_train_timesteps)
-    oracle = ExactMixtureDenoiser(mixture.means, mixture.stds, component_labels=mixture.component_labels.tolist(),
-                                  alphas_cumprod=oracle_scheduler.alphas_cumprod)  # fmt: skip
-    elbo = plotting.plot_elbo_terms({**denoisers, "exact denoiser": (oracle, oracle_scheduler)}, held_out.float(),
-                                    figure_path(args, "4_elbo_terms.png"), seed=args.seed)  # fmt: skip
+    oracle = ExactMixtureDenoiser(
+        mixture.means,
+        mixture.stds,
+        component_labels=mixture.component_labels.tolist(),
+        alphas_cumprod=oracle_scheduler.alphas_cumprod,
+    )
+    elbo = plotting.plot_elbo_terms(
+        {**denoisers, "exact denoiser": (oracle, oracle_scheduler)},
+        held_out.float(),
+        figure_path(args, "4_elbo_terms.png"),
+        seed=args.seed,
+    )
     report["figures"]["4_elbo_terms"] = {
         label: {k: v for k, v in values.items() if isinstance(v, float)} for label, values in elbo.items()
     }
@@ -142,45 +197,68 @@ def toy_figures(args, report):
     for name in ("moons", "swiss_roll"):
         scheduler = toy_scheduler(args.num_train_timesteps)
         model, report["training"][name] = train_toy_model(
-            name, lambda: MLPDenoiser(in_channels=2), DiffusionLoss(scheduler, args.loss_weighting),
+            name,
+            lambda: MLPDenoiser(in_channels=2),
+            DiffusionLoss(scheduler, args.loss_weighting),
             make_toy_dataset(name, args.num_samples, seed=args.seed),
-            lambda m, s=scheduler: HVAEPipeline(unet=m, scheduler=s), args,
-        )  # fmt: skip
+            lambda m, s=scheduler: HVAEPipeline(unet=m, scheduler=s),
+            args,
+        )
         pipelines[name] = HVAEPipeline(unet=model, scheduler=scheduler)
     for name, pipeline in pipelines.items():
         pipeline.set_progress_bar_config(disable=True)
         reference, _ = make_toy_samples(name, 5000, seed=args.seed + 2)
-        plotting.plot_reverse_trajectories(pipeline, figure_path(args, f"2_reverse_{name}.png"), seed=args.seed,
-                                           num_inference_steps=args.num_inference_steps,
-                                           reference_samples=reference)  # fmt: skip
+        plotting.plot_reverse_trajectories(
+            pipeline,
+            figure_path(args, f"2_reverse_{name}.png"),
+            seed=args.seed,
+            num_inference_steps=args.num_inference_steps,
+            reference_samples=reference,
+        )
 
     # 5. guidance on the mixture: a noisy classifier + the unconditional ε model; a conditional model with dropout
     labelled = make_toy_dataset("gaussian_mixture", args.num_samples, seed=args.seed, with_labels=True)
     classifier, report["training"]["mixture_classifier"] = train_toy_model(
-        "mixture_classifier", lambda: MLPNoisyClassifier(in_channels=2, num_classes=mixture.num_classes),
-        NoisyClassifierLoss(toy_scheduler(args.num_train_timesteps)), labelled,
-        lambda m: ClassifierGuidedPipeline(unet=epsilon_model, scheduler=epsilon_scheduler, classifier=m), args,
-    )  # fmt: skip
+        "mixture_classifier",
+        lambda: MLPNoisyClassifier(in_channels=2, num_classes=mixture.num_classes),
+        NoisyClassifierLoss(toy_scheduler(args.num_train_timesteps)),
+        labelled,
+        lambda m: ClassifierGuidedPipeline(unet=epsilon_model, scheduler=epsilon_scheduler, classifier=m),
+        args,
+    )
     scheduler = toy_scheduler(args.num_train_timesteps)
     conditional, report["training"]["mixture_conditional"] = train_toy_model(
-        "mixture_conditional", lambda: MLPDenoiser(in_channels=2, num_class_embeds=mixture.num_classes + 1),
-        DiffusionLoss(scheduler, args.loss_weighting, cond_drop_prob=0.2, null_label=mixture.num_classes), labelled,
-        lambda m, s=scheduler: ClassifierFreeGuidancePipeline(unet=m, scheduler=s), args,
-    )  # fmt: skip
+        "mixture_conditional",
+        lambda: MLPDenoiser(in_channels=2, num_class_embeds=mixture.num_classes + 1),
+        DiffusionLoss(scheduler, args.loss_weighting, cond_drop_prob=0.2, null_label=mixture.num_classes),
+        labelled,
+        lambda m, s=scheduler: ClassifierFreeGuidancePipeline(unet=m, scheduler=s),
+        args,
+    )
     guided = ClassifierGuidedPipeline(unet=epsilon_model, scheduler=epsilon_scheduler, classifier=classifier)
     free = ClassifierFreeGuidancePipeline(unet=conditional, scheduler=scheduler)
     for pipeline in (guided, free):
         pipeline.set_progress_bar_config(disable=True)
     reference, _ = mixture.sample(5000, generator=torch.Generator().manual_seed(args.seed + 3))
-    guidance = plotting.plot_guidance(figure_path(args, "5_guidance_toy.png"), args.guidance_class, classifier_pipeline=guided,
-                                      cfg_pipeline=free, num_inference_steps=args.num_inference_steps,
-                                      seed=args.seed, reference_samples=reference.float())  # fmt: skip
+    guidance = plotting.plot_guidance(
+        figure_path(args, "5_guidance_toy.png"),
+        args.guidance_class,
+        classifier_pipeline=guided,
+        cfg_pipeline=free,
+        num_inference_steps=args.num_inference_steps,
+        seed=args.seed,
+        reference_samples=reference.float(),
+    )
     # the share of guided samples whose most likely class under the exact mixture is the class asked for
     report["figures"]["5_guidance_toy"] = {
-        kind: {f"{scale:g}": float((mixture.class_log_posterior(samples.double(), 1.0).argmax(1)
-                                    == args.guidance_class).double().mean()) for scale, samples in runs.items()}
+        kind: {
+            f"{scale:g}": float(
+                (mixture.class_log_posterior(samples.double(), 1.0).argmax(1) == args.guidance_class).double().mean()
+            )
+            for scale, samples in runs.items()
+        }
         for kind, runs in guidance.items()
-    }  # fmt: skip
+    }
 
 
 def digits_figures(args):
@@ -189,14 +267,26 @@ def digits_figures(args):
 
     cfg_dir = os.path.join(args.digits_dir, "denoiser")
     classifier_dir = os.path.join(args.digits_dir, "classifier_guided")
-    plotting.plot_guidance(figure_path(args, "5_guidance_digits.png"), args.guidance_class,
-                           classifier_pipeline=classifier_dir if os.path.isdir(classifier_dir) else None,
-                           classifier_scales=(0.0, 1.0, 2.0, 4.0), cfg_pipeline=cfg_dir,
-                           guidance_scales=(0.0, 1.0, 2.0, 4.0), num_samples=36,
-                           num_inference_steps=args.num_inference_steps, seed=args.seed)  # fmt: skip
-    plotting.plot_denoising_grid(cfg_dir, figure_path(args, "6_denoising_digits.png"),
-                                 num_inference_steps=args.num_inference_steps, num_shown=6, batch_size=16,
-                                 seed=args.seed, class_labels=args.guidance_class)  # fmt: skip
+    plotting.plot_guidance(
+        figure_path(args, "5_guidance_digits.png"),
+        args.guidance_class,
+        classifier_pipeline=classifier_dir if os.path.isdir(classifier_dir) else None,
+        classifier_scales=(0.0, 1.0, 2.0, 4.0),
+        cfg_pipeline=cfg_dir,
+        guidance_scales=(0.0, 1.0, 2.0, 4.0),
+        num_samples=36,
+        num_inference_steps=args.num_inference_steps,
+        seed=args.seed,
+    )
+    plotting.plot_denoising_grid(
+        cfg_dir,
+        figure_path(args, "6_denoising_digits.png"),
+        num_inference_steps=args.num_inference_steps,
+        num_shown=6,
+        batch_size=16,
+        seed=args.seed,
+        class_labels=args.guidance_class,
+    )
 
 
 def main(argv=None):

@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from hvae_diffusion import HVAEScheduler, PREDICTION_TYPES
+from hvae_diffusion import PREDICTION_TYPES, HVAEScheduler
 from hvae_diffusion.elbo import LOSS_WEIGHTINGS
 from hvae_diffusion.scheduling_hvae import VARIANCE_TYPES
 from hvae_diffusion.training.cli import (
@@ -39,28 +39,49 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_arguments(parser)
     model = parser.add_argument_group("model")
-    model.add_argument("--pretrained_model_name_or_path", default=None,
-                       help="fine-tune a Diffusers UNet or the unet (and scheduler) of a pipeline folder")  # fmt: skip
+    model.add_argument(
+        "--pretrained_model_name_or_path",
+        default=None,
+        help="fine-tune a Diffusers UNet or the unet (and scheduler) of a pipeline folder",
+    )
     model.add_argument("--unet_config", default=None, help="a UNet2DModel/UNet2DConditionModel config.json")
-    model.add_argument("--text_encoder_name_or_path", default=None,
-                       help="text conditioning: a folder with text_encoder/ and tokenizer/ (default: the pretrained "
-                            "pipeline's)")  # fmt: skip
+    model.add_argument(
+        "--text_encoder_name_or_path",
+        default=None,
+        help="text conditioning: a folder with text_encoder/ and tokenizer/ (default: the pretrained pipeline's)",
+    )
     objective = parser.add_argument_group("objective")
-    objective.add_argument("--prediction_type", default=None, choices=PREDICTION_TYPES,
-                           help="what the model predicts (default: the pretrained scheduler's, else epsilon)")  # fmt: skip
+    objective.add_argument(
+        "--prediction_type",
+        default=None,
+        choices=PREDICTION_TYPES,
+        help="what the model predicts (default: the pretrained scheduler's, else epsilon)",
+    )
     objective.add_argument("--loss_weighting", default="simple", choices=LOSS_WEIGHTINGS)
     objective.add_argument("--snr_gamma", type=float, default=5.0)
-    objective.add_argument("--variance_type", default=None, choices=VARIANCE_TYPES,
-                           help="learned_range trains the variance with improved DDPM's hybrid loss")  # fmt: skip
+    objective.add_argument(
+        "--variance_type",
+        default=None,
+        choices=VARIANCE_TYPES,
+        help="learned_range trains the variance with improved DDPM's hybrid loss",
+    )
     objective.add_argument("--num_train_timesteps", type=int, default=1000)
     objective.add_argument("--beta_schedule", default="squaredcos_cap_v2")
     objective.add_argument("--conditioning", default="none", choices=CONDITIONINGS)
-    objective.add_argument("--cond_drop_prob", type=float, default=0.0,
-                           help="probability of replacing the condition by the null label / empty prompt (CFG)")  # fmt: skip
+    objective.add_argument(
+        "--cond_drop_prob",
+        type=float,
+        default=0.0,
+        help="probability of replacing the condition by the null label / empty prompt (CFG)",
+    )
     evaluation = parser.add_argument_group("samples and evaluation")
     evaluation.add_argument("--num_inference_steps", type=int, default=100, help="for the sample grids")
-    evaluation.add_argument("--elbo_timesteps", type=int, default=50,
-                            help="test bits/dim for the model card from this many random latents (0: skip)")  # fmt: skip
+    evaluation.add_argument(
+        "--elbo_timesteps",
+        type=int,
+        default=50,
+        help="test bits/dim for the model card from this many random latents (0: skip)",
+    )
     evaluation.add_argument("--elbo_num_samples", type=int, default=256)
     add_training_arguments(parser, learning_rate=1e-3)
     return parser.parse_args(argv)
@@ -85,9 +106,12 @@ def make_scheduler(args):
                     "scheduler to change it"
                 )
         return scheduler
-    return HVAEScheduler(num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule,
-                         prediction_type=args.prediction_type or "epsilon",
-                         variance_type=args.variance_type or "fixed_small")  # fmt: skip
+    return HVAEScheduler(
+        num_train_timesteps=args.num_train_timesteps,
+        beta_schedule=args.beta_schedule,
+        prediction_type=args.prediction_type or "epsilon",
+        variance_type=args.variance_type or "fixed_small",
+    )
 
 
 def load_text_components(args):
@@ -95,8 +119,10 @@ def load_text_components(args):
 
     folder = args.text_encoder_name_or_path or args.pretrained_model_name_or_path
     if folder is None:
-        raise ValueError("--conditioning text needs --text_encoder_name_or_path or a pretrained pipeline with a "
-                         "text_encoder and tokenizer")  # fmt: skip
+        raise ValueError(
+            "--conditioning text needs --text_encoder_name_or_path or a pretrained pipeline with a "
+            "text_encoder and tokenizer"
+        )
     tokenizer = AutoTokenizer.from_pretrained(folder, subfolder="tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").requires_grad_(False)
     return text_encoder, tokenizer
@@ -108,8 +134,9 @@ def main(argv=None):
     if args.cond_drop_prob > 0 and args.conditioning == "none":
         raise ValueError("--cond_drop_prob needs --conditioning class or text")
     accelerator = None
-    config = training_config_from_args(args, extra_log_config={"prediction_type": str(args.prediction_type),
-                                                                "loss_weighting": args.loss_weighting})  # fmt: skip
+    config = training_config_from_args(
+        args, extra_log_config={"prediction_type": str(args.prediction_type), "loss_weighting": args.loss_weighting}
+    )
     scheduler = make_scheduler(args)
     train_dataset, test_dataset, num_classes, resolution, channels = load_training_data(
         args, need_labels=args.conditioning == "class", need_captions=args.conditioning == "text"
@@ -119,8 +146,14 @@ def main(argv=None):
     learned_variance = scheduler.config.variance_type == "learned_range"
     num_class_embeds = num_classes + 1 if args.conditioning == "class" else None
     torch.manual_seed(args.seed)
-    unet = build_unet(args.unet_config, args.pretrained_model_name_or_path, resolution=resolution, channels=channels,
-                      num_class_embeds=num_class_embeds, learned_variance=learned_variance)  # fmt: skip
+    unet = build_unet(
+        args.unet_config,
+        args.pretrained_model_name_or_path,
+        resolution=resolution,
+        channels=channels,
+        num_class_embeds=num_class_embeds,
+        learned_variance=learned_variance,
+    )
     if args.conditioning == "class" and getattr(unet.config, "num_class_embeds", None) != num_class_embeds:
         raise ValueError(
             f"--conditioning class needs a UNet with num_class_embeds = num_classes + 1 = {num_class_embeds} (the "
@@ -131,17 +164,28 @@ def main(argv=None):
         text_encoder, tokenizer = load_text_components(args)
 
         def encode_prompt(prompts):
-            tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                               truncation=True, return_tensors="pt")  # fmt: skip
+            tokens = tokenizer(
+                prompts,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            )
             with torch.no_grad():
                 return text_encoder(tokens.input_ids.to(text_encoder.device))[0]
 
-    loss_fn = DiffusionLoss(scheduler, args.loss_weighting, args.snr_gamma, args.cond_drop_prob,
-                            null_label=num_classes if args.conditioning == "class" else None)  # fmt: skip
+    loss_fn = DiffusionLoss(
+        scheduler,
+        args.loss_weighting,
+        args.snr_gamma,
+        args.cond_drop_prob,
+        null_label=num_classes if args.conditioning == "class" else None,
+    )
 
     def pipeline_of(model):
-        return denoiser_pipeline(model, HVAEScheduler.from_config(scheduler.config), args.conditioning,
-                                 text_encoder, tokenizer)  # fmt: skip
+        return denoiser_pipeline(
+            model, HVAEScheduler.from_config(scheduler.config), args.conditioning, text_encoder, tokenizer
+        )
 
     def sample_fn(model, step):
         pipe = pipeline_of(model)
@@ -152,43 +196,71 @@ def main(argv=None):
             kwargs = {"class_labels": [i % num_classes for i in range(2 * num_classes)], "guidance_scale": 1.0}
         elif args.conditioning == "text":
             kwargs = {"prompt": [test_dataset[i]["prompt"] for i in range(min(8, len(test_dataset)))]}
-        images = pipe(num_inference_steps=args.num_inference_steps, generator=generator, output_type="pt",
-                      **kwargs).images  # fmt: skip
+        images = pipe(
+            num_inference_steps=args.num_inference_steps, generator=generator, output_type="pt", **kwargs
+        ).images
         return image_grid(images * 2 - 1, num_columns=num_classes or 10)
 
     def save_fn(model, output_dir):
         pipeline_of(model).save_pretrained(output_dir)
 
     accelerator = make_accelerator(config)
-    result = train(config, unet, loss_fn, train_dataset, sample_fn=sample_fn, save_fn=save_fn,
-                   encode_prompt=encode_prompt, accelerator=accelerator)  # fmt: skip
+    result = train(
+        config,
+        unet,
+        loss_fn,
+        train_dataset,
+        sample_fn=sample_fn,
+        save_fn=save_fn,
+        encode_prompt=encode_prompt,
+        accelerator=accelerator,
+    )
     if not accelerator.is_main_process:
         return result
 
-    summary = {"global_step": result.global_step, "final_loss": result.final_loss,
-               "prediction_type": scheduler.config.prediction_type, "loss_weighting": args.loss_weighting,
-               "variance_type": scheduler.config.variance_type, "conditioning": args.conditioning}  # fmt: skip
+    summary = {
+        "global_step": result.global_step,
+        "final_loss": result.final_loss,
+        "prediction_type": scheduler.config.prediction_type,
+        "loss_weighting": args.loss_weighting,
+        "variance_type": scheduler.config.variance_type,
+        "conditioning": args.conditioning,
+    }
     if args.elbo_timesteps:
         unet.eval()
-        test_samples, test_labels = stack_dataset(torch.utils.data.Subset(test_dataset, range(
-            min(args.elbo_num_samples, len(test_dataset)))))  # fmt: skip
+        test_samples, test_labels = stack_dataset(
+            torch.utils.data.Subset(test_dataset, range(min(args.elbo_num_samples, len(test_dataset))))
+        )
         denoiser = null_conditioned(unet, num_classes if args.conditioning == "class" else None, encode_prompt)
-        report = elbo_report(HVAEScheduler.from_config(scheduler.config), denoiser, test_samples, generator=torch.Generator().manual_seed(0),
-                             num_timesteps=min(args.elbo_timesteps, scheduler.config.num_train_timesteps - 1))  # fmt: skip
+        report = elbo_report(
+            HVAEScheduler.from_config(scheduler.config),
+            denoiser,
+            test_samples,
+            generator=torch.Generator().manual_seed(0),
+            num_timesteps=min(args.elbo_timesteps, scheduler.config.num_train_timesteps - 1),
+        )
         summary["test_bits_per_dim"] = report["bits_per_dim"]
         summary["test_bits_per_dim_standard_error"] = report["standard_error"]
     with open(os.path.join(args.output_dir, "training_summary.json"), "w") as handle:
         json.dump(summary, handle, indent=2)
     grids = sorted(os.listdir(os.path.join(args.output_dir, "samples")))
     render_model_card(
-        args.output_dir, repo_id=args.hub_model_id, pipeline_class=pipeline_of(unet).__class__.__name__,
+        args.output_dir,
+        repo_id=args.hub_model_id,
+        pipeline_class=pipeline_of(unet).__class__.__name__,
         dataset=args.dataset_name or args.train_data_dir or "scikit-learn digits (built in)",
-        prediction_type=scheduler.config.prediction_type, loss_weighting=args.loss_weighting,
-        variance_type=scheduler.config.variance_type, conditioning=args.conditioning,
-        num_train_steps=result.global_step, final_loss=f"{result.final_loss:.4f}",
+        prediction_type=scheduler.config.prediction_type,
+        loss_weighting=args.loss_weighting,
+        variance_type=scheduler.config.variance_type,
+        conditioning=args.conditioning,
+        num_train_steps=result.global_step,
+        final_loss=f"{result.final_loss:.4f}",
         bits_per_dim=f"{summary['test_bits_per_dim']:.3f}" if "test_bits_per_dim" in summary else None,
-        sample_grid=f"samples/{grids[-1]}" if grids else None, fid=None, guided_accuracy=None, extra=None,
-    )  # fmt: skip
+        sample_grid=f"samples/{grids[-1]}" if grids else None,
+        fid=None,
+        guided_accuracy=None,
+        extra=None,
+    )
     print(json.dumps(summary))
     if args.push_to_hub:
         push_output_dir(args)
@@ -202,8 +274,9 @@ def null_conditioned(unet, null_label=None, encode_prompt=None):
         return lambda sample, timesteps: unet(sample, timesteps, class_labels=torch.full_like(timesteps, null_label))
     if encode_prompt is not None:
         empty = encode_prompt([""])
-        return lambda sample, timesteps: unet(sample, timesteps,
-                                              encoder_hidden_states=empty.expand(sample.shape[0], -1, -1))  # fmt: skip
+        return lambda sample, timesteps: unet(
+            sample, timesteps, encoder_hidden_states=empty.expand(sample.shape[0], -1, -1)
+        )
     return unet
 
 

@@ -37,9 +37,12 @@ from hvae_diffusion.training.losses import NoisyClassifierLoss
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_arguments(parser)
-    parser.add_argument("--denoiser_dir", default=None,
-                        help="a trained denoiser pipeline: its scheduler defines q(x_t | x_0), and the output becomes "
-                             "a ClassifierGuidedPipeline with it")  # fmt: skip
+    parser.add_argument(
+        "--denoiser_dir",
+        default=None,
+        help="a trained denoiser pipeline: its scheduler defines q(x_t | x_0), and the output becomes "
+        "a ClassifierGuidedPipeline with it",
+    )
     parser.add_argument("--classifier_config", default=None, help="a NoisyClassifier config.json")
     parser.add_argument("--num_train_timesteps", type=int, default=1000)
     parser.add_argument("--beta_schedule", default="squaredcos_cap_v2")
@@ -94,29 +97,39 @@ def main(argv=None):
             classifier_guided_pipeline(args.denoiser_dir, model).save_pretrained(output_dir)
 
     accelerator = make_accelerator(config)
-    result = train(config, classifier, NoisyClassifierLoss(scheduler), train_dataset, save_fn=save_fn,
-                   accelerator=accelerator)  # fmt: skip
+    result = train(
+        config, classifier, NoisyClassifierLoss(scheduler), train_dataset, save_fn=save_fn, accelerator=accelerator
+    )
     if not accelerator.is_main_process:
         return result
     classifier.eval()
     test_samples, test_labels = stack_dataset(test_dataset)
-    bands = accuracy_by_timestep_band(classifier, scheduler, test_samples, test_labels, args.num_timestep_bands,
-                                      seed=args.seed)  # fmt: skip
+    bands = accuracy_by_timestep_band(
+        classifier, scheduler, test_samples, test_labels, args.num_timestep_bands, seed=args.seed
+    )
     report = {"global_step": result.global_step, "final_loss": result.final_loss, "accuracy_by_timestep": bands}
     with open(os.path.join(args.output_dir, "classifier_accuracy.json"), "w") as handle:
         json.dump(report, handle, indent=2)
     print(json.dumps(report))
     if args.denoiser_dir is not None:
         render_model_card(
-            args.output_dir, repo_id=args.hub_model_id, pipeline_class="ClassifierGuidedPipeline",
+            args.output_dir,
+            repo_id=args.hub_model_id,
+            pipeline_class="ClassifierGuidedPipeline",
             dataset=args.dataset_name or args.train_data_dir or "scikit-learn digits (built in)",
-            prediction_type=scheduler.config.prediction_type, loss_weighting="(denoiser: see its card)",
-            variance_type=scheduler.config.variance_type, conditioning="classifier guidance",
-            num_train_steps=result.global_step, final_loss=f"{result.final_loss:.4f} (classifier cross-entropy)",
-            bits_per_dim=None, sample_grid=None, fid=None, guided_accuracy=None,
+            prediction_type=scheduler.config.prediction_type,
+            loss_weighting="(denoiser: see its card)",
+            variance_type=scheduler.config.variance_type,
+            conditioning="classifier guidance",
+            num_train_steps=result.global_step,
+            final_loss=f"{result.final_loss:.4f} (classifier cross-entropy)",
+            bits_per_dim=None,
+            sample_grid=None,
+            fid=None,
+            guided_accuracy=None,
             extra="Noisy-classifier test accuracy by timestep band: "
-                  + ", ".join(f"t in {b['timesteps']}: {b['accuracy']:.3f}" for b in bands),
-        )  # fmt: skip
+            + ", ".join(f"t in {b['timesteps']}: {b['accuracy']:.3f}" for b in bands),
+        )
     if args.push_to_hub:
         push_output_dir(args)
     return result

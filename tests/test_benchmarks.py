@@ -22,10 +22,29 @@ def quick_report(tmp_path_factory):
     json_path, plot_path = directory / "results.json", directory / "scaling.png"
     environment = dict(os.environ, HF_HUB_OFFLINE="1")
     completed = subprocess.run(
-        [sys.executable, RUN, "--quick", "--device", "cpu", "--threads", "1", "--repeats", "1", "--warmup", "0",
-         "--json", str(json_path), "--plot", str(plot_path)],
-        capture_output=True, text=True, env=environment, cwd=ROOT, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            RUN,
+            "--quick",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--json",
+            str(json_path),
+            "--plot",
+            str(plot_path),
+        ],
+        capture_output=True,
+        text=True,
+        env=environment,
+        cwd=ROOT,
+        timeout=600,
+    )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     with open(json_path) as handle:
         return json.load(handle), completed.stdout, plot_path
@@ -82,7 +101,8 @@ def test_machine_info_and_plot(quick_report):
 
 
 def test_bad_arguments_are_rejected():
-    completed = subprocess.run([sys.executable, RUN, "--items", "nonsense"], capture_output=True, text=True,
-                               cwd=ROOT, timeout=120)  # fmt: skip
+    completed = subprocess.run(
+        [sys.executable, RUN, "--items", "nonsense"], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
     assert completed.returncode != 0
     assert "--items" in completed.stderr and "nonsense" in completed.stderr

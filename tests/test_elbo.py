@@ -184,8 +184,9 @@ def test_scheduler_loss_weights_match_its_kl(prediction_type, generator):
     target = scheduler.training_target(original, noise, timesteps)
     model_mean, model_log_variance, _ = scheduler.predicted_mean_log_variance(prediction, sample, timesteps)
     true_mean, true_variance = scheduler.posterior_mean_variance(original, sample, timesteps)
-    kl = denoising_matching_kl(true_mean, true_variance.log()[:, None, None, None], model_mean,
-                               model_log_variance[:, None, None, None])  # fmt: skip
+    kl = denoising_matching_kl(
+        true_mean, true_variance.log()[:, None, None, None], model_mean, model_log_variance[:, None, None, None]
+    )
     weighted = weighted_mse(prediction, target, scheduler.loss_weights(timesteps, "elbo")).double()
     torch.testing.assert_close(weighted, kl, rtol=1e-5, atol=0)
 
@@ -215,12 +216,14 @@ def _expected_elbo_of_gaussian_data(scheduler, means, stds):
     model_variance = log_variance.exp()[:, None]
     posterior_var = ((1 - a / prev_alphas_cumprod) * (1 - prev_alphas_cumprod) / (1 - a))[:-1, None]
     kls = 0.5 * (
-        model_variance[:-1].log() - posterior_var.log()
-        + (posterior_var + x0_coefficient[:-1, None] ** 2 * conditional_variance[:-1]) / model_variance[:-1] - 1
-    ).sum(1)  # fmt: skip
-    reconstruction = -0.5 * (
-        (2 * math.pi * model_variance[-1]).log() + conditional_variance[-1] / model_variance[-1]
-    ).sum()  # fmt: skip
+        model_variance[:-1].log()
+        - posterior_var.log()
+        + (posterior_var + x0_coefficient[:-1, None] ** 2 * conditional_variance[:-1]) / model_variance[:-1]
+        - 1
+    ).sum(1)
+    reconstruction = (
+        -0.5 * ((2 * math.pi * model_variance[-1]).log() + conditional_variance[-1] / model_variance[-1]).sum()
+    )
     final = alphas_cumprod[-1]
     prior = 0.5 * (final * (means**2 + stds**2) - final - torch.log1p(-final)).sum()
     return reconstruction - prior - kls.sum()
@@ -304,9 +307,11 @@ def test_timestep_subset_estimate_is_unbiased(single_thread):
     original, _ = mixture.sample(64, generator=generator)
     full = scheduler.elbo_terms(denoiser, original, generator=generator, discrete=False)
     full_total = torch.stack(
-        [scheduler.elbo_terms(denoiser, original, generator=generator, discrete=False).denoising_matching_total
-         for _ in range(10)]
-    ).mean(0)  # fmt: skip
+        [
+            scheduler.elbo_terms(denoiser, original, generator=generator, discrete=False).denoising_matching_total
+            for _ in range(10)
+        ]
+    ).mean(0)
     estimates = []
     for _ in range(200):
         terms = scheduler.elbo_terms(denoiser, original, generator=generator, discrete=False, num_timesteps=3)

@@ -51,7 +51,9 @@ def test_rescale_zero_terminal_snr_matches_diffusers():
 def test_alphas_cumprod_and_snr():
     betas = make_betas("linear", 50, 0.001, 0.2)
     alphas_cumprod = alphas_cumprod_from_betas(betas)
-    expected = torch.tensor([math.prod(1 - b for b in betas[: t + 1].tolist()) for t in range(50)], dtype=torch.float64)
+    expected = torch.tensor(
+        [math.prod(1 - b for b in betas[: t + 1].tolist()) for t in range(50)], dtype=torch.float64
+    )
     torch.testing.assert_close(alphas_cumprod, expected, rtol=1e-12, atol=0)
     torch.testing.assert_close(signal_to_noise_ratio(alphas_cumprod), expected / (1 - expected))
     # the step between kept latents t' < t: composing the skipped steps

@@ -18,11 +18,20 @@ import pytest
 from hvae_diffusion.training.hub import HubUploadError, render_model_card
 
 CARD_FIELDS = dict(
-    pipeline_class="ClassifierFreeGuidancePipeline", dataset="scikit-learn digits (built in)",
-    prediction_type="v_prediction", loss_weighting="min_snr", variance_type="fixed_small", conditioning="class",
-    num_train_steps=1234, final_loss="0.0421", bits_per_dim="1.234", sample_grid="samples/step-001234.png",
-    fid=None, guided_accuracy="0.950", extra=None,
-)  # fmt: skip
+    pipeline_class="ClassifierFreeGuidancePipeline",
+    dataset="scikit-learn digits (built in)",
+    prediction_type="v_prediction",
+    loss_weighting="min_snr",
+    variance_type="fixed_small",
+    conditioning="class",
+    num_train_steps=1234,
+    final_loss="0.0421",
+    bits_per_dim="1.234",
+    sample_grid="samples/step-001234.png",
+    fid=None,
+    guided_accuracy="0.950",
+    extra=None,
+)
 
 
 class FakeHub:
@@ -65,8 +74,14 @@ class FakeHub:
                     return self._reply(200, {"errors": [], "warnings": []})
                 if "/preupload/" in self.path:
                     files = json.loads(body)["files"]
-                    return self._reply(200, {"files": [{"path": f["path"], "uploadMode": "regular",
-                                                        "shouldIgnore": False} for f in files]})  # fmt: skip
+                    return self._reply(
+                        200,
+                        {
+                            "files": [
+                                {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files
+                            ]
+                        },
+                    )
                 if "/commit/" in self.path:
                     for line in body.decode().splitlines():
                         entry = json.loads(line)
@@ -74,8 +89,14 @@ class FakeHub:
                             value = entry["value"]
                             hub.files[value["path"]] = base64.b64decode(value["content"])
                     repo = self.path.split("/api/models/")[1].split("/commit/")[0]
-                    return self._reply(200, {"success": True, "commitOid": "a" * 40,
-                                             "commitUrl": f"http://{self.headers['Host']}/{repo}/commit/{'a' * 40}"})  # fmt: skip
+                    return self._reply(
+                        200,
+                        {
+                            "success": True,
+                            "commitOid": "a" * 40,
+                            "commitUrl": f"http://{self.headers['Host']}/{repo}/commit/{'a' * 40}",
+                        },
+                    )
                 return self._reply(404, {"error": f"unknown endpoint {self.path}"})
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -94,10 +115,14 @@ class FakeHub:
 def make_output_folder(root):
     """A pipeline-like output folder with checkpoints and logs that must not be uploaded."""
     for relative, content in {
-        "model_index.json": "{}", "unet/config.json": "{}", "unet/diffusion_pytorch_model.safetensors": "weights",
-        "scheduler/scheduler_config.json": "{}", "samples/step-001234.png": "png",
-        "checkpoint-5/model.safetensors": "ckpt", "logs/train/events": "log",
-    }.items():  # fmt: skip
+        "model_index.json": "{}",
+        "unet/config.json": "{}",
+        "unet/diffusion_pytorch_model.safetensors": "weights",
+        "scheduler/scheduler_config.json": "{}",
+        "samples/step-001234.png": "png",
+        "checkpoint-5/model.safetensors": "ckpt",
+        "logs/train/events": "log",
+    }.items():
         path = os.path.join(root, relative)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as handle:
@@ -118,20 +143,40 @@ except HubUploadError as error:
 
 def run_upload(folder, endpoint):
     """Upload in a subprocess with HF_ENDPOINT pointing at the stand-in (the endpoint is read at import time)."""
-    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1",
-           "HF_HUB_ETAG_TIMEOUT": "2", "HF_HUB_DOWNLOAD_TIMEOUT": "5", "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1",
-           "HF_HUB_DISABLE_XET": "1"}  # fmt: skip
-    return subprocess.run([sys.executable, "-c", UPLOAD_SNIPPET, folder], capture_output=True, text=True, env=env,
-                          timeout=120)  # fmt: skip
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": endpoint,
+        "HF_HUB_OFFLINE": "0",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_ETAG_TIMEOUT": "2",
+        "HF_HUB_DOWNLOAD_TIMEOUT": "5",
+        "NO_PROXY": "127.0.0.1",
+        "no_proxy": "127.0.0.1",
+        "HF_HUB_DISABLE_XET": "1",
+    }
+    return subprocess.run(
+        [sys.executable, "-c", UPLOAD_SNIPPET, folder], capture_output=True, text=True, env=env, timeout=120
+    )
 
 
 def test_model_card_renders_every_field(tmp_path):
     card = render_model_card(str(tmp_path), repo_id="someone/hvae-digits", **CARD_FIELDS)
     text = (tmp_path / "README.md").read_text()
     assert text == str(card)
-    for expected in ["ClassifierFreeGuidancePipeline", "scikit-learn digits", "`v_prediction`", "`min_snr`", "1234",
-                     "0.0421", "1.234", "0.950", "samples/step-001234.png", 'from_pretrained("someone/hvae-digits")',
-                     "guidance_scale=3.0", "library_name: diffusers"]:  # fmt: skip
+    for expected in [
+        "ClassifierFreeGuidancePipeline",
+        "scikit-learn digits",
+        "`v_prediction`",
+        "`min_snr`",
+        "1234",
+        "0.0421",
+        "1.234",
+        "0.950",
+        "samples/step-001234.png",
+        'from_pretrained("someone/hvae-digits")',
+        "guidance_scale=3.0",
+        "library_name: diffusers",
+    ]:
         assert expected in text, expected
     assert "Fréchet" not in text  # a missing metric leaves no empty row
 
@@ -143,9 +188,14 @@ def test_upload_sends_files_and_model_card(tmp_path):
         result = run_upload(folder, hub.endpoint)
     assert result.returncode == 0, result.stderr
     assert hub.repos == [("someone/hvae-digits", "private")]
-    assert set(hub.files) == {"README.md", "model_index.json", "unet/config.json",
-                              "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json",
-                              "samples/step-001234.png"}  # fmt: skip
+    assert set(hub.files) == {
+        "README.md",
+        "model_index.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "scheduler/scheduler_config.json",
+        "samples/step-001234.png",
+    }
     assert hub.files["unet/diffusion_pytorch_model.safetensors"] == b"weights"
     assert b"ClassifierFreeGuidancePipeline" in hub.files["README.md"]
     assert hub.validated and "library_name: diffusers" in hub.validated[0]

@@ -44,9 +44,15 @@ def run_python(code: str, **environment) -> str:
 def test_standard_layout(saved):
     _, folders = saved
     folder = folders["classifier"]
-    for path in ("model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
-                 "classifier/config.json", "classifier/diffusion_pytorch_model.safetensors",
-                 "scheduler/scheduler_config.json", f"{PIPELINE_MODULE_NAME}.py"):  # fmt: skip
+    for path in (
+        "model_index.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "classifier/config.json",
+        "classifier/diffusion_pytorch_model.safetensors",
+        "scheduler/scheduler_config.json",
+        f"{PIPELINE_MODULE_NAME}.py",
+    ):
         assert os.path.isfile(folder / path), path
     model_index = json.loads((folder / "model_index.json").read_text())
     assert model_index["_class_name"] == [PIPELINE_MODULE_NAME, "ClassifierGuidedPipeline"]
@@ -96,7 +102,8 @@ def test_import_then_diffusion_pipeline_in_a_fresh_process(saved):
 
 def test_trust_remote_code_without_importing_the_package(saved, tmp_path):
     _, folders = saved
-    output = run_python(f"""
+    output = run_python(
+        f"""
         import sys
         from diffusers import DiffusionPipeline
         assert "hvae_diffusion" not in sys.modules
@@ -104,7 +111,9 @@ def test_trust_remote_code_without_importing_the_package(saved, tmp_path):
         print(type(pipeline).__module__, type(pipeline).__name__, type(pipeline.classifier).__name__)
         pipeline.set_progress_bar_config(disable=True)
         print(pipeline(class_labels=[1], num_inference_steps=2, output_type="np").images.shape)
-    """, HF_MODULES_CACHE=str(tmp_path))  # fmt: skip
+    """,
+        HF_MODULES_CACHE=str(tmp_path),
+    )
     assert "hvae_diffusion.pipelines.pipeline_classifier_guided ClassifierGuidedPipeline NoisyClassifier" in output
     assert "(1, 8, 8, 1)" in output
 

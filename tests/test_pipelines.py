@@ -59,9 +59,14 @@ def mixture_scheduler(prediction_type="epsilon"):
 def exact_denoiser(scheduler):
     """The exact denoiser in the scheduler's parameterization; label 2 (= num_classes) is the null label."""
     return ExactMixtureDenoiser(
-        MEANS, STD, component_labels=COMPONENT_LABELS, alphas_cumprod=scheduler.alphas_cumprod.tolist(),
-        prediction_type=scheduler.config.prediction_type, in_channels=2, num_class_embeds=3,
-    )  # fmt: skip
+        MEANS,
+        STD,
+        component_labels=COMPONENT_LABELS,
+        alphas_cumprod=scheduler.alphas_cumprod.tolist(),
+        prediction_type=scheduler.config.prediction_type,
+        in_channels=2,
+        num_class_embeds=3,
+    )
 
 
 def exact_classifier(scheduler):
@@ -82,16 +87,23 @@ def seeded(seed=0):
 def tiny_unet(**kwargs):
     torch.manual_seed(0)
     config = dict(
-        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4,
-    )  # fmt: skip
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    )
     return UNet2DModel(**{**config, **kwargs}).eval()
 
 
 def tiny_classifier(num_classes=3):
     torch.manual_seed(0)
-    return NoisyClassifier(sample_size=8, in_channels=1, num_classes=num_classes, block_out_channels=(8, 16),
-                           norm_num_groups=4).eval()  # fmt: skip
+    return NoisyClassifier(
+        sample_size=8, in_channels=1, num_classes=num_classes, block_out_channels=(8, 16), norm_num_groups=4
+    ).eval()
 
 
 def tiny_text_components(directory):
@@ -105,15 +117,30 @@ def tiny_text_components(directory):
     tokenizer = CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=8)
     torch.manual_seed(0)
     text_encoder = CLIPTextModel(
-        CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                       num_attention_heads=2, max_position_embeddings=8, bos_token_id=0, eos_token_id=1,
-                       pad_token_id=1)  # fmt: skip
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=8,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
     ).eval()
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4,
-    ).eval()  # fmt: skip
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=2,
+        norm_num_groups=4,
+    ).eval()
     return unet, text_encoder, tokenizer
 
 
@@ -251,7 +278,9 @@ def test_larger_scales_sharpen(guided_pipelines, mixture):
         assert sharp.std(0).sum() < 0.9 * exact.std(0).sum()
 
 
-@pytest.mark.parametrize("scheduler_class, prediction_type", [(DDIMScheduler, "score"), (EulerDiscreteScheduler, "sample")])
+@pytest.mark.parametrize(
+    "scheduler_class, prediction_type", [(DDIMScheduler, "score"), (EulerDiscreteScheduler, "sample")]
+)
 def test_guidance_with_swapped_scheduler(reference, scheduler_class, prediction_type):
     """Guidance on the score with Diffusers' schedulers; with Euler the x̂_0 → score conversion and the classifier
     need x_t, the scaled model input, not Euler's sample x_t / √ᾱ_t."""
@@ -282,7 +311,9 @@ class CleanClassifier(ModelMixin):
 def test_denoised_classifier_guides_through_the_tweedie_estimate(mixture):
     scheduler = mixture_scheduler("v_prediction")
     unet = exact_denoiser(scheduler)
-    pipeline = quiet(ClassifierGuidedPipeline(unet, scheduler, CleanClassifier(scheduler), classifier_input="denoised"))
+    pipeline = quiet(
+        ClassifierGuidedPipeline(unet, scheduler, CleanClassifier(scheduler), classifier_input="denoised")
+    )
     kwargs = dict(class_labels=1, batch_size=200, num_inference_steps=30)
     unguided = pipeline(classifier_scale=0.0, generator=seeded(), **kwargs).images
     guided = pipeline(classifier_scale=1.0, generator=seeded(), **kwargs).images
@@ -294,17 +325,29 @@ def test_denoised_mode_with_a_unet_and_transformers_image_classifier():
     runs with grad) and the classifier's ``config.num_labels`` is its class count."""
     unet = tiny_unet()
     torch.manual_seed(0)
-    image_classifier = ViTForImageClassification(ViTConfig(
-        image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=32, num_labels=3,
-    )).eval()  # fmt: skip
-    pipeline = quiet(ClassifierGuidedPipeline(
-        unet, HVAEScheduler(num_train_timesteps=20), image_classifier, classifier_input="denoised"
-    ))  # fmt: skip
-    guided = pipeline(class_labels=[0, 2], classifier_scale=50.0, num_inference_steps=3, output_type="latent",
-                      generator=seeded()).images  # fmt: skip
-    unguided = pipeline(class_labels=[0, 2], classifier_scale=0.0, num_inference_steps=3, output_type="latent",
-                        generator=seeded()).images  # fmt: skip
+    image_classifier = ViTForImageClassification(
+        ViTConfig(
+            image_size=8,
+            patch_size=4,
+            num_channels=1,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            num_labels=3,
+        )
+    ).eval()
+    pipeline = quiet(
+        ClassifierGuidedPipeline(
+            unet, HVAEScheduler(num_train_timesteps=20), image_classifier, classifier_input="denoised"
+        )
+    )
+    guided = pipeline(
+        class_labels=[0, 2], classifier_scale=50.0, num_inference_steps=3, output_type="latent", generator=seeded()
+    ).images
+    unguided = pipeline(
+        class_labels=[0, 2], classifier_scale=0.0, num_inference_steps=3, output_type="latent", generator=seeded()
+    ).images
     assert guided.shape == (2, 1, 8, 8) and not torch.allclose(guided, unguided)
     assert all(parameter.grad is None for parameter in unet.parameters())
     with pytest.raises(ValueError, match=r"class_labels must lie in \[0, 3\)"):
@@ -320,9 +363,11 @@ def image_pipeline():
 
 
 def test_output_types(image_pipeline):
-    run = lambda output_type: image_pipeline(  # noqa: E731
-        batch_size=2, num_inference_steps=3, generator=seeded(), output_type=output_type
-    ).images
+    run = lambda output_type: (
+        image_pipeline(  # noqa: E731
+            batch_size=2, num_inference_steps=3, generator=seeded(), output_type=output_type
+        ).images
+    )
     latent, pt, array, images = run("latent"), run("pt"), run("np"), run("pil")
     assert latent.shape == pt.shape == (2, 1, 8, 8)
     torch.testing.assert_close(pt, (latent / 2 + 0.5).clamp(0, 1))
@@ -364,11 +409,13 @@ def test_same_as_ddpm_pipeline_side_by_side():
     ddpm = quiet(DDPMPipeline(unet, DDPMScheduler(num_train_timesteps=8)))
     expected = ddpm(batch_size=2, num_inference_steps=8, generator=seeded(), output_type="np").images
     ours = quiet(HVAEPipeline(unet, DDPMScheduler(num_train_timesteps=8)))
-    np.testing.assert_allclose(ours(batch_size=2, num_inference_steps=8, generator=seeded(),
-                                    output_type="np").images, expected, atol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(
+        ours(batch_size=2, num_inference_steps=8, generator=seeded(), output_type="np").images, expected, atol=1e-6
+    )
     hvae = quiet(HVAEPipeline(unet, HVAEScheduler(num_train_timesteps=8)))
-    np.testing.assert_allclose(hvae(batch_size=2, num_inference_steps=8, generator=seeded(),
-                                    output_type="np").images, expected, atol=1e-4)  # fmt: skip
+    np.testing.assert_allclose(
+        hvae(batch_size=2, num_inference_steps=8, generator=seeded(), output_type="np").images, expected, atol=1e-4
+    )
 
 
 def test_callback_on_step_end(image_pipeline):
@@ -381,9 +428,12 @@ def test_callback_on_step_end(image_pipeline):
         return {}
 
     samples = image_pipeline(
-        batch_size=2, num_inference_steps=4, output_type="latent", callback_on_step_end=callback,
+        batch_size=2,
+        num_inference_steps=4,
+        output_type="latent",
+        callback_on_step_end=callback,
         callback_on_step_end_tensor_inputs=["latents"],
-    ).images  # fmt: skip
+    ).images
     assert [step for step, _, _ in seen] == [0, 1, 2, 3]
     assert [t for _, t, _ in seen] == image_pipeline.scheduler.timesteps.tolist()
     assert seen[0][2] == (2, 1, 8, 8)
@@ -397,9 +447,11 @@ def test_dtype_follows_the_unet(dtype):
     pipelines = [
         (HVAEPipeline(tiny_unet().to(dtype), scheduler), {"batch_size": 2}),
         (ClassifierFreeGuidancePipeline(unet, scheduler), {"class_labels": [0, 1], "guidance_scale": 2.0}),
-        (ClassifierGuidedPipeline(tiny_unet().to(dtype), scheduler, tiny_classifier().to(dtype)),
-         {"class_labels": [0, 2], "classifier_scale": 2.0}),
-    ]  # fmt: skip
+        (
+            ClassifierGuidedPipeline(tiny_unet().to(dtype), scheduler, tiny_classifier().to(dtype)),
+            {"class_labels": [0, 2], "classifier_scale": 2.0},
+        ),
+    ]
     for pipeline, kwargs in pipelines:
         samples = quiet(pipeline)(num_inference_steps=3, output_type="latent", generator=seeded(), **kwargs).images
         assert samples.dtype == dtype and samples.shape == (2, 1, 8, 8)
@@ -464,8 +516,10 @@ def test_vector_model_with_classifier_free_guidance():
     assert samples.shape == (2, 3)
 
 
-@pytest.mark.parametrize("scheduler", [HVAEScheduler(num_train_timesteps=10, variance_type="learned_range"),
-                                       DDIMScheduler(num_train_timesteps=10)])  # fmt: skip
+@pytest.mark.parametrize(
+    "scheduler",
+    [HVAEScheduler(num_train_timesteps=10, variance_type="learned_range"), DDIMScheduler(num_train_timesteps=10)],
+)
 def test_learned_variance_channels(scheduler):
     """A model with 2C output channels: the HVAE scheduler uses the variance half, DDIM gets the prediction only."""
     pipeline = quiet(HVAEPipeline(tiny_unet(out_channels=2), scheduler))
@@ -477,8 +531,13 @@ def test_learned_variance_channels(scheduler):
 def test_cuda_float16():
     unet = tiny_unet(num_class_embeds=3).to("cuda", torch.float16)
     pipeline = quiet(ClassifierFreeGuidancePipeline(unet, HVAEScheduler(num_train_timesteps=20)))
-    samples = pipeline(class_labels=[0, 1], guidance_scale=2.0, num_inference_steps=4, output_type="latent",
-                       generator=torch.Generator("cuda").manual_seed(0)).images  # fmt: skip
+    samples = pipeline(
+        class_labels=[0, 1],
+        guidance_scale=2.0,
+        num_inference_steps=4,
+        output_type="latent",
+        generator=torch.Generator("cuda").manual_seed(0),
+    ).images
     assert samples.device.type == "cuda" and samples.dtype == torch.float16 and torch.isfinite(samples).all()
 
 
@@ -597,9 +656,17 @@ def test_cfg_guidance_batching_options_agree():
     from hvae_diffusion import ClassifierFreeGuidancePipeline, HVAEScheduler
 
     torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=8, num_class_embeds=3)  # fmt: skip
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        num_class_embeds=3,
+    )
     forwards = []
     unet.register_forward_pre_hook(lambda module, args: forwards.append(args[0].shape[0]))
     pipeline = ClassifierFreeGuidancePipeline(unet, HVAEScheduler(num_train_timesteps=20))
@@ -607,8 +674,14 @@ def test_cfg_guidance_batching_options_agree():
     samples, batch_sizes = {}, {}
     for mode in ("batched", "separate"):
         forwards.clear()
-        samples[mode] = pipeline(class_labels=[0, 1], guidance_scale=3.0, num_inference_steps=3, output_type="latent",
-                                 generator=torch.Generator().manual_seed(0), guidance_batching=mode).images  # fmt: skip
+        samples[mode] = pipeline(
+            class_labels=[0, 1],
+            guidance_scale=3.0,
+            num_inference_steps=3,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(0),
+            guidance_batching=mode,
+        ).images
         batch_sizes[mode] = list(forwards)
     assert batch_sizes == {"batched": [4] * 3, "separate": [2] * 6}
     torch.testing.assert_close(samples["batched"], samples["separate"], atol=1e-5, rtol=1e-5)

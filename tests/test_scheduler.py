@@ -223,7 +223,9 @@ def test_add_noise_and_get_velocity_equal_ddpm():
     ours, theirs = HVAEScheduler(), DDPMScheduler()
     original, noise = torch.randn(2, *SHAPE)
     timesteps = torch.tensor([3, 997])
-    torch.testing.assert_close(ours.add_noise(original, noise, timesteps), theirs.add_noise(original, noise, timesteps))
+    torch.testing.assert_close(
+        ours.add_noise(original, noise, timesteps), theirs.add_noise(original, noise, timesteps)
+    )
     torch.testing.assert_close(
         ours.get_velocity(original, noise, timesteps), theirs.get_velocity(original, noise, timesteps)
     )

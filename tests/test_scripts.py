@@ -31,8 +31,14 @@ def load_script(name):
 
 
 def run_script(name, *args, timeout=600):
-    result = subprocess.run([sys.executable, os.path.join(SCRIPTS, f"{name}.py"), *map(str, args)], env=ENV,
-                            capture_output=True, text=True, timeout=timeout, cwd=ROOT)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, os.path.join(SCRIPTS, f"{name}.py"), *map(str, args)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -54,15 +60,23 @@ def demo_dir(tmp_path_factory):
 
 
 def test_demo_writes_pipelines_grids_and_report(demo_dir):
-    import hvae_diffusion  # noqa: F401
     from diffusers import DiffusionPipeline
 
+    import hvae_diffusion  # noqa: F401
     from hvae_diffusion.pipelines import ClassifierFreeGuidancePipeline, ClassifierGuidedPipeline
 
-    for name in ["samples_unconditional.png", "samples_classifier_guided.png", "samples_cfg.png",
-                 "evaluation/elbo_denoising_terms.png", "evaluation/grid_cfg_2.png", "evaluation/grid_classifier_2.png",
-                 "evaluation/feature_classifier.pt", "denoiser/README.md", "denoiser/samples/cfg_grid.png",
-                 "classifier_guided/classifier_accuracy.json"]:  # fmt: skip
+    for name in [
+        "samples_unconditional.png",
+        "samples_classifier_guided.png",
+        "samples_cfg.png",
+        "evaluation/elbo_denoising_terms.png",
+        "evaluation/grid_cfg_2.png",
+        "evaluation/grid_classifier_2.png",
+        "evaluation/feature_classifier.pt",
+        "denoiser/README.md",
+        "denoiser/samples/cfg_grid.png",
+        "classifier_guided/classifier_accuracy.json",
+    ]:
         assert (demo_dir / name).is_file(), name
     assert not list(demo_dir.glob("denoiser/checkpoint-*"))  # 4 steps, checkpoints every 1000
     denoiser = DiffusionPipeline.from_pretrained(demo_dir / "denoiser")
@@ -74,22 +88,43 @@ def test_demo_writes_pipelines_grids_and_report(demo_dir):
     assert set(report["wall_time_seconds"]) >= {"train denoiser", "train noisy classifier", "sample", "evaluate"}
     evaluation = json.loads((demo_dir / "evaluation" / "evaluation.json").read_text())
     elbo = evaluation["elbo"]
-    assert elbo["bits_per_dim"] == pytest.approx(elbo["reconstruction"] + elbo["prior_matching"]
-                                                 + elbo["denoising_matching"], rel=1e-6)  # fmt: skip
+    assert elbo["bits_per_dim"] == pytest.approx(
+        elbo["reconstruction"] + elbo["prior_matching"] + elbo["denoising_matching"], rel=1e-6
+    )
     assert evaluation["feature_classifier_test_accuracy"] > 0.9  # the evaluation classifier is a real classifier
     # w = 0 is the unconditional model: the folded null-label UNet gives the same samples from the same seed
     assert evaluation["cfg"]["0"]["num_samples"] == evaluation["unconditional"]["num_samples"] == 20
-    assert evaluation["cfg"]["0"]["frechet_distance"] == pytest.approx(evaluation["unconditional"]["frechet_distance"],
-                                                                       rel=1e-3)  # fmt: skip
+    assert evaluation["cfg"]["0"]["frechet_distance"] == pytest.approx(
+        evaluation["unconditional"]["frechet_distance"], rel=1e-3
+    )
     card = (demo_dir / "denoiser" / "README.md").read_text()
     assert "bits/dim" in card and "classifier-free guidance" in card
 
 
 def test_sample_writes_arrays(demo_dir, tmp_path):
     output = tmp_path / "samples.npz"
-    run_script("sample", "--pipeline_dir", demo_dir / "denoiser", "--guidance", "cfg", "--scale", "3",
-               "--class_labels", 3, 7, "--num_samples", 4, "--num_inference_steps", 4, "--scheduler", "dpmsolver",
-               "--grid", tmp_path / "grid.png", "--output", output)  # fmt: skip
+    run_script(
+        "sample",
+        "--pipeline_dir",
+        demo_dir / "denoiser",
+        "--guidance",
+        "cfg",
+        "--scale",
+        "3",
+        "--class_labels",
+        3,
+        7,
+        "--num_samples",
+        4,
+        "--num_inference_steps",
+        4,
+        "--scheduler",
+        "dpmsolver",
+        "--grid",
+        tmp_path / "grid.png",
+        "--output",
+        output,
+    )
     arrays = np.load(output)
     assert arrays["images"].shape == (4, 8, 8, 1) and arrays["images"].dtype == np.uint8
     assert arrays["labels"].tolist() == [3, 7, 3, 7]
@@ -97,15 +132,34 @@ def test_sample_writes_arrays(demo_dir, tmp_path):
 
 
 def tiny_train_args(output_dir, *extra):
-    return ["--output_dir", str(output_dir), "--max_train_steps", "2", "--train_batch_size", "8",
-            "--checkpointing_steps", "0", "--report_to", "none", "--num_inference_steps", "3", "--elbo_timesteps", "3",
-            "--elbo_num_samples", "8", *map(str, extra)]  # fmt: skip
+    return [
+        "--output_dir",
+        str(output_dir),
+        "--max_train_steps",
+        "2",
+        "--train_batch_size",
+        "8",
+        "--checkpointing_steps",
+        "0",
+        "--report_to",
+        "none",
+        "--num_inference_steps",
+        "3",
+        "--elbo_timesteps",
+        "3",
+        "--elbo_num_samples",
+        "8",
+        *map(str, extra),
+    ]
 
 
-@pytest.mark.parametrize("objective", [
-    ["--prediction_type", "v_prediction", "--loss_weighting", "min_snr", "--variance_type", "learned_range"],
-    ["--prediction_type", "score", "--loss_weighting", "elbo", "--use_ema", "--mixed_precision", "bf16"],
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "objective",
+    [
+        ["--prediction_type", "v_prediction", "--loss_weighting", "min_snr", "--variance_type", "learned_range"],
+        ["--prediction_type", "score", "--loss_weighting", "elbo", "--use_ema", "--mixed_precision", "bf16"],
+    ],
+)
 def test_train_objectives(tmp_path, objective):
     train = load_script("train")
     result = train.main(tiny_train_args(tmp_path / "run", *objective))
@@ -121,12 +175,21 @@ def test_train_errors_name_the_argument(demo_dir, tmp_path):
     cases = [
         (["--image_column", "picture"], "--image_column='picture'"),
         (["--conditioning", "class", "--num_classes", "5"], r"--label_column='label' has labels .* outside \[0, 5\)"),
-        (["--pretrained_model_name_or_path", demo_dir / "denoiser", "--conditioning", "class", "--prediction_type",
-          "v_prediction"], "--prediction_type='v_prediction' contradicts the pretrained scheduler config"),
+        (
+            [
+                "--pretrained_model_name_or_path",
+                demo_dir / "denoiser",
+                "--conditioning",
+                "class",
+                "--prediction_type",
+                "v_prediction",
+            ],
+            "--prediction_type='v_prediction' contradicts the pretrained scheduler config",
+        ),
         (["--resume_from_checkpoint", "checkpoint-99"], "--resume_from_checkpoint='checkpoint-99'"),
         (["--cond_drop_prob", "0.1"], "--cond_drop_prob needs --conditioning"),
         (["--push_to_hub"], "--push_to_hub needs --hub_model_id"),
-    ]  # fmt: skip
+    ]
     for extra, message in cases:
         with pytest.raises(ValueError, match=message):
             train.main(tiny_train_args(tmp_path / "bad", *extra))
@@ -134,13 +197,31 @@ def test_train_errors_name_the_argument(demo_dir, tmp_path):
 
 def test_fine_tune_from_a_saved_pipeline(demo_dir, tmp_path):
     train = load_script("train")
-    result = train.main(tiny_train_args(tmp_path / "tuned", "--pretrained_model_name_or_path", demo_dir / "denoiser",
-                                        "--conditioning", "class", "--cond_drop_prob", "0.1"))  # fmt: skip
+    result = train.main(
+        tiny_train_args(
+            tmp_path / "tuned",
+            "--pretrained_model_name_or_path",
+            demo_dir / "denoiser",
+            "--conditioning",
+            "class",
+            "--cond_drop_prob",
+            "0.1",
+        )
+    )
     assert result.global_step == 2
     assert json.loads((tmp_path / "tuned" / "unet" / "config.json").read_text())["num_class_embeds"] == 11
     # a bare UNet folder has no scheduler to contradict: the flags define a new one
-    train.main(tiny_train_args(tmp_path / "bare", "--pretrained_model_name_or_path", demo_dir / "denoiser" / "unet",
-                               "--conditioning", "class", "--prediction_type", "v_prediction"))  # fmt: skip
+    train.main(
+        tiny_train_args(
+            tmp_path / "bare",
+            "--pretrained_model_name_or_path",
+            demo_dir / "denoiser" / "unet",
+            "--conditioning",
+            "class",
+            "--prediction_type",
+            "v_prediction",
+        )
+    )
     scheduler_config = json.loads((tmp_path / "bare" / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler_config["prediction_type"] == "v_prediction"
 
@@ -187,12 +268,27 @@ TWO_PROCESS_SCRIPT = textwrap.dedent("""
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     script = tmp_path / "two_process_train.py"
     script.write_text(TWO_PROCESS_SCRIPT)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
-               str(tmp_path / "two"), "4"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(script),
+        str(tmp_path / "two"),
+        "4",
+    ]
     os.makedirs(tmp_path / "two")
-    result = subprocess.run(command, env={**ENV, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True,
-                            timeout=300)  # fmt: skip
+    result = subprocess.run(
+        command, env={**ENV, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     spec = importlib.util.spec_from_file_location("two_process_train", script)
     module = importlib.util.module_from_spec(spec)
@@ -223,10 +319,19 @@ def make_text_setup(root):
     (root / "vocab.json").write_text(json.dumps(vocab))
     (root / "merges.txt").write_text("#version: 0.2\n")
     CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"), model_max_length=8).save_pretrained(
-        root / "encoder" / "tokenizer")  # fmt: skip
-    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                            num_attention_heads=2, max_position_embeddings=8, bos_token_id=0, eos_token_id=1,
-                            pad_token_id=1)  # fmt: skip
+        root / "encoder" / "tokenizer"
+    )
+    config = CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=8,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
     CLIPTextModel(config).save_pretrained(root / "encoder" / "text_encoder")
     (root / "images").mkdir()
     rows = []
@@ -234,21 +339,46 @@ def make_text_setup(root):
         Image.new("L", (8, 8), color=index * 15).save(root / "images" / f"{index}.png")
         rows.append(json.dumps({"file_name": f"{index}.png", "text": ["a digit zero", "a digit one"][index % 2]}))
     (root / "images" / "metadata.jsonl").write_text("\n".join(rows))
-    (root / "unet.json").write_text(json.dumps({
-        "_class_name": "UNet2DConditionModel", "sample_size": 8, "in_channels": 1, "out_channels": 1,
-        "block_out_channels": [16, 32], "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "layers_per_block": 1, "norm_num_groups": 8,
-        "cross_attention_dim": 16, "attention_head_dim": 4,
-    }))  # fmt: skip
+    (root / "unet.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "UNet2DConditionModel",
+                "sample_size": 8,
+                "in_channels": 1,
+                "out_channels": 1,
+                "block_out_channels": [16, 32],
+                "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+                "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+                "layers_per_block": 1,
+                "norm_num_groups": 8,
+                "cross_attention_dim": 16,
+                "attention_head_dim": 4,
+            }
+        )
+    )
 
 
 def test_text_conditioning_with_prompt_dropout(tmp_path):
     make_text_setup(tmp_path)
     train = load_script("train")
     output = tmp_path / "text_run"
-    train.main(tiny_train_args(output, "--train_data_dir", tmp_path / "images", "--conditioning", "text",
-                               "--cond_drop_prob", "0.3", "--unet_config", tmp_path / "unet.json",
-                               "--text_encoder_name_or_path", tmp_path / "encoder", "--train_batch_size", "4"))  # fmt: skip
+    train.main(
+        tiny_train_args(
+            output,
+            "--train_data_dir",
+            tmp_path / "images",
+            "--conditioning",
+            "text",
+            "--cond_drop_prob",
+            "0.3",
+            "--unet_config",
+            tmp_path / "unet.json",
+            "--text_encoder_name_or_path",
+            tmp_path / "encoder",
+            "--train_batch_size",
+            "4",
+        )
+    )
     for component in ["unet", "scheduler", "text_encoder", "tokenizer"]:
         assert (output / component).is_dir(), component
     sample = load_script("sample")

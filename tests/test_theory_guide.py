@@ -86,8 +86,16 @@ def sections():
 
 def test_the_guide_covers_every_equation_of_the_derivation():
     titles = " ".join(title for title, _ in sections()).lower()
-    for topic in ("forward step", "q(x_t | x_0)", "posterior", "elbo", "objectives", "tweedie",
-                  "classifier guidance", "classifier-free guidance"):  # fmt: skip
+    for topic in (
+        "forward step",
+        "q(x_t | x_0)",
+        "posterior",
+        "elbo",
+        "objectives",
+        "tweedie",
+        "classifier guidance",
+        "classifier-free guidance",
+    ):
         assert topic in titles, f"no section on {topic!r} in docs/theory.md"
 
 

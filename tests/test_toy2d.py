@@ -8,8 +8,7 @@ import pytest
 import torch
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
-from hvae_diffusion import ClassifierFreeGuidancePipeline, HVAEPipeline, HVAEScheduler, MLPDenoiser
-from hvae_diffusion import MLPNoisyClassifier
+from hvae_diffusion import ClassifierFreeGuidancePipeline, HVAEPipeline, HVAEScheduler, MLPDenoiser, MLPNoisyClassifier
 from hvae_diffusion.testing import ExactMixtureDenoiser
 from hvae_diffusion.toy_data import TOY_DATASETS, ToyDataset, make_toy_dataset, make_toy_samples, toy_gaussian_mixture
 from hvae_diffusion.training import DiffusionLoss, NoisyClassifierLoss, TrainingConfig, train
@@ -48,8 +47,10 @@ def test_class_labels_condition_the_mlp(generator):
         model.class_embedding.weight.normal_()
     outputs = [model(sample, 3, class_labels=torch.full((4,), label)).sample for label in range(4)]
     assert not torch.allclose(outputs[0], outputs[3])
-    torch.testing.assert_close(model(sample, 3, class_labels=torch.tensor([0, 1, 2, 3])).sample.diagonal(),
-                               torch.stack([o for o in outputs]).diagonal(dim1=0, dim2=1).diagonal())  # fmt: skip
+    torch.testing.assert_close(
+        model(sample, 3, class_labels=torch.tensor([0, 1, 2, 3])).sample.diagonal(),
+        torch.stack([o for o in outputs]).diagonal(dim1=0, dim2=1).diagonal(),
+    )
 
 
 @pytest.mark.parametrize(
@@ -73,9 +74,14 @@ def test_bad_mlp_input(kwargs, call, match):
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"sample_size": 8}, "sample_size"), ({"in_channels": 0}, "in_channels"), ({"num_class_embeds": 0}, "num_class"),
-     ({"out_channels": -1}, "out_channels"), ({"hidden_dim": 1.5}, "hidden_dim")],
-)  # fmt: skip
+    [
+        ({"sample_size": 8}, "sample_size"),
+        ({"in_channels": 0}, "in_channels"),
+        ({"num_class_embeds": 0}, "num_class"),
+        ({"out_channels": -1}, "out_channels"),
+        ({"hidden_dim": 1.5}, "hidden_dim"),
+    ],
+)
 def test_bad_mlp_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MLPDenoiser(**kwargs)
@@ -164,21 +170,39 @@ def epsilon_error(model, scheduler, exact, generator):
 
 
 def training_config(tmp_path, name, steps=150):
-    return TrainingConfig(output_dir=str(tmp_path / name), train_batch_size=128, max_train_steps=steps,
-                          learning_rate=3e-3, checkpointing_steps=None, report_to=None, seed=0)  # fmt: skip
+    return TrainingConfig(
+        output_dir=str(tmp_path / name),
+        train_batch_size=128,
+        max_train_steps=steps,
+        learning_rate=3e-3,
+        checkpointing_steps=None,
+        report_to=None,
+        seed=0,
+    )
 
 
 @pytest.mark.parametrize("prediction_type", ["sample", "epsilon", "score"])
 def test_each_objective_trains_through_the_package_loop(tmp_path, prediction_type, single_thread):
     """x0, ε and score models train with ``training.train`` + ``DiffusionLoss`` and move toward the exact ε*."""
-    scheduler = HVAEScheduler(num_train_timesteps=100, clip_sample=False, beta_end=0.2, prediction_type=prediction_type)
+    scheduler = HVAEScheduler(
+        num_train_timesteps=100, clip_sample=False, beta_end=0.2, prediction_type=prediction_type
+    )
     mixture = toy_gaussian_mixture()
-    exact = ExactMixtureDenoiser(mixture.means, mixture.stds, component_labels=mixture.component_labels.tolist(),
-                                 alphas_cumprod=scheduler.alphas_cumprod, prediction_type="epsilon")  # fmt: skip
+    exact = ExactMixtureDenoiser(
+        mixture.means,
+        mixture.stds,
+        component_labels=mixture.component_labels.tolist(),
+        alphas_cumprod=scheduler.alphas_cumprod,
+        prediction_type="epsilon",
+    )
     model = tiny_mlp()
     before = epsilon_error(model, scheduler, exact, torch.Generator().manual_seed(1))
-    result = train(training_config(tmp_path, prediction_type), model, DiffusionLoss(scheduler),
-                   make_toy_dataset("gaussian_mixture", 1024))  # fmt: skip
+    result = train(
+        training_config(tmp_path, prediction_type),
+        model,
+        DiffusionLoss(scheduler),
+        make_toy_dataset("gaussian_mixture", 1024),
+    )
     after = epsilon_error(model.eval(), scheduler, exact, torch.Generator().manual_seed(1))
     assert result.global_step == 150
     assert after < 0.5 * before, (before, after)
@@ -190,14 +214,23 @@ def test_conditional_mlp_trains_for_classifier_free_guidance(tmp_path, single_th
     mixture = toy_gaussian_mixture()
     model = tiny_mlp(num_class_embeds=mixture.num_classes + 1)
     loss = DiffusionLoss(scheduler, cond_drop_prob=0.2, null_label=mixture.num_classes)
-    result = train(training_config(tmp_path, "cfg", steps=100), model, loss,
-                   make_toy_dataset("gaussian_mixture", 1024, with_labels=True))  # fmt: skip
+    result = train(
+        training_config(tmp_path, "cfg", steps=100),
+        model,
+        loss,
+        make_toy_dataset("gaussian_mixture", 1024, with_labels=True),
+    )
     assert result.losses[-1] < result.losses[0]
     pipeline = ClassifierFreeGuidancePipeline(unet=model.eval(), scheduler=scheduler)
     pipeline.set_progress_bar_config(disable=True)
     assert pipeline.config.null_class_label == mixture.num_classes
-    samples = pipeline(class_labels=0, batch_size=64, guidance_scale=2.0, num_inference_steps=20,
-                       generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    samples = pipeline(
+        class_labels=0,
+        batch_size=64,
+        guidance_scale=2.0,
+        num_inference_steps=20,
+        generator=torch.Generator().manual_seed(0),
+    ).images
     assert samples.shape == (64, 2) and torch.isfinite(samples).all()
     # sampling asked for class 0 lands mostly on class 0's modes under the exact class posterior
     share = (mixture.class_log_posterior(samples.double(), 1.0).argmax(1) == 0).double().mean()
@@ -209,12 +242,18 @@ def test_noisy_classifier_trains_through_the_package_loop(tmp_path, single_threa
     scheduler = HVAEScheduler(num_train_timesteps=100, clip_sample=False, beta_end=0.2)
     torch.manual_seed(0)
     classifier = MLPNoisyClassifier(in_channels=2, num_classes=3, hidden_dim=32, num_blocks=2)
-    result = train(training_config(tmp_path, "classifier", steps=100), classifier, NoisyClassifierLoss(scheduler),
-                   make_toy_dataset("gaussian_mixture", 1024, with_labels=True))  # fmt: skip
+    result = train(
+        training_config(tmp_path, "classifier", steps=100),
+        classifier,
+        NoisyClassifierLoss(scheduler),
+        make_toy_dataset("gaussian_mixture", 1024, with_labels=True),
+    )
     assert result.global_step == 100
     x0, labels = toy_gaussian_mixture().sample(300, generator=torch.Generator().manual_seed(2))
     timesteps = torch.randint(0, 5, (300,), generator=torch.Generator().manual_seed(3))
-    sample = scheduler.add_noise(x0.float(), torch.randn(300, 2, generator=torch.Generator().manual_seed(4)), timesteps)
+    sample = scheduler.add_noise(
+        x0.float(), torch.randn(300, 2, generator=torch.Generator().manual_seed(4)), timesteps
+    )
     with torch.no_grad():
         accuracy = (classifier.eval()(sample, timesteps).logits.argmax(1) == labels).double().mean()
     assert accuracy > 0.8
@@ -230,10 +269,18 @@ def test_toy2d_script_quick_run(tmp_path, single_thread):
     report = toy2d.main(["--quick", "--output_dir", str(tmp_path / "figures"), "--work_dir", str(tmp_path / "work")])
     written = sorted(os.listdir(tmp_path / "figures"))
     assert written == sorted(
-        ["1_forward_process.png", "2_reverse_gaussian_mixture.png", "2_reverse_moons.png", "2_reverse_swiss_roll.png",
-         "3_score_field_x0.png", "3_score_field_epsilon.png", "3_score_field_score.png", "4_elbo_terms.png",
-         "5_guidance_toy.png"]
-    )  # fmt: skip
+        [
+            "1_forward_process.png",
+            "2_reverse_gaussian_mixture.png",
+            "2_reverse_moons.png",
+            "2_reverse_swiss_roll.png",
+            "3_score_field_x0.png",
+            "3_score_field_epsilon.png",
+            "3_score_field_score.png",
+            "4_elbo_terms.png",
+            "5_guidance_toy.png",
+        ]
+    )
     assert set(report["figures"]["4_elbo_terms"]) == {"x0", "epsilon", "score", "exact denoiser"}
     loaded = HVAEPipeline.from_pretrained(tmp_path / "work" / "mixture_epsilon")
     assert isinstance(loaded.unet, MLPDenoiser)

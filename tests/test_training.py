@@ -29,8 +29,6 @@ from hvae_diffusion.training.loop import (
 )
 from hvae_diffusion.training.losses import BatchRandomness, DiffusionLoss, NoisyClassifierLoss, drop_conditions
 
-
-
 # ------------------------------------------------------------------------------------------------ data
 
 
@@ -55,7 +53,9 @@ def test_image_tensors_round_trip_in_range(digits):
     dataset = image_dataset_to_tensors(digits["test"], label_column="label", num_classes=10)
     item = dataset[0]
     assert item["sample"].shape == (1, 8, 8) and item["sample"].dtype == torch.float32
-    assert item["sample"].min() >= -1 and item["sample"].max() <= 1 and item["class_labels"] == digits["test"][0]["label"]
+    assert (
+        item["sample"].min() >= -1 and item["sample"].max() <= 1 and item["class_labels"] == digits["test"][0]["label"]
+    )
     back = tensor_to_uint8(item["sample"][None])[0, :, :, 0]
     assert np.array_equal(back, np.asarray(digits["test"][0]["image"]))
     assert image_dataset_to_tensors(digits["test"], resolution=16)[0]["sample"].shape == (1, 16, 16)
@@ -128,8 +128,9 @@ def test_elbo_weighted_loss_is_the_denoising_kl(prediction_type):
     mean, log_variance, _ = scheduler.predicted_mean_log_variance(model.output.detach(), sample, timesteps)
     true_mean, true_variance = scheduler.posterior_mean_variance(samples, sample, timesteps)
     log_variance = broadcast_to(log_variance.float(), sample)
-    kl = denoising_matching_kl(true_mean, broadcast_to(true_variance.clamp(min=1e-30).log().float(), sample), mean,
-                               log_variance)  # fmt: skip
+    kl = denoising_matching_kl(
+        true_mean, broadcast_to(true_variance.clamp(min=1e-30).log().float(), sample), mean, log_variance
+    )
     # at t = 0 the ELBO weight is the Gaussian reconstruction's ‖x̂0 − x0‖² / 2σ², the same quadratic in the output
     decoder = 0.5 * ((mean - samples) ** 2 * torch.exp(-log_variance)).flatten(1).sum(1)
     expected = torch.where(timesteps == 0, decoder, kl) / 16
@@ -185,15 +186,30 @@ def tiny_mlp(seed=0):
 
 
 def run(tmp_path, name, loss_fn=None, **overrides):
-    settings = dict(output_dir=str(tmp_path / name), train_batch_size=16, max_train_steps=8, learning_rate=1e-2,
-                    lr_warmup_steps=2, checkpointing_steps=3, report_to=None, use_ema=True, ema_max_decay=0.9, seed=7)  # fmt: skip
+    settings = dict(
+        output_dir=str(tmp_path / name),
+        train_batch_size=16,
+        max_train_steps=8,
+        learning_rate=1e-2,
+        lr_warmup_steps=2,
+        checkpointing_steps=3,
+        report_to=None,
+        use_ema=True,
+        ema_max_decay=0.9,
+        seed=7,
+    )
     settings.update(overrides)
     model = tiny_mlp()
     scheduler = HVAEScheduler(num_train_timesteps=100)
     loss_fn = loss_fn or DiffusionLoss(scheduler, cond_drop_prob=0.2, null_label=3)
     saved = {}
-    result = train(TrainingConfig(**settings), model, loss_fn, vector_data(),
-                   save_fn=lambda m, d: saved.update(state={k: v.clone() for k, v in m.state_dict().items()}))  # fmt: skip
+    result = train(
+        TrainingConfig(**settings),
+        model,
+        loss_fn,
+        vector_data(),
+        save_fn=lambda m, d: saved.update(state={k: v.clone() for k, v in m.state_dict().items()}),
+    )
     return result, saved.get("state"), model
 
 
@@ -272,9 +288,19 @@ def test_noisy_classifier_loss_learns_on_vectors(tmp_path):
 
     scheduler = HVAEScheduler(num_train_timesteps=100)
     model = VectorClassifier()
-    result = train(TrainingConfig(output_dir=str(tmp_path / "cls"), train_batch_size=32, max_train_steps=60,
-                                  learning_rate=1e-2, checkpointing_steps=None, report_to=None),
-                   model, NoisyClassifierLoss(scheduler), vector_data(192))  # fmt: skip
+    result = train(
+        TrainingConfig(
+            output_dir=str(tmp_path / "cls"),
+            train_batch_size=32,
+            max_train_steps=60,
+            learning_rate=1e-2,
+            checkpointing_steps=None,
+            report_to=None,
+        ),
+        model,
+        NoisyClassifierLoss(scheduler),
+        vector_data(192),
+    )
     assert np.mean(result.losses[-10:]) < 0.8 * math.log(3)
 
 
@@ -295,8 +321,11 @@ def test_unconditional_unet_is_the_null_label_model():
     with torch.no_grad():
         expected = unet(sample, timesteps, class_labels=torch.full((3,), 3)).sample
         assert torch.allclose(folded(sample, timesteps).sample, expected, atol=1e-5)
-        assert not torch.allclose(folded(sample, timesteps).sample, unet(sample, timesteps, class_labels=torch.zeros(
-            3, dtype=torch.long)).sample, atol=1e-3)  # fmt: skip
+        assert not torch.allclose(
+            folded(sample, timesteps).sample,
+            unet(sample, timesteps, class_labels=torch.zeros(3, dtype=torch.long)).sample,
+            atol=1e-3,
+        )
 
 
 def test_frechet_distance_matches_the_closed_form():
@@ -319,8 +348,9 @@ def test_elbo_report_agrees_with_elbo_terms():
     parts = report["reconstruction"] + report["prior_matching"] + report["denoising_matching"]
     assert report["bits_per_dim"] == pytest.approx(parts, rel=1e-5)
     assert report["standard_error"] is not None and math.isfinite(first_batch)
-    subset = elbo_report(scheduler, denoiser, samples, batch_size=3, num_timesteps=5,
-                         generator=torch.Generator().manual_seed(0))  # fmt: skip
+    subset = elbo_report(
+        scheduler, denoiser, samples, batch_size=3, num_timesteps=5, generator=torch.Generator().manual_seed(0)
+    )
     assert subset["num_timesteps_evaluated"] == 5 and subset["standard_error"] > 0
 
 

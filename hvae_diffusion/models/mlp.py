@@ -55,8 +55,9 @@ class TimeConditionedMLP(nn.Module):
     UNet; ``forward`` takes an extra embedding (a class label's) to add to it.
     """
 
-    def __init__(self, in_channels, out_channels, hidden_dim, num_blocks, time_embedding_dim, flip_sin_to_cos,
-                 freq_shift):  # fmt: skip
+    def __init__(
+        self, in_channels, out_channels, hidden_dim, num_blocks, time_embedding_dim, flip_sin_to_cos, freq_shift
+    ):
         super().__init__()
         self.time_proj = Timesteps(hidden_dim, flip_sin_to_cos, freq_shift)
         self.time_embedding = TimestepEmbedding(hidden_dim, time_embedding_dim)
@@ -126,8 +127,15 @@ class MLPDenoiser(ModelMixin, ConfigMixin):
         if sample_size is not None:
             raise ValueError(f"sample_size must be None for vector data (MLPDenoiser), got {sample_size!r}")
         time_embedding_dim = time_embedding_dim or hidden_dim
-        self.network = TimeConditionedMLP(in_channels, out_channels or in_channels, hidden_dim, num_blocks,
-                                          time_embedding_dim, flip_sin_to_cos, freq_shift)  # fmt: skip
+        self.network = TimeConditionedMLP(
+            in_channels,
+            out_channels or in_channels,
+            hidden_dim,
+            num_blocks,
+            time_embedding_dim,
+            flip_sin_to_cos,
+            freq_shift,
+        )
         self.class_embedding = nn.Embedding(num_class_embeds, time_embedding_dim) if num_class_embeds else None
 
     def forward(
@@ -150,7 +158,9 @@ class MLPDenoiser(ModelMixin, ConfigMixin):
         class_embedding = None
         if self.class_embedding is not None:
             if class_labels is None:
-                raise ValueError("class_labels must be given: this model is class-conditional (num_class_embeds is set)")
+                raise ValueError(
+                    "class_labels must be given: this model is class-conditional (num_class_embeds is set)"
+                )
             class_labels = torch.as_tensor(class_labels, device=sample.device).long().reshape(-1)
             if class_labels.shape[0] != sample.shape[0]:
                 raise ValueError(f"class_labels must have shape [{sample.shape[0]}], got {tuple(class_labels.shape)}")
@@ -195,14 +205,25 @@ class MLPNoisyClassifier(ModelMixin, ConfigMixin):
         freq_shift: int = 0,
     ):
         super().__init__()
-        for name, value in (("in_channels", in_channels), ("num_classes", num_classes), ("hidden_dim", hidden_dim),
-                            ("num_blocks", num_blocks)):  # fmt: skip
+        for name, value in (
+            ("in_channels", in_channels),
+            ("num_classes", num_classes),
+            ("hidden_dim", hidden_dim),
+            ("num_blocks", num_blocks),
+        ):
             _check_positive_int(name, value)
         _check_positive_int("time_embedding_dim", time_embedding_dim, allow_none=True)
         if sample_size is not None:
             raise ValueError(f"sample_size must be None for vector data (MLPNoisyClassifier), got {sample_size!r}")
-        self.network = TimeConditionedMLP(in_channels, num_classes, hidden_dim, num_blocks,
-                                          time_embedding_dim or hidden_dim, flip_sin_to_cos, freq_shift)  # fmt: skip
+        self.network = TimeConditionedMLP(
+            in_channels,
+            num_classes,
+            hidden_dim,
+            num_blocks,
+            time_embedding_dim or hidden_dim,
+            flip_sin_to_cos,
+            freq_shift,
+        )
 
     @property
     def num_classes(self) -> int:

@@ -125,9 +125,7 @@ class NoisyClassifier(ModelMixin, ConfigMixin):
             timestep: t, a scalar or ``[B]``.
         """
         if sample.ndim != 4 or sample.shape[1] != self.config.in_channels:
-            raise ValueError(
-                f"sample must have shape [B, {self.config.in_channels}, H, W], got {tuple(sample.shape)}"
-            )
+            raise ValueError(f"sample must have shape [B, {self.config.in_channels}, H, W], got {tuple(sample.shape)}")
         timesteps = torch.as_tensor(timestep, device=sample.device)
         timesteps = timesteps.reshape(-1).expand(sample.shape[0]) if timesteps.numel() == 1 else timesteps
         embedding = self.time_embedding(self.time_proj(timesteps).to(self.dtype))

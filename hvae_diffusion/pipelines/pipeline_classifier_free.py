@@ -70,9 +70,12 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
         """The text encoder's last hidden states ``[B, L, dim]`` for prompts padded to the tokenizer's max length."""
         tokens = self.tokenizer(
-            prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
             return_tensors="pt",
-        )  # fmt: skip
+        )
         hidden_states = self.text_encoder(tokens.input_ids.to(self._execution_device))[0]
         return hidden_states.to(dtype=self.unet.dtype)
 
@@ -101,12 +104,15 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
             {"encoder_hidden_states": self.encode_prompt(prompts)},
         )
 
-    def predict_unconditional_and_conditional(self, model_input, timestep, unconditional, conditional,
-                                              batched: bool = True):  # fmt: skip
+    def predict_unconditional_and_conditional(
+        self, model_input, timestep, unconditional, conditional, batched: bool = True
+    ):
         """The model's outputs without and with the condition: one forward on the doubled batch, or two forwards."""
         if not batched:
-            return (model_output_of(self.unet(model_input, timestep, **unconditional)),
-                    model_output_of(self.unet(model_input, timestep, **conditional)))  # fmt: skip
+            return (
+                model_output_of(self.unet(model_input, timestep, **unconditional)),
+                model_output_of(self.unet(model_input, timestep, **conditional)),
+            )
         conditions = {name: torch.cat([unconditional[name], conditional[name]]) for name in conditional}
         output = model_output_of(self.unet(torch.cat([model_input, model_input]), timestep, **conditions))
         return output.chunk(2)

@@ -15,8 +15,11 @@ CLASSIFIER_INPUTS = ("noisy", "denoised")
 
 def classifier_num_classes(classifier) -> int | None:
     """The classifier's declared class count: ``.num_classes``, ``.config.num_classes`` or ``.config.num_labels``."""
-    for owner, name in ((classifier, "num_classes"), (getattr(classifier, "config", None), "num_classes"),
-                        (getattr(classifier, "config", None), "num_labels")):  # fmt: skip
+    for owner, name in (
+        (classifier, "num_classes"),
+        (getattr(classifier, "config", None), "num_classes"),
+        (getattr(classifier, "config", None), "num_labels"),
+    ):
         value = getattr(owner, name, None) if owner is not None else None
         if isinstance(value, int) and not isinstance(value, bool):
             return value

@@ -166,9 +166,15 @@ class HVAESamplingPipeline(DiffusionPipeline):
         return getattr(self.unet.config, "sample_size", None) is None
 
     def check_sampling_inputs(
-        self, batch_size, num_inference_steps, generator, latents, output_type, callback_on_step_end,
+        self,
+        batch_size,
+        num_inference_steps,
+        generator,
+        latents,
+        output_type,
+        callback_on_step_end,
         callback_on_step_end_tensor_inputs,
-    ) -> tuple[int, ...]:  # fmt: skip
+    ) -> tuple[int, ...]:
         """Raise a ``ValueError`` for any bad common input; return the shape of the samples to draw."""
         check_batch_size(batch_size)
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):

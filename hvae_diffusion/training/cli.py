@@ -12,18 +12,29 @@ from .loop import TrainingConfig
 
 def add_data_arguments(parser):
     group = parser.add_argument_group("data")
-    group.add_argument("--dataset_name", default=None,
-                       help="a dataset on the Hub (or a local dataset folder); default: the built-in digits")  # fmt: skip
+    group.add_argument(
+        "--dataset_name",
+        default=None,
+        help="a dataset on the Hub (or a local dataset folder); default: the built-in digits",
+    )
     group.add_argument("--dataset_config_name", default=None)
     group.add_argument("--train_data_dir", default=None, help="a local image folder (imagefolder layout)")
     group.add_argument("--cache_dir", default=None)
     group.add_argument("--image_column", default="image")
     group.add_argument("--label_column", default="label")
     group.add_argument("--caption_column", default="text")
-    group.add_argument("--resolution", type=int, default=None,
-                       help="images are resized to this size (default: the dataset's own, 8 for the digits)")  # fmt: skip
-    group.add_argument("--num_classes", type=int, default=None,
-                       help="the class count (default: from the label column's ClassLabel, else max label + 1)")  # fmt: skip
+    group.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="images are resized to this size (default: the dataset's own, 8 for the digits)",
+    )
+    group.add_argument(
+        "--num_classes",
+        type=int,
+        default=None,
+        help="the class count (default: from the label column's ClassLabel, else max label + 1)",
+    )
 
 
 def add_training_arguments(parser, learning_rate=1e-4, train_batch_size=64):
@@ -34,8 +45,11 @@ def add_training_arguments(parser, learning_rate=1e-4, train_batch_size=64):
     group.add_argument("--max_train_steps", type=int, default=None, help="optimizer steps; overrides --num_epochs")
     group.add_argument("--gradient_accumulation_steps", type=int, default=1)
     group.add_argument("--learning_rate", type=float, default=learning_rate)
-    group.add_argument("--lr_scheduler", default="cosine",
-                       help="linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup")  # fmt: skip
+    group.add_argument(
+        "--lr_scheduler",
+        default="cosine",
+        help="linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup",
+    )
     group.add_argument("--lr_warmup_steps", type=int, default=0)
     group.add_argument("--adam_beta1", type=float, default=0.9)
     group.add_argument("--adam_beta2", type=float, default=0.999)
@@ -83,13 +97,16 @@ def load_training_data(args, need_labels=False, need_captions=False):
     num_classes = None
     if label_column is not None:
         if label_column not in train_split.column_names:
-            raise ValueError(f"--label_column={label_column!r} is not a column of the dataset; "
-                             f"columns: {train_split.column_names}")  # fmt: skip
+            raise ValueError(
+                f"--label_column={label_column!r} is not a column of the dataset; columns: {train_split.column_names}"
+            )
         num_classes = args.num_classes or num_classes_of(train_split, label_column)
     caption_column = args.caption_column if need_captions else None
     resolution = args.resolution
-    datasets = [image_dataset_to_tensors(split, args.image_column, resolution, label_column, caption_column,
-                                         num_classes) for split in (train_split, splits["test"])]  # fmt: skip
+    datasets = [
+        image_dataset_to_tensors(split, args.image_column, resolution, label_column, caption_column, num_classes)
+        for split in (train_split, splits["test"])
+    ]
     first = datasets[0][0]["sample"]
     return datasets[0], datasets[1], num_classes, first.shape[-1], first.shape[0]
 

@@ -119,8 +119,9 @@ def denoiser_pipeline(unet, scheduler, conditioning="none", text_encoder=None, t
 
     if conditioning == "none":
         return HVAEPipeline(unet=unet, scheduler=scheduler)
-    return ClassifierFreeGuidancePipeline(unet=unet, scheduler=scheduler, text_encoder=text_encoder,
-                                          tokenizer=tokenizer)  # fmt: skip
+    return ClassifierFreeGuidancePipeline(
+        unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer
+    )
 
 
 def classifier_guided_pipeline(denoiser_pipeline_or_dir, classifier):

@@ -33,13 +33,17 @@ def load_digits_dataset():
     dataset = datasets.Dataset.from_dict(
         {"image": [Image.fromarray(p, mode="L") for p in pixels], "label": digits.target.tolist()}, features=features
     )
-    return dataset.train_test_split(
-        test_size=DIGITS_TEST_SIZE, seed=DIGITS_SPLIT_SEED, stratify_by_column="label"
-    )
+    return dataset.train_test_split(test_size=DIGITS_TEST_SIZE, seed=DIGITS_SPLIT_SEED, stratify_by_column="label")
 
 
-def load_image_dataset(dataset_name=None, dataset_config_name=None, train_data_dir=None, cache_dir=None,
-                       test_size=DIGITS_TEST_SIZE, seed=DIGITS_SPLIT_SEED):  # fmt: skip
+def load_image_dataset(
+    dataset_name=None,
+    dataset_config_name=None,
+    train_data_dir=None,
+    cache_dir=None,
+    test_size=DIGITS_TEST_SIZE,
+    seed=DIGITS_SPLIT_SEED,
+):
     """The training data as a ``DatasetDict`` with ``train`` and ``test`` splits.
 
     ``dataset_name`` loads a dataset from the Hub (or a local dataset script/folder), ``train_data_dir`` a local
@@ -140,8 +144,9 @@ class ImageTensorDataset(torch.utils.data.Dataset):
         return self._columns[name]
 
 
-def image_dataset_to_tensors(dataset, image_column="image", resolution=None, label_column=None,
-                             caption_column=None, num_classes=None):  # fmt: skip
+def image_dataset_to_tensors(
+    dataset, image_column="image", resolution=None, label_column=None, caption_column=None, num_classes=None
+):
     """Check the columns and wrap a split as an ``ImageTensorDataset``.
 
     Raises a ``ValueError`` naming the argument for a missing column, images of mixed channel counts, or labels

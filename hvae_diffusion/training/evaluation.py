@@ -12,7 +12,6 @@ from PIL import Image
 
 from .data import tensor_to_uint8
 
-
 # ---------------------------------------------------------------------------------------------- the ELBO
 
 
@@ -36,8 +35,10 @@ def elbo_report(scheduler, denoiser, samples, batch_size=64, num_timesteps=None,
     """
     num_dims = math.prod(samples.shape[1:])
     to_bits = 1.0 / (num_dims * math.log(2.0))
-    batch_estimates, totals = [], {"bits_per_dim": 0.0, "reconstruction": 0.0, "prior_matching": 0.0,
-                                   "denoising_matching": 0.0}  # fmt: skip
+    batch_estimates, totals = (
+        [],
+        {"bits_per_dim": 0.0, "reconstruction": 0.0, "prior_matching": 0.0, "denoising_matching": 0.0},
+    )
     kl_sum, kl_count = {}, {}
     for start in range(0, samples.shape[0], batch_size):
         batch = samples[start : start + batch_size]
@@ -59,8 +60,9 @@ def elbo_report(scheduler, denoiser, samples, batch_size=64, num_timesteps=None,
     report["num_timesteps_evaluated"] = num_timesteps or len(scheduler.timesteps) - 1
     ordered = sorted(kl_sum)
     report["denoising_by_timestep"] = {
-        "timesteps": ordered, "bits_per_dim": [kl_sum[t] / kl_count[t] for t in ordered]
-    }  # fmt: skip
+        "timesteps": ordered,
+        "bits_per_dim": [kl_sum[t] / kl_count[t] for t in ordered],
+    }
     return report
 
 
@@ -92,14 +94,22 @@ class FeatureClassifier(torch.nn.Module):
 
     def __init__(self, in_channels=1, num_classes=10, resolution=8, width=32, feature_dim=64):
         super().__init__()
-        self.config = {"in_channels": in_channels, "num_classes": num_classes, "resolution": resolution,
-                       "width": width, "feature_dim": feature_dim}  # fmt: skip
+        self.config = {
+            "in_channels": in_channels,
+            "num_classes": num_classes,
+            "resolution": resolution,
+            "width": width,
+            "feature_dim": feature_dim,
+        }
         self.encoder = torch.nn.Sequential(
-            torch.nn.Conv2d(in_channels, width, 3, padding=1), torch.nn.ReLU(),
-            torch.nn.Conv2d(width, 2 * width, 3, padding=1, stride=2), torch.nn.ReLU(),
+            torch.nn.Conv2d(in_channels, width, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(width, 2 * width, 3, padding=1, stride=2),
+            torch.nn.ReLU(),
             torch.nn.Flatten(),
-            torch.nn.Linear(2 * width * ((resolution + 1) // 2) ** 2, feature_dim), torch.nn.ReLU(),
-        )  # fmt: skip
+            torch.nn.Linear(2 * width * ((resolution + 1) // 2) ** 2, feature_dim),
+            torch.nn.ReLU(),
+        )
         self.head = torch.nn.Linear(feature_dim, num_classes)
 
     def features(self, images):
@@ -182,8 +192,9 @@ def image_grid(samples, num_columns=10, min_cell_pixels=32, padding=1, padding_v
     num_columns = min(num_columns, count)
     num_rows = -(-count // num_columns)
     cell_height, cell_width = height + padding, width + padding
-    canvas = np.full((num_rows * cell_height + padding, num_columns * cell_width + padding, channels), padding_value,
-                     dtype=np.uint8)  # fmt: skip
+    canvas = np.full(
+        (num_rows * cell_height + padding, num_columns * cell_width + padding, channels), padding_value, dtype=np.uint8
+    )
     for index, image in enumerate(images):
         row, column = divmod(index, num_columns)
         top, left = row * cell_height + padding, column * cell_width + padding

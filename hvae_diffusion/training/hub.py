@@ -50,14 +50,21 @@ def render_model_card(output_dir, repo_id=None, template_path=None, **fields):
         datasets=[fields["dataset"]] if fields.get("dataset") and "/" in str(fields.get("dataset")) else None,
     )
     fields.setdefault("usage", USAGE.get(fields.get("pipeline_class"), USAGE["HVAEPipeline"]))
-    card = ModelCard.from_template(card_data, template_path=str(template_path),
-                                   repo_id=repo_id or os.path.abspath(output_dir), **fields)  # fmt: skip
+    card = ModelCard.from_template(
+        card_data, template_path=str(template_path), repo_id=repo_id or os.path.abspath(output_dir), **fields
+    )
     card.save(os.path.join(output_dir, "README.md"))
     return card
 
 
-def push_to_hub(output_dir, repo_id, token=None, private=False, commit_message="Upload pipeline trained with hvae-diffusion",
-                ignore_patterns=("checkpoint-*", "logs/*", "*.tmp")):  # fmt: skip
+def push_to_hub(
+    output_dir,
+    repo_id,
+    token=None,
+    private=False,
+    commit_message="Upload pipeline trained with hvae-diffusion",
+    ignore_patterns=("checkpoint-*", "logs/*", "*.tmp"),
+):
     """Create ``repo_id`` (if needed) and upload ``output_dir`` to it; return the commit URL.
 
     Checkpoints and logs are not uploaded. On any failure raises ``HubUploadError`` whose message says the local
@@ -70,8 +77,13 @@ def push_to_hub(output_dir, repo_id, token=None, private=False, commit_message="
     try:
         api = HfApi(token=token)  # made here so that the endpoint (HF_ENDPOINT) is read at call time
         repo_id = api.create_repo(repo_id, token=token, private=private, exist_ok=True).repo_id
-        commit = api.upload_folder(repo_id=repo_id, folder_path=output_dir, token=token, commit_message=commit_message,
-                               ignore_patterns=list(ignore_patterns))  # fmt: skip
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=output_dir,
+            token=token,
+            commit_message=commit_message,
+            ignore_patterns=list(ignore_patterns),
+        )
     except Exception as error:  # any network, HTTP or auth failure: the local folder is already complete
         raise HubUploadError(
             f"uploading {output_dir!r} to the Hub repo {repo_id!r} failed ({type(error).__name__}: {error}). "

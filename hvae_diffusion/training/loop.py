@@ -162,8 +162,11 @@ def list_checkpoints(output_dir):
     """Complete checkpoints in ``output_dir`` as ``[(step, path)]``, oldest first (``.tmp`` ones are incomplete)."""
     if not os.path.isdir(output_dir):
         return []
-    found = [(int(m.group(1)), os.path.join(output_dir, name))
-             for name in os.listdir(output_dir) if (m := CHECKPOINT_PATTERN.match(name))]  # fmt: skip
+    found = [
+        (int(m.group(1)), os.path.join(output_dir, name))
+        for name in os.listdir(output_dir)
+        if (m := CHECKPOINT_PATTERN.match(name))
+    ]
     return sorted(found)
 
 
@@ -233,8 +236,9 @@ def make_accelerator(config):
     return Accelerator(mixed_precision=config.mixed_precision, log_with=report_to, project_config=project_config)
 
 
-def train(config, model, loss_fn, train_dataset, *, sample_fn=None, save_fn=None, encode_prompt=None,
-          accelerator=None):  # fmt: skip
+def train(
+    config, model, loss_fn, train_dataset, *, sample_fn=None, save_fn=None, encode_prompt=None, accelerator=None
+):
     """Train ``model`` on ``train_dataset`` by minimizing ``loss_fn``, then save it with ``save_fn``.
 
     Args:
@@ -259,8 +263,9 @@ def train(config, model, loss_fn, train_dataset, *, sample_fn=None, save_fn=None
     num_processes, process_index = accelerator.num_processes, accelerator.process_index
     os.makedirs(config.output_dir, exist_ok=True)
 
-    batches_per_epoch = GlobalBatchSampler.batches_per_epoch(len(train_dataset), config.train_batch_size,
-                                                             num_processes)  # fmt: skip
+    batches_per_epoch = GlobalBatchSampler.batches_per_epoch(
+        len(train_dataset), config.train_batch_size, num_processes
+    )
     if batches_per_epoch < config.gradient_accumulation_steps:
         raise ValueError(
             f"the dataset ({len(train_dataset)} examples) is smaller than one global batch of "
@@ -273,8 +278,13 @@ def train(config, model, loss_fn, train_dataset, *, sample_fn=None, save_fn=None
     if config.resume_from_checkpoint == "latest" and resume_path is None:
         accelerator.print(f"no checkpoint in {config.output_dir!r} to resume from: starting a new run")
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=(config.adam_beta1,
-                                  config.adam_beta2), weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)  # fmt: skip
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay,
+        eps=config.adam_epsilon,
+    )
     lr_scheduler = get_scheduler(
         config.lr_scheduler,
         optimizer=optimizer,
@@ -284,9 +294,15 @@ def train(config, model, loss_fn, train_dataset, *, sample_fn=None, save_fn=None
     )
     ema_model = None
     if config.use_ema:
-        ema_model = EMAModel(model.parameters(), decay=config.ema_max_decay, use_ema_warmup=True,
-                             inv_gamma=config.ema_inv_gamma, power=config.ema_power,
-                             model_cls=type(model), model_config=getattr(model, "config", None))  # fmt: skip
+        ema_model = EMAModel(
+            model.parameters(),
+            decay=config.ema_max_decay,
+            use_ema_warmup=True,
+            inv_gamma=config.ema_inv_gamma,
+            power=config.ema_power,
+            model_cls=type(model),
+            model_config=getattr(model, "config", None),
+        )
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     if ema_model is not None:
         ema_model.to(accelerator.device)
@@ -319,8 +335,9 @@ def train(config, model, loss_fn, train_dataset, *, sample_fn=None, save_fn=None
         os.makedirs(os.path.join(config.output_dir, "samples"), exist_ok=True)
         grid.save(os.path.join(config.output_dir, "samples", f"step-{step:06d}.png"))
 
-    progress = tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process,
-                    desc="steps")  # fmt: skip
+    progress = tqdm(
+        total=max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="steps"
+    )
     last_checkpoint = resume_path
     losses = []
     model.train()
@@ -328,10 +345,18 @@ def train(config, model, loss_fn, train_dataset, *, sample_fn=None, save_fn=None
     micro_step = global_step * config.gradient_accumulation_steps
     while global_step < max_train_steps:
         epoch, skip = divmod(micro_step, micro_steps_per_epoch)
-        sampler = GlobalBatchSampler(len(train_dataset), config.train_batch_size, num_processes, process_index,
-                                     config.seed, epoch=epoch, skip_batches=skip)  # fmt: skip
-        loader = torch.utils.data.DataLoader(train_dataset, batch_sampler=sampler, collate_fn=collate,
-                                             num_workers=config.dataloader_num_workers)  # fmt: skip
+        sampler = GlobalBatchSampler(
+            len(train_dataset),
+            config.train_batch_size,
+            num_processes,
+            process_index,
+            config.seed,
+            epoch=epoch,
+            skip_batches=skip,
+        )
+        loader = torch.utils.data.DataLoader(
+            train_dataset, batch_sampler=sampler, collate_fn=collate, num_workers=config.dataloader_num_workers
+        )
         batches = iter(loader)
         # whole optimizer steps only: the batches of a trailing partial accumulation are dropped
         for _ in range((micro_steps_per_epoch - skip) // config.gradient_accumulation_steps):
@@ -339,10 +364,14 @@ def train(config, model, loss_fn, train_dataset, *, sample_fn=None, save_fn=None
                 break
             step_loss, step_parts = 0.0, {}
             for accumulation_index in range(config.gradient_accumulation_steps):
-                batch = {k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v
-                         for k, v in next(batches).items()}  # fmt: skip
-                randomness = BatchRandomness(torch.Generator().manual_seed(micro_step_seed(config.seed, micro_step)),
-                                             num_processes, process_index)  # fmt: skip
+                batch = {
+                    k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in next(batches).items()
+                }
+                randomness = BatchRandomness(
+                    torch.Generator().manual_seed(micro_step_seed(config.seed, micro_step)),
+                    num_processes,
+                    process_index,
+                )
                 is_last = accumulation_index == config.gradient_accumulation_steps - 1
                 # gradients are all-reduced only on the last micro-batch of an accumulation
                 with contextlib.nullcontext() if is_last else accelerator.no_sync(model):
@@ -381,8 +410,9 @@ def train(config, model, loss_fn, train_dataset, *, sample_fn=None, save_fn=None
             progress.set_postfix(loss=f"{step_loss:.4f}", step=global_step)
             accelerator.log(logs, step=global_step)
             if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
-                last_checkpoint = save_checkpoint(accelerator, config.output_dir, global_step,
-                                                  config.checkpoints_total_limit)  # fmt: skip
+                last_checkpoint = save_checkpoint(
+                    accelerator, config.output_dir, global_step, config.checkpoints_total_limit
+                )
             if config.save_images_steps and global_step % config.save_images_steps == 0:
                 save_samples(global_step)
     progress.close()

@@ -78,8 +78,11 @@ def variational_bound_term(scheduler, model_output, original_samples, sample, ti
     KL(q(x_{t'} | x_t, x_0) ‖ p_θ(x_{t'} | x_t)) for t > 0 and −log p_θ(x_0 | x_1) (discretized) at the first latent.
     """
     model_mean, model_log_variance, _ = scheduler.predicted_mean_log_variance(model_output, sample, timesteps)
-    model_log_variance = broadcast_to(model_log_variance.to(sample.dtype), sample) if model_log_variance.ndim == 1 \
-        else model_log_variance  # fmt: skip
+    model_log_variance = (
+        broadcast_to(model_log_variance.to(sample.dtype), sample)
+        if model_log_variance.ndim == 1
+        else model_log_variance
+    )
     true_mean, true_variance = scheduler.posterior_mean_variance(original_samples, sample, timesteps)
     is_first_latent = timesteps == 0
     true_log_variance = broadcast_to(true_variance.clamp(min=1e-20).log().to(sample.dtype), sample)
@@ -109,8 +112,9 @@ class DiffusionLoss:
         null_label: the label meaning "no condition", ``num_classes``.
     """
 
-    def __init__(self, scheduler, weighting="simple", snr_gamma=5.0, cond_drop_prob=0.0, null_label=None,
-                 vlb_weight=None):  # fmt: skip
+    def __init__(
+        self, scheduler, weighting="simple", snr_gamma=5.0, cond_drop_prob=0.0, null_label=None, vlb_weight=None
+    ):
         if weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"--loss_weighting must be one of {LOSS_WEIGHTINGS}, got {weighting!r}")
         if not 0.0 <= cond_drop_prob < 1.0:
@@ -144,7 +148,9 @@ class DiffusionLoss:
         conditioning = {}
         if batch.get("class_labels") is not None:
             if self.cond_drop_prob > 0 and self.null_label is None:
-                raise ValueError("cond_drop_prob > 0 with class labels needs null_label (the label meaning 'no class')")
+                raise ValueError(
+                    "cond_drop_prob > 0 with class labels needs null_label (the label meaning 'no class')"
+                )
             conditioning["class_labels"] = drop_conditions(
                 batch["class_labels"], self.null_label, self.cond_drop_prob, randomness
             )
@@ -165,8 +171,9 @@ class DiffusionLoss:
         loss = denoising
         if self.learned_variance:
             frozen_mean_output = torch.cat([prediction.detach(), model_output[:, channels:]], dim=1)
-            vlb = variational_bound_term(self.scheduler, frozen_mean_output.float(), original_samples.float(),
-                                         sample.float(), timesteps)  # fmt: skip
+            vlb = variational_bound_term(
+                self.scheduler, frozen_mean_output.float(), original_samples.float(), sample.float(), timesteps
+            )
             loss = loss + self.vlb_weight * vlb
             parts["vlb_loss"] = vlb.mean().detach()
         return loss.mean(), parts
