@@ -20,6 +20,19 @@ def check_prediction_type(prediction_type: str, argument: str = "prediction_type
         raise ValueError(f"{argument} must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
 
 
+def split_learned_variance(model_output, sample):
+    """(prediction, variance channels or None) of a model output for ``sample`` of C channels.
+
+    A model with a learned variance (``variance_type`` "learned" or "learned_range", as improved DDPM and DiT train)
+    outputs 2C channels: the prediction, then the variance. Any other output is the prediction alone. This is the one
+    place the package splits them; the shape decides, so it works for any scheduler and any denoiser.
+    """
+    if model_output.ndim == sample.ndim and model_output.shape[1] == 2 * sample.shape[1]:
+        prediction, variance = model_output.chunk(2, dim=1)
+        return prediction, variance
+    return model_output, None
+
+
 def epsilon_from_sample(predicted_x0, sample, alphas_cumprod_t):
     """ε = (x_t − √ᾱ_t x_0) / √(1 − ᾱ_t)."""
     sqrt_alpha, sqrt_one_minus_alpha = signal_and_noise_scales(alphas_cumprod_t, sample)

@@ -1,0 +1,2 @@
+"""The command-line programs (``hvae-train``, ``hvae-sample``, ...): each module parses arguments and calls the
+library; ``scripts/*.py`` and the console entry points both run a module's ``main``."""
