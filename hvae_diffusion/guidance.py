@@ -4,9 +4,18 @@ Classifier guidance needs ∇_{x_t} log p(y | x_t), taken here by autograd in on
 classifier p_φ(y | x_t, t), or through a classifier of clean data p_φ(y | x_0) evaluated on the denoiser's Tweedie
 estimate x̂_0(x_t) (the gradient then flows through the denoiser too). The pipelines convert these scores to and
 from the model's parameterization with ``parameterization.convert_prediction``.
+
+The pipelines guide after clipping, as guided-diffusion does (docs/theory.md, "Guidance and clipping"): x̂_0 is
+clipped first, the guidance then moves the prediction made from the clipped x̂_0, and the guided x̂_0 is not clipped
+again. Classifier guidance has two forms (``GUIDANCE_FORMS``): on the score (``classifier_guided_score``, the
+default) or on the mean of p(x_{t'} | x_t) (``mean_guided_original_sample``).
 """
 
 import torch
+
+from .forward_process import broadcast_to, posterior_mean_coefficients, posterior_variance
+
+GUIDANCE_FORMS = ("score", "mean")
 
 
 def check_guidance_scale(value, name: str) -> None:
@@ -82,9 +91,35 @@ def denoised_classifier_log_prob_gradient(
     return gradient, predicted_original_sample.detach()
 
 
-def classifier_guided_score(score: torch.Tensor, classifier_gradient: torch.Tensor, classifier_scale: float):
-    """∇log p_γ(x_t | y) = ∇log p(x_t) + γ ∇log p(y | x_t); γ = 1 is Bayes' rule, γ > 1 sharpens p(y | x)."""
-    return score + classifier_scale * classifier_gradient.to(score.dtype)
+def classifier_guided_score(score: torch.Tensor, classifier_gradient: torch.Tensor, guidance_scale: float):
+    """∇log p_γ(x_t | y) = ∇log p(x_t) + γ ∇log p(y | x_t); γ = 1 is Bayes' rule, γ > 1 sharpens p(y | x).
+
+    In ε this is guided-diffusion's ``condition_score``: ε̃ = ε − √(1 − ᾱ_t) γ ∇log p(y | x_t).
+    """
+    return score + guidance_scale * classifier_gradient.to(score.dtype)
+
+
+def mean_guided_original_sample(
+    original_sample: torch.Tensor,
+    classifier_gradient: torch.Tensor,
+    guidance_scale: float,
+    alphas_cumprod_t: float,
+    prev_alphas_cumprod: float,
+):
+    """guided-diffusion's ``condition_mean``, μ̃ = μ + γ Σ ∇log p(y | x_t), as the x̂_0 that gives that mean.
+
+    The mean of p(x_{t'} | x_t) is μ = c_0 x̂_0 + c_t x_t (``forward_process.posterior_mean_coefficients``), so moving
+    μ by γ Σ ∇ moves x̂_0 by γ Σ ∇ / c_0. Σ is the posterior variance σ_q² of the step from ᾱ_t to ᾱ_{t'}
+    (``forward_process.posterior_variance``, the "fixed_small" variance); at the last step (ᾱ_{t'} = 1) Σ = 0. Against
+    the score form the change of ε is smaller by the factor β_t / (√α_t Σ), α_t = ᾱ_t / ᾱ_{t'}, β_t = 1 − α_t.
+    """
+    alphas_cumprod_t = torch.tensor(alphas_cumprod_t, dtype=torch.float64)
+    prev_alphas_cumprod = torch.tensor(prev_alphas_cumprod, dtype=torch.float64)
+    original_sample_coefficient, _ = posterior_mean_coefficients(alphas_cumprod_t, prev_alphas_cumprod)
+    shift = guidance_scale * posterior_variance(alphas_cumprod_t, prev_alphas_cumprod) / original_sample_coefficient
+    return original_sample + broadcast_to(float(shift), original_sample) * classifier_gradient.to(
+        original_sample.dtype
+    )
 
 
 def classifier_free_guidance(unconditional_output, conditional_output, guidance_scale: float):
@@ -95,3 +130,12 @@ def classifier_free_guidance(unconditional_output, conditional_output, guidance_
     ∇log p_w(x_t | y) = w ∇log p(x_t | y) + (1 − w) ∇log p(x_t).
     """
     return unconditional_output + guidance_scale * (conditional_output - unconditional_output)
+
+
+def rescale_guided_prediction(guided: torch.Tensor, conditional: torch.Tensor, guidance_rescale: float):
+    """Lin et al. 2023 ("Common diffusion noise schedules and sample steps are flawed", section 3.4), as Diffusers'
+    ``rescale_noise_cfg``: x̃ = φ x̂ σ_cond / σ_guided + (1 − φ) x̂, with σ the per-sample standard deviation over all
+    but the batch dimension and φ = ``guidance_rescale``; it undoes the overexposure of large guidance scales."""
+    dims = list(range(1, guided.ndim))
+    rescaled = guided * (conditional.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return guidance_rescale * rescaled + (1 - guidance_rescale) * guided

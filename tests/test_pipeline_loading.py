@@ -66,7 +66,7 @@ def test_standard_layout(saved):
     "name, pipeline_class, kwargs",
     [
         ("hvae", HVAEPipeline, {"batch_size": 2}),
-        ("classifier", ClassifierGuidedPipeline, {"class_labels": [0, 2], "classifier_scale": 2.0}),
+        ("classifier", ClassifierGuidedPipeline, {"class_labels": [0, 2], "guidance_scale": 2.0}),
         ("free", ClassifierFreeGuidancePipeline, {"class_labels": [0, 2], "guidance_scale": 2.0}),
     ],
 )

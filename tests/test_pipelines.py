@@ -33,8 +33,7 @@ from hvae_diffusion import (
     NoisyClassifier,
 )
 from hvae_diffusion.parameterization import PREDICTION_TYPES
-from hvae_diffusion.pipelines import prepare_sampling_chain
-from hvae_diffusion.pipelines.sampling import sample_shape
+from hvae_diffusion.pipelines.sampling import chain_alphas_cumprod, sample_shape
 from hvae_diffusion.testing import (
     ExactMixtureClassifier,
     ExactMixtureDenoiser,
@@ -202,33 +201,43 @@ def test_every_parameterization_gives_the_same_samples():
 
 @pytest.mark.parametrize("scheduler_class", SWAPPED_SCHEDULERS)
 def test_score_model_samples_with_swapped_scheduler(reference, scheduler_class):
-    """A model trained with "score" sampled with a Diffusers scheduler made from the HVAE scheduler's config."""
+    """A model trained with "score" sampled with a Diffusers scheduler that steps ε: the pipeline converts."""
     scheduler = mixture_scheduler("score")
-    pipeline = quiet(HVAEPipeline(exact_denoiser(scheduler), scheduler_class.from_config(scheduler.config)))
-    assert pipeline.scheduler.config.prediction_type == "score"
+    swapped = scheduler_class.from_config(scheduler.config, prediction_type="epsilon")
+    pipeline = quiet(HVAEPipeline(exact_denoiser(scheduler), swapped, prediction_type="score"))
     samples = pipeline(batch_size=NUM_SAMPLES, num_inference_steps=50, generator=seeded()).images
     distance, floor = distance_to(reference, samples)
     assert distance < 1.5 * floor
-    assert pipeline.scheduler.config.prediction_type == "score"  # the user's scheduler is left as it was
+    assert pipeline.scheduler is swapped and len(swapped.timesteps) == 50  # no hidden copy stepped
 
 
-@pytest.mark.parametrize("scheduler_class", [HVAEScheduler, DDPMScheduler, *SWAPPED_SCHEDULERS])
+@pytest.mark.parametrize("scheduler_class", SWAPPED_SCHEDULERS)
+def test_diffusers_scheduler_told_to_step_a_score_says_what_to_do(scheduler_class):
+    scheduler = mixture_scheduler("score")
+    pipeline = quiet(HVAEPipeline(exact_denoiser(scheduler), scheduler_class.from_config(scheduler.config)))
+    with pytest.raises(
+        ValueError, match="prediction_type='epsilon'.*HVAEPipeline\\(unet, scheduler, prediction_type='score'\\)"
+    ):
+        pipeline(batch_size=2, num_inference_steps=3)
+
+
+@pytest.mark.parametrize("scheduler_class", [HVAEScheduler, DDPMScheduler, DDIMScheduler])
 def test_chain_reads_alphas_cumprod_at_each_timestep(scheduler_class):
-    scheduler = scheduler_class.from_config(mixture_scheduler("score").config)
-    chain = prepare_sampling_chain(scheduler, 10, "cpu")
-    expected = torch.as_tensor(scheduler.alphas_cumprod).double()[chain.timesteps.long()]
-    torch.testing.assert_close(torch.tensor(chain.alphas_cumprod, dtype=torch.float64), expected, rtol=1e-5, atol=0)
-    steppable = "score" if scheduler_class is HVAEScheduler else "epsilon"
-    assert (chain.model_prediction_type, chain.step_prediction_type) == ("score", steppable)
+    scheduler = scheduler_class.from_config(mixture_scheduler().config)
+    scheduler.set_timesteps(10)
+    expected = torch.as_tensor(scheduler.alphas_cumprod).double()[scheduler.timesteps.long()]
+    alphas_cumprod = torch.tensor(chain_alphas_cumprod(scheduler, scheduler.timesteps), dtype=torch.float64)
+    torch.testing.assert_close(alphas_cumprod, expected, rtol=1e-5, atol=0)
 
 
 def test_chain_uses_sigma_at_fractional_timesteps():
     """Euler with "linspace" spacing samples at fractional timesteps; ᾱ = 1 / (1 + σ²) is exact there."""
     scheduler = EulerDiscreteScheduler.from_config(mixture_scheduler().config, timestep_spacing="linspace")
-    chain = prepare_sampling_chain(scheduler, 7, "cpu")
-    assert not torch.equal(chain.timesteps, chain.timesteps.round())
+    scheduler.set_timesteps(7)
+    assert not torch.equal(scheduler.timesteps, scheduler.timesteps.round())
     expected = 1 / (1 + scheduler.sigmas[:7].double() ** 2)
-    torch.testing.assert_close(torch.tensor(chain.alphas_cumprod, dtype=torch.float64), expected)
+    alphas_cumprod = torch.tensor(chain_alphas_cumprod(scheduler, scheduler.timesteps), dtype=torch.float64)
+    torch.testing.assert_close(alphas_cumprod, expected)
 
 
 # ---------------------------------------------------------------------------------------------- guidance
@@ -249,9 +258,9 @@ def test_guidance_at_scale_one_samples_the_class(guided_pipelines, reference, mi
     """γ = 1 (classifier) and w = 1 (classifier-free) both sample p(x | y): the exact models make them agree."""
     classifier_guided, classifier_free = guided_pipelines
     kwargs = dict(class_labels=class_label, batch_size=NUM_SAMPLES, num_inference_steps=50)
-    by_classifier = classifier_guided(classifier_scale=1.0, generator=seeded(), **kwargs).images
+    by_classifier = classifier_guided(guidance_scale=1.0, generator=seeded(), **kwargs).images
     by_free = classifier_free(guidance_scale=1.0, generator=seeded(), **kwargs).images
-    unguided = classifier_guided(classifier_scale=0.0, generator=seeded(), **kwargs).images
+    unguided = classifier_guided(guidance_scale=0.0, generator=seeded(), **kwargs).images
     distance, floor = distance_to(reference, by_classifier, class_label)
     assert distance < 2 * floor
     assert distance < distance_to(reference, unguided, class_label)[0] / 4
@@ -271,7 +280,7 @@ def test_larger_scales_sharpen(guided_pipelines, mixture):
     """γ, w > 1 sample p(x) p(y | x)^γ: higher confidence in the class and a narrower spread than at scale 1."""
     classifier_guided, classifier_free = guided_pipelines
     kwargs = dict(class_labels=1, batch_size=200, num_inference_steps=50)
-    for pipeline, scale_name in ((classifier_guided, "classifier_scale"), (classifier_free, "guidance_scale")):
+    for pipeline, scale_name in ((classifier_guided, "guidance_scale"), (classifier_free, "guidance_scale")):
         exact = pipeline(**{scale_name: 1.0}, generator=seeded(), **kwargs).images
         sharp = pipeline(**{scale_name: 4.0}, generator=seeded(), **kwargs).images
         assert class_confidence(mixture, sharp, 1) > class_confidence(mixture, exact, 1)
@@ -286,11 +295,13 @@ def test_guidance_with_swapped_scheduler(reference, scheduler_class, prediction_
     need x_t, the scaled model input, not Euler's sample x_t / √ᾱ_t."""
     scheduler = mixture_scheduler(prediction_type)
     unet, classifier = exact_denoiser(scheduler), exact_classifier(scheduler)
-    swapped = scheduler_class.from_config(scheduler.config)
+    swapped = scheduler_class.from_config(scheduler.config, prediction_type="epsilon")
     kwargs = dict(class_labels=1, batch_size=NUM_SAMPLES, num_inference_steps=50, generator=seeded())
-    by_classifier = quiet(ClassifierGuidedPipeline(unet, swapped, classifier))(classifier_scale=1.0, **kwargs).images
+    classifier_guided = ClassifierGuidedPipeline(unet, swapped, classifier, prediction_type=prediction_type)
+    by_classifier = quiet(classifier_guided)(guidance_scale=1.0, **kwargs).images
     kwargs["generator"] = seeded()
-    by_free = quiet(ClassifierFreeGuidancePipeline(unet, swapped))(guidance_scale=1.0, **kwargs).images
+    classifier_free = ClassifierFreeGuidancePipeline(unet, swapped, prediction_type=prediction_type)
+    by_free = quiet(classifier_free)(guidance_scale=1.0, **kwargs).images
     for samples in (by_classifier, by_free):
         distance, floor = distance_to(reference, samples, 1)
         assert distance < 2 * floor
@@ -315,8 +326,8 @@ def test_denoised_classifier_guides_through_the_tweedie_estimate(mixture):
         ClassifierGuidedPipeline(unet, scheduler, CleanClassifier(scheduler), classifier_input="denoised")
     )
     kwargs = dict(class_labels=1, batch_size=200, num_inference_steps=30)
-    unguided = pipeline(classifier_scale=0.0, generator=seeded(), **kwargs).images
-    guided = pipeline(classifier_scale=1.0, generator=seeded(), **kwargs).images
+    unguided = pipeline(guidance_scale=0.0, generator=seeded(), **kwargs).images
+    guided = pipeline(guidance_scale=1.0, generator=seeded(), **kwargs).images
     assert class_confidence(mixture, unguided, 1) < 0.5 < 0.85 < class_confidence(mixture, guided, 1)
 
 
@@ -343,10 +354,10 @@ def test_denoised_mode_with_a_unet_and_transformers_image_classifier():
         )
     )
     guided = pipeline(
-        class_labels=[0, 2], classifier_scale=50.0, num_inference_steps=3, output_type="latent", generator=seeded()
+        class_labels=[0, 2], guidance_scale=50.0, num_inference_steps=3, output_type="latent", generator=seeded()
     ).images
     unguided = pipeline(
-        class_labels=[0, 2], classifier_scale=0.0, num_inference_steps=3, output_type="latent", generator=seeded()
+        class_labels=[0, 2], guidance_scale=0.0, num_inference_steps=3, output_type="latent", generator=seeded()
     ).images
     assert guided.shape == (2, 1, 8, 8) and not torch.allclose(guided, unguided)
     assert all(parameter.grad is None for parameter in unet.parameters())
@@ -449,7 +460,7 @@ def test_dtype_follows_the_unet(dtype):
         (ClassifierFreeGuidancePipeline(unet, scheduler), {"class_labels": [0, 1], "guidance_scale": 2.0}),
         (
             ClassifierGuidedPipeline(tiny_unet().to(dtype), scheduler, tiny_classifier().to(dtype)),
-            {"class_labels": [0, 2], "classifier_scale": 2.0},
+            {"class_labels": [0, 2], "guidance_scale": 2.0},
         ),
     ]
     for pipeline, kwargs in pipelines:
@@ -463,7 +474,13 @@ def test_classifier_free_runs_one_batched_forward_per_step():
     calls = count_forwards(unet)
     pipeline = quiet(ClassifierFreeGuidancePipeline(unet, HVAEScheduler(num_train_timesteps=20)))
     assert pipeline.config.null_class_label == 2
-    pipeline(class_labels=[0, 1, 1], guidance_scale=3.0, num_inference_steps=4, output_type="pt")
+    pipeline(
+        class_labels=[0, 1, 1],
+        guidance_scale=3.0,
+        num_inference_steps=4,
+        output_type="pt",
+        guidance_batching="batched",
+    )
     assert calls == [6] * 4
     calls.clear()
     pipeline(class_labels=[0, 1, 1], guidance_scale=1.0, num_inference_steps=4, output_type="pt")
@@ -474,12 +491,19 @@ def test_batched_halves_equal_two_forwards(tmp_path):
     unet, text_encoder, tokenizer = tiny_text_components(tmp_path)
     pipeline = ClassifierFreeGuidancePipeline(unet, HVAEScheduler(num_train_timesteps=20), text_encoder, tokenizer)
     unconditional, conditional = pipeline.text_conditions(["a cat", "a dog"], None, None)
+    conditions = torch.cat([unconditional, conditional])
     sample = torch.randn(2, 1, 8, 8, generator=seeded())
     with torch.no_grad():
-        batched = pipeline.predict_unconditional_and_conditional(sample, torch.tensor(5), unconditional, conditional)
-        separate = (unet(sample, 5, **unconditional).sample, unet(sample, 5, **conditional).sample)
-    for joint, alone in zip(batched, separate):
-        torch.testing.assert_close(joint, alone, atol=1e-5, rtol=1e-5)
+        alone = (
+            unet(sample, 5, encoder_hidden_states=unconditional).sample,
+            unet(sample, 5, encoder_hidden_states=conditional).sample,
+        )
+        for mode in ("batched", "separate", "auto"):
+            outputs = pipeline.unconditional_and_conditional(
+                sample, torch.tensor(5), "encoder_hidden_states", conditions, mode
+            )
+            for output, expected in zip(outputs, alone):
+                torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_text_prompts_and_negative_prompt(tmp_path):
@@ -585,8 +609,8 @@ BAD_CALLS = [
     ("classifier", dict(class_labels=[-1]), r"class_labels must lie in \[0, 3\)"),
     ("classifier", dict(class_labels=[0, 1], batch_size=3), "has 2 labels but batch_size is 3"),
     ("classifier", dict(class_labels=[0.5]), "must be an int or a non-empty 1-D sequence"),
-    ("classifier", dict(class_labels=0, classifier_scale=-1.0), "classifier_scale must be a finite number"),
-    ("classifier", dict(class_labels=0, classifier_scale=float("nan")), "classifier_scale must be a finite number"),
+    ("classifier", dict(class_labels=0, guidance_scale=-1.0), "guidance_scale must be a finite number"),
+    ("classifier", dict(class_labels=0, guidance_scale=float("nan")), "guidance_scale must be a finite number"),
     ("free", dict(class_labels=[0, 5]), r"class_labels must lie in \[0, 3\)"),
     ("free", dict(class_labels=[2]), "must not contain the null label 2"),
     ("free", dict(class_labels=1, guidance_scale=float("inf")), "guidance_scale must be a finite number"),

@@ -1,48 +1,100 @@
 """ClassifierFreeGuidancePipeline: ε̃ = ε(x_t, ∅) + w (ε(x_t, y) − ε(x_t, ∅)) with class labels or text prompts."""
 
+import time
+
 import torch
+from diffusers.utils import replace_example_docstring
 
-from ..guidance import check_guidance_scale, classifier_free_guidance
-from .sampling import HVAESamplingPipeline, SamplingChain, check_batch_size, labels_tensor, model_output_of
+from ..guidance import check_guidance_scale, classifier_free_guidance, rescale_guided_prediction
+from ..parameterization import convert_prediction, split_learned_variance
+from . import sampling
+from .sampling import HVAESamplingPipeline, check_batch_size, labels_tensor, model_output_of
 
-# How the unconditional and conditional halves run: "batched", one UNet forward on the doubled batch (the default:
-# measured faster than two forwards on a 2-core CPU, see docs/benchmarks.md, and the usual winner on GPUs), or
-# "separate", two forwards of the batch (half the peak activation memory).
-GUIDANCE_BATCHING = ("batched", "separate")
+# How the unconditional and conditional halves run: "batched", one unet forward on the doubled batch, "separate",
+# two forwards of the batch (half the peak activation memory), or "auto", whichever of the two was faster when
+# timed once for this device, dtype, shape and model (``GUIDANCE_BATCHING_CHOICES``).
+GUIDANCE_BATCHING = ("auto", "batched", "separate")
+
+# (device, dtype, sample shape, condition shape, id of the unet) -> "batched" or "separate", filled by "auto"
+GUIDANCE_BATCHING_CHOICES: dict[tuple, str] = {}
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from diffusers import UNet2DModel
+        >>> from hvae_diffusion import ClassifierFreeGuidancePipeline, HVAEScheduler
+
+        >>> unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+        ...                    down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        ...                    layers_per_block=1, norm_num_groups=8, num_class_embeds=4)  # 3 classes and ∅
+        >>> pipe = ClassifierFreeGuidancePipeline(unet, HVAEScheduler())
+        >>> images = pipe(class_labels=[0, 2], guidance_scale=3.0, num_inference_steps=10).images
+        ```
+"""
+
+
+def fastest(candidates: dict, device: torch.device, repeats: int = 2) -> str:
+    """The name of the fastest of ``candidates`` (name -> function of no arguments), each timed ``repeats`` times,
+    interleaved, with the device synchronized around each run; the best time of each counts."""
+    synchronize = getattr(torch, device.type).synchronize if device.type != "cpu" else (lambda: None)
+    best = dict.fromkeys(candidates, float("inf"))
+    for _ in range(repeats):
+        for name, run in candidates.items():
+            synchronize()
+            start = time.perf_counter()
+            run()
+            synchronize()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return min(best, key=best.get)
 
 
 class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
     """Classifier-free guidance (Ho & Salimans 2022) with a model trained both with and without its condition.
 
     Conditions are either class labels, for a ``UNet2DModel`` with ``num_class_embeds`` (the null label ∅ is
-    ``null_class_label``, by default the last embedding, ``num_class_embeds − 1``, and is saved in the pipeline
-    config), or text prompts, for a ``UNet2DConditionModel`` with a transformers ``text_encoder`` and ``tokenizer``
-    (∅ is the empty prompt, or ``negative_prompt``). The guided prediction is formed in the model's parameterization
-    (the same combination in every one, see ``guidance.classifier_free_guidance``) and converted for the scheduler.
-    The unconditional and conditional halves run as one forward on the doubled batch, or as two forwards with
-    ``guidance_batching="separate"`` (``predict_unconditional_and_conditional``).
+    ``null_class_label``, by default the last embedding, ``num_class_embeds − 1``, see ``sampling.null_class_label``,
+    and is saved in the pipeline config), or text prompts, for a ``UNet2DConditionModel`` with a transformers
+    ``text_encoder`` and ``tokenizer`` (∅ is the empty prompt, or ``negative_prompt``). The guided prediction is formed
+    in the model's parameterization (the same combination in every one, see ``guidance.classifier_free_guidance``)
+    on the mean channels only (a learned variance is the conditional model's, as in Diffusers' ``DiTPipeline``), its
+    x̂_0 clipped if the scheduler's config asks, and converted for the scheduler.
+
+    As in Diffusers' pipelines the conditions of a guided step are one tensor, ∅ first then y (``prompt_embeds`` or
+    ``class_labels`` in ``callback_kwargs``), and a step is guided while ``do_classifier_free_guidance`` (w ∉ {0, 1});
+    otherwise the unet sees the conditions as they are, so Diffusers' ``SDCFGCutoffCallback`` works.
 
     Args:
         unet: a class-conditional ``UNet2DModel`` (or any model taking ``class_labels``) or a ``UNet2DConditionModel``.
         scheduler: ``HVAEScheduler`` or a Diffusers scheduler.
         text_encoder, tokenizer: for text prompts (e.g. ``CLIPTextModel`` and ``CLIPTokenizer``).
         null_class_label: the label that means ∅ for class-conditional models.
+        prediction_type: the model's parameterization when it differs from the scheduler's (see ``HVAEPipeline``).
     """
 
     _optional_components = ["text_encoder", "tokenizer"]
+    _callback_tensor_inputs = ["latents", "pred_original_sample", "prompt_embeds", "class_labels"]
     model_cpu_offload_seq = "text_encoder->unet"
 
-    def __init__(self, unet, scheduler, text_encoder=None, tokenizer=None, null_class_label: int | None = None):
+    def __init__(
+        self,
+        unet,
+        scheduler,
+        text_encoder=None,
+        tokenizer=None,
+        null_class_label: int | None = None,
+        prediction_type: str | None = None,
+    ):
         super().__init__()
         num_class_embeds = getattr(unet.config, "num_class_embeds", None)
-        if null_class_label is None and num_class_embeds is not None:
-            null_class_label = num_class_embeds - 1
+        if null_class_label is None:
+            null_class_label = sampling.null_class_label(unet.config)
         if null_class_label is not None and not (num_class_embeds and 0 <= null_class_label < num_class_embeds):
             raise ValueError(
                 f"null_class_label={null_class_label} must lie in [0, unet.config.num_class_embeds={num_class_embeds})"
             )
         self.register_modules(unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer)
-        self.register_to_config(null_class_label=null_class_label)
+        self.register_to_config(null_class_label=null_class_label, prediction_type=prediction_type)
 
     @property
     def is_class_conditional(self) -> bool:
@@ -52,20 +104,33 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
     def is_text_conditional(self) -> bool:
         return getattr(self.unet.config, "cross_attention_dim", None) is not None
 
+    @property
+    def guidance_scale(self) -> float:
+        """w of the current (or last) call; Diffusers' CFG cutoff callbacks set it to 0."""
+        return self._guidance_scale
+
+    @property
+    def guidance_rescale(self) -> float:
+        return self._guidance_rescale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        """Whether a step combines two predictions: w = 0 and w = 1 need only the unconditional or conditional one."""
+        return self._guidance_scale not in (0, 1)
+
     # ------------------------------------------------------------------ conditions
 
     def class_conditions(self, class_labels, batch_size):
-        """(∅ kwargs, y kwargs) for the UNet from class labels in [0, num_class_embeds) other than the null label."""
+        """(∅, y): label tensors for the unet from class labels in [0, num_class_embeds) other than the null label."""
         if not self.is_class_conditional:
             raise ValueError(
                 "class_labels were given but the unet is not class-conditional (unet.config.num_class_embeds is None)"
             )
-        device = self._execution_device
-        labels = labels_tensor(class_labels, batch_size, self.unet.config.num_class_embeds, device)
+        labels = labels_tensor(class_labels, batch_size, self.unet.config.num_class_embeds, self._execution_device)
         null_label = self.config.null_class_label
         if bool((labels == null_label).any()):
             raise ValueError(f"class_labels must not contain the null label {null_label} (it means 'no condition')")
-        return {"class_labels": torch.full_like(labels, null_label)}, {"class_labels": labels}
+        return torch.full_like(labels, null_label), labels
 
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
         """The text encoder's last hidden states ``[B, L, dim]`` for prompts padded to the tokenizer's max length."""
@@ -80,7 +145,7 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
         return hidden_states.to(dtype=self.unet.dtype)
 
     def text_conditions(self, prompt, negative_prompt, batch_size):
-        """(∅ kwargs, y kwargs) for the UNet: embeddings of ``negative_prompt`` (default "") and of ``prompt``."""
+        """(∅, y) for the unet: embeddings of ``negative_prompt`` (default "") and of ``prompt``."""
         if self.text_encoder is None or self.tokenizer is None:
             raise ValueError("prompt was given but the pipeline has no text_encoder and tokenizer")
         if not self.is_text_conditional:
@@ -99,27 +164,35 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
             raise ValueError(
                 f"negative_prompt must be a string or a list of {len(prompts)} strings, got {negative_prompt!r}"
             )
-        return (
-            {"encoder_hidden_states": self.encode_prompt(negatives)},
-            {"encoder_hidden_states": self.encode_prompt(prompts)},
-        )
+        return self.encode_prompt(negatives), self.encode_prompt(prompts)
 
-    def predict_unconditional_and_conditional(
-        self, model_input, timestep, unconditional, conditional, batched: bool = True
-    ):
-        """The model's outputs without and with the condition: one forward on the doubled batch, or two forwards."""
-        if not batched:
-            return (
-                model_output_of(self.unet(model_input, timestep, **unconditional)),
-                model_output_of(self.unet(model_input, timestep, **conditional)),
+    def unconditional_and_conditional(self, model_input, timestep, name: str, conditions, guidance_batching: str):
+        """The unet's outputs without and with the condition (``conditions`` is ∅ then y): one forward on the doubled
+        batch ("batched"), two forwards ("separate"), or the faster of the two, timed once ("auto")."""
+
+        def batched():
+            output = model_output_of(self.unet(torch.cat([model_input, model_input]), timestep, **{name: conditions}))
+            return output.chunk(2)
+
+        def separate():
+            return tuple(
+                model_output_of(self.unet(model_input, timestep, **{name: condition}))
+                for condition in conditions.chunk(2)
             )
-        conditions = {name: torch.cat([unconditional[name], conditional[name]]) for name in conditional}
-        output = model_output_of(self.unet(torch.cat([model_input, model_input]), timestep, **conditions))
-        return output.chunk(2)
+
+        if guidance_batching == "auto":
+            key = (str(model_input.device), model_input.dtype, tuple(model_input.shape), tuple(conditions.shape))
+            key = (*key, id(self.unet))
+            if key not in GUIDANCE_BATCHING_CHOICES:
+                candidates = {"batched": batched, "separate": separate}
+                GUIDANCE_BATCHING_CHOICES[key] = fastest(candidates, model_input.device)
+            guidance_batching = GUIDANCE_BATCHING_CHOICES[key]
+        return batched() if guidance_batching == "batched" else separate()
 
     # ------------------------------------------------------------------ sampling
 
     @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
         class_labels: int | list[int] | torch.Tensor | None = None,
@@ -127,29 +200,48 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
         negative_prompt: str | list[str] | None = None,
         batch_size: int | None = None,
         guidance_scale: float = 3.0,
+        guidance_rescale: float = 0.0,
         num_inference_steps: int = 1000,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
+        eta: float = 0.0,
         output_type: str | None = None,
         return_dict: bool = True,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
-        guidance_batching: str = "batched",
+        guidance_batching: str = "auto",
     ):
         """Draw one sample per label or prompt with guidance weight w = ``guidance_scale``.
 
         Args:
-            class_labels: y per sample (or one int repeated ``batch_size`` times), for class-conditional models.
-            prompt: a prompt per sample (or one repeated ``batch_size`` times), for text-conditional models.
-            negative_prompt: what ∅ means for text (default the empty prompt), one or one per prompt.
-            batch_size: the number of samples, when one label or prompt is repeated.
-            guidance_scale: w ≥ 0: 1 is the conditional model, 0 the unconditional one, > 1 sharpens.
-            num_inference_steps, generator, latents, output_type, return_dict, callback_on_step_end,
-            callback_on_step_end_tensor_inputs: as for ``HVAEPipeline``.
-            guidance_batching: "batched" (one UNet forward on the doubled batch a step, the default) or "separate"
-                (two forwards: half the activation memory); the samples agree up to float rounding.
+            class_labels (`int`, `list[int]` or `torch.Tensor`, *optional*): y per sample (or one int repeated
+                ``batch_size`` times), for class-conditional models.
+            prompt (`str` or `list[str]`, *optional*): a prompt per sample (or one repeated ``batch_size`` times), for
+                text-conditional models.
+            negative_prompt (`str` or `list[str]`, *optional*): what ∅ means for text (default the empty prompt), one
+                or one per prompt.
+            batch_size (`int`, *optional*): the number of samples, when one label or prompt is repeated.
+            guidance_scale (`float`): w ≥ 0: 1 is the conditional model, 0 the unconditional one, > 1 sharpens.
+            guidance_rescale (`float`): φ in [0, 1] of Lin et al. 2023 (``guidance.rescale_guided_prediction``).
+            num_inference_steps, generator, latents, eta, output_type, return_dict: as for ``HVAEPipeline``.
+            callback_on_step_end, callback_on_step_end_tensor_inputs: as for ``HVAEPipeline``; the tensors may also
+                be ``"prompt_embeds"`` (text) or ``"class_labels"`` (class labels): the conditions of a step, ∅ then y
+                while guiding, and a callback may return replacements (Diffusers' ``SDCFGCutoffCallback`` does).
+            guidance_batching (`str`): "auto" (the default: the faster of the two below, timed once per device,
+                dtype, shape and model), "batched" (one unet forward on the doubled batch a step) or "separate" (two
+                forwards: half the activation memory); the samples agree up to float rounding.
+
+        Examples:
+
+        Returns:
+            `ImagePipelineOutput` with ``images``, or a tuple ``(images,)``.
         """
+        # 1. check inputs
         check_guidance_scale(guidance_scale, "guidance_scale")
+        if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, (int, float)):
+            raise ValueError(f"guidance_rescale must be a number in [0, 1], got {guidance_rescale!r}")
+        if not 0 <= guidance_rescale <= 1:
+            raise ValueError(f"guidance_rescale must be a number in [0, 1], got {guidance_rescale!r}")
         if guidance_batching not in GUIDANCE_BATCHING:
             raise ValueError(f"guidance_batching must be one of {GUIDANCE_BATCHING}, got {guidance_batching!r}")
         if batch_size is not None:
@@ -158,29 +250,96 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
             raise ValueError(
                 "pass exactly one of class_labels (class-conditional unet) or prompt (text-conditional unet)"
             )
+        tensor_inputs = self.callback_tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        condition_input = "class_labels" if class_labels is not None else "prompt_embeds"
+        other_input = "prompt_embeds" if class_labels is not None else "class_labels"
+        if other_input in tensor_inputs:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs names {other_input!r}, but the pipeline is called with "
+                f"{'class_labels' if class_labels is not None else 'prompt'}; its conditions are {condition_input!r}"
+            )
+        output_type = output_type or self.default_output_type
+        self._guidance_scale = guidance_scale
+        self._guidance_rescale = guidance_rescale
+        self._interrupt = False
+        device = self._execution_device
+
+        # 2. encode the conditions: ∅ then y while guiding, else the one half a step needs
         if class_labels is not None:
             unconditional, conditional = self.class_conditions(class_labels, batch_size)
         else:
             unconditional, conditional = self.text_conditions(prompt, negative_prompt, batch_size)
-        num_samples = len(next(iter(conditional.values())))
-        output_type = output_type or ("latent" if self.is_vector_model else "pil")
-        tensor_inputs = self.callback_tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
-        shape = self.check_sampling_inputs(
-            num_samples, num_inference_steps, generator, latents, output_type, callback_on_step_end, tensor_inputs
+        shape = self.check_inputs(
+            len(conditional), num_inference_steps, generator, latents, output_type, callback_on_step_end, tensor_inputs
         )
-        latents = self.prepare_latents(shape, generator, latents, self._execution_device, self.unet.dtype)
+        if self.do_classifier_free_guidance:
+            conditions = torch.cat([unconditional, conditional])
+        else:
+            conditions = conditional if guidance_scale == 1 else unconditional
+        name = "class_labels" if class_labels is not None else "encoder_hidden_states"
 
-        def predict(model_input, timestep, step_index: int, chain: SamplingChain):
-            if guidance_scale in (0, 1):  # one half is all there is: skip the other forward
-                condition = conditional if guidance_scale == 1 else unconditional
-                guided = model_output_of(self.unet(model_input, timestep, **condition))
-            else:
-                unconditional_output, conditional_output = self.predict_unconditional_and_conditional(
-                    model_input, timestep, unconditional, conditional, batched=guidance_batching == "batched"
+        # 3. timesteps, before the latents: init_noise_sigma may depend on them
+        timesteps, alphas_cumprod = self.set_timesteps(num_inference_steps, device)
+
+        # 4. x_T
+        latents = self.prepare_latents(shape, generator, latents, device, self.unet.dtype)
+
+        # 5. the reverse chain
+        num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                model_input = self.scheduler.scale_model_input(latents, t)
+                if self.do_classifier_free_guidance:
+                    unconditional_output, conditional_output = self.unconditional_and_conditional(
+                        model_input, t, name, conditions, guidance_batching
+                    )
+                    unconditional_prediction, _ = split_learned_variance(unconditional_output, model_input)
+                    conditional_prediction, variance = split_learned_variance(conditional_output, model_input)
+                    prediction = classifier_free_guidance(
+                        unconditional_prediction, conditional_prediction, self.guidance_scale
+                    )
+                    if self.guidance_rescale > 0:
+                        prediction = rescale_guided_prediction(
+                            prediction, conditional_prediction, self.guidance_rescale
+                        )
+                else:
+                    output = model_output_of(self.unet(model_input, t, **{name: conditions}))
+                    prediction, variance = split_learned_variance(output, model_input)
+                prediction, prediction_type = self.clip_prediction(
+                    prediction, self.model_prediction_type, model_input, alphas_cumprod[i]
                 )
-                guided = classifier_free_guidance(unconditional_output, conditional_output, guidance_scale)
-            prediction, variance = chain.split(guided, model_input)
-            return chain.for_step(prediction, model_input, step_index, variance=variance)
+                latents = self.scheduler_step(
+                    prediction,
+                    prediction_type,
+                    variance,
+                    model_input,
+                    latents,
+                    t,
+                    alphas_cumprod[i],
+                    generator=generator,
+                    eta=eta,
+                )
+                if callback_on_step_end is not None:
+                    pred_original_sample = convert_prediction(
+                        prediction, model_input, alphas_cumprod[i], prediction_type, "sample"
+                    )
+                    callback_outputs = self.call_callback(
+                        callback_on_step_end,
+                        i,
+                        t,
+                        tensor_inputs,
+                        {
+                            "latents": latents,
+                            "pred_original_sample": pred_original_sample,
+                            condition_input: conditions,
+                        },
+                    )
+                    latents = callback_outputs.pop("latents", latents)
+                    conditions = callback_outputs.pop(condition_input, conditions)
+                if self.progress_due(i, len(timesteps), num_warmup_steps, self.scheduler.order):
+                    progress_bar.update()
 
-        sample = self.denoise(latents, num_inference_steps, predict, generator, callback_on_step_end, tensor_inputs)
-        return self.finish(sample, output_type, return_dict)
+        # 6. outputs
+        return self.finish(latents, output_type, return_dict)

@@ -1,16 +1,35 @@
 """ClassifierGuidedPipeline: sampling p(x | y) with the guided score ∇log p(x_t) + γ ∇log p(y | x_t)."""
 
 import torch
+from diffusers.utils import replace_example_docstring
 
 from ..guidance import (
+    GUIDANCE_FORMS,
     check_guidance_scale,
     classifier_guided_score,
     classifier_log_prob_gradient,
     denoised_classifier_log_prob_gradient,
+    mean_guided_original_sample,
 )
-from .sampling import HVAESamplingPipeline, SamplingChain, labels_tensor, model_output_of
+from ..parameterization import convert_prediction, split_learned_variance
+from .sampling import HVAESamplingPipeline, labels_tensor, model_output_of, null_class_label
 
 CLASSIFIER_INPUTS = ("noisy", "denoised")
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> from hvae_diffusion import ClassifierGuidedPipeline, HVAEScheduler
+        >>> from hvae_diffusion.testing import ExactMixtureClassifier, ExactMixtureDenoiser
+
+        >>> scheduler = HVAEScheduler(clip_sample=False)
+        >>> means, alphas_cumprod = [[-1.0, 0.0], [1.0, 0.0]], scheduler.alphas_cumprod.tolist()
+        >>> unet = ExactMixtureDenoiser(means, 0.3, alphas_cumprod=alphas_cumprod, in_channels=2)
+        >>> classifier = ExactMixtureClassifier(means, 0.3, alphas_cumprod=alphas_cumprod)
+        >>> pipe = ClassifierGuidedPipeline(unet, scheduler, classifier)
+        >>> samples = pipe(class_labels=[1, 1], guidance_scale=2.0, num_inference_steps=20).images
+        ```
+"""
 
 
 def classifier_num_classes(classifier) -> int | None:
@@ -27,27 +46,31 @@ def classifier_num_classes(classifier) -> int | None:
 
 
 class ClassifierGuidedPipeline(HVAESamplingPipeline):
-    """Classifier guidance (Dhariwal & Nichol 2021) as the theory writes it, on the score.
+    """Classifier guidance (Dhariwal & Nichol 2021) as the theory writes it, on the score, after clipping.
 
-    At every step the model output is converted to the score ∇log p(x_t), the classifier's ∇log p(y | x_t) (by
-    autograd) is added with weight γ = ``classifier_scale``, and the guided score, converted to the parameterization
-    the scheduler steps in, is handed to the scheduler: γ = 1 samples p(x | y) when model and classifier are exact,
-    γ > 1 sharpens p(y | x).
+    At every step the model's x̂_0 is clipped (if the scheduler's config asks), the classifier's ∇log p(y | x_t) (by
+    autograd) is added with weight γ = ``guidance_scale`` to the score made from it, and the guided prediction,
+    converted to the parameterization the scheduler steps, is stepped without clipping again (docs/theory.md):
+    γ = 1 samples p(x | y) when model and classifier are exact, γ > 1 sharpens p(y | x).
 
     Args:
-        unet: the (unconditional) denoiser, as for ``HVAEPipeline``.
+        unet: the denoiser, as for ``HVAEPipeline``. A class-conditional one (``num_class_embeds``, trained with label
+            dropout) is called with its null label (``sampling.null_class_label``): ε(x_t, ∅).
         scheduler: ``HVAEScheduler`` or a Diffusers scheduler.
         classifier: declares its class count (``.num_classes``, ``.config.num_classes`` or ``.config.num_labels``)
             and returns logits or an object with ``.logits``. With ``classifier_input="noisy"`` it is a noisy classifier
             called ``classifier(x_t, t)`` (``NoisyClassifier``, ``ExactMixtureClassifier``); with ``"denoised"`` it
-            classifies clean data, is called ``classifier(x̂_0)`` on the Tweedie estimate x̂_0 = E[x_0 | x_t] (for
-            example a transformers image classifier), and the gradient flows through the denoiser.
+            classifies clean data, is called ``classifier(x̂_0)`` on the Tweedie estimate x̂_0 = E[x_0 | x_t] after
+            clipping (for example a transformers image classifier), and the gradient flows through the denoiser.
         classifier_input: ``"noisy"`` or ``"denoised"``; saved in the pipeline config.
+        prediction_type: the model's parameterization when it differs from the scheduler's (see ``HVAEPipeline``).
     """
 
     model_cpu_offload_seq = "unet->classifier"
 
-    def __init__(self, unet, scheduler, classifier, classifier_input: str = "noisy"):
+    def __init__(
+        self, unet, scheduler, classifier, classifier_input: str = "noisy", prediction_type: str | None = None
+    ):
         super().__init__()
         if classifier_input not in CLASSIFIER_INPUTS:
             raise ValueError(f"classifier_input must be one of {CLASSIFIER_INPUTS}, got {classifier_input!r}")
@@ -57,21 +80,69 @@ class ClassifierGuidedPipeline(HVAESamplingPipeline):
                 ".config.num_labels"
             )
         self.register_modules(unet=unet, scheduler=scheduler, classifier=classifier)
-        self.register_to_config(classifier_input=classifier_input)
+        self.register_to_config(classifier_input=classifier_input, prediction_type=prediction_type)
 
     @property
     def num_classes(self) -> int:
         return classifier_num_classes(self.classifier)
 
+    @property
+    def guidance_scale(self) -> float:
+        """γ of the current (or last) call."""
+        return self._guidance_scale
+
+    def unconditional_kwargs(self, batch_size: int) -> dict:
+        """What makes the unet unconditional: its null class label for a class-conditional unet, nothing otherwise."""
+        null_label = null_class_label(self.unet.config)
+        if null_label is None:
+            return {}
+        return {"class_labels": torch.full((batch_size,), null_label, dtype=torch.long, device=self._execution_device)}
+
+    def denoised_gradient(self, model_input, timestep, alphas_cumprod_t, labels, unet_kwargs):
+        """(∇_{x_t} log p(y | x̂_0(x_t)), clipped x̂_0, variance channels): the clean-data classifier on the clipped
+        Tweedie estimate; clipped elements of x̂_0 pass no gradient (``sampling.clip_original_sample``)."""
+        variances = []
+
+        def predict_original_sample(sample):
+            prediction, variance = split_learned_variance(
+                model_output_of(self.unet(sample, timestep, **unet_kwargs)), sample
+            )
+            variances.append(None if variance is None else variance.detach())
+            prediction, prediction_type = self.clip_prediction(
+                prediction, self.model_prediction_type, sample, alphas_cumprod_t
+            )
+            return convert_prediction(prediction, sample, alphas_cumprod_t, prediction_type, "sample")
+
+        gradient, original_sample = denoised_classifier_log_prob_gradient(
+            self.classifier, predict_original_sample, model_input, labels, self.num_classes
+        )
+        return gradient, original_sample, variances[0]
+
+    def guide(self, prediction, prediction_type, gradient, model_input, alphas_cumprod, step_index, guidance_form):
+        """(guided prediction, its type) in ``guidance_form``: the score, or the mean of the step (``guidance``)."""
+        alphas_cumprod_t = alphas_cumprod[step_index]
+        if guidance_form == "score":
+            score = convert_prediction(prediction, model_input, alphas_cumprod_t, prediction_type, "score")
+            return classifier_guided_score(score, gradient, self.guidance_scale), "score"
+        original_sample = convert_prediction(prediction, model_input, alphas_cumprod_t, prediction_type, "sample")
+        prev_alphas_cumprod = alphas_cumprod[step_index + 1] if step_index + 1 < len(alphas_cumprod) else 1.0
+        guided = mean_guided_original_sample(
+            original_sample, gradient, self.guidance_scale, alphas_cumprod_t, prev_alphas_cumprod
+        )
+        return guided, "sample"
+
     @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
         class_labels: int | list[int] | torch.Tensor,
         batch_size: int | None = None,
-        classifier_scale: float = 1.0,
+        guidance_scale: float = 1.0,
+        guidance_form: str = "score",
         num_inference_steps: int = 1000,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
+        eta: float = 0.0,
         output_type: str | None = None,
         return_dict: bool = True,
         callback_on_step_end=None,
@@ -80,45 +151,95 @@ class ClassifierGuidedPipeline(HVAESamplingPipeline):
         """Draw one sample per class label from p_γ(x | y) ∝ p(x) p(y | x)^γ.
 
         Args:
-            class_labels: y per sample (a sequence, or one int repeated ``batch_size`` times), in [0, num_classes).
-            batch_size: the number of samples; with a sequence of labels it must equal their count if given.
-            classifier_scale: γ ≥ 0 (0 is unconditional sampling, 1 the exact conditional).
-            num_inference_steps, generator, latents, output_type, return_dict, callback_on_step_end,
+            class_labels (`int`, `list[int]` or `torch.Tensor`): y per sample (a sequence, or one int repeated
+                ``batch_size`` times), in [0, num_classes).
+            batch_size (`int`, *optional*): the number of samples; with a sequence of labels it must equal their count.
+            guidance_scale (`float`): γ ≥ 0 (0 is unconditional sampling, 1 the exact conditional).
+            guidance_form (`str`): "score" (the default: ε̃ = ε − √(1 − ᾱ_t) γ ∇log p(y | x_t)) or "mean"
+                (guided-diffusion's μ + γ Σ ∇log p(y | x_t)); see docs/theory.md.
+            num_inference_steps, generator, latents, eta, output_type, return_dict, callback_on_step_end,
             callback_on_step_end_tensor_inputs: as for ``HVAEPipeline``.
+
+        Examples:
+
+        Returns:
+            `ImagePipelineOutput` with ``images``, or a tuple ``(images,)``.
         """
-        check_guidance_scale(classifier_scale, "classifier_scale")
-        labels = labels_tensor(class_labels, batch_size, self.num_classes, self._execution_device)
-        output_type = output_type or ("latent" if self.is_vector_model else "pil")
+        # 1. check inputs
+        check_guidance_scale(guidance_scale, "guidance_scale")
+        if guidance_form not in GUIDANCE_FORMS:
+            raise ValueError(f"guidance_form must be one of {GUIDANCE_FORMS}, got {guidance_form!r}")
+        device = self._execution_device
+        labels = labels_tensor(class_labels, batch_size, self.num_classes, device)
+        output_type = output_type or self.default_output_type
         tensor_inputs = self.callback_tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
-        shape = self.check_sampling_inputs(
+        shape = self.check_inputs(
             len(labels), num_inference_steps, generator, latents, output_type, callback_on_step_end, tensor_inputs
         )
-        latents = self.prepare_latents(shape, generator, latents, self._execution_device, self.unet.dtype)
-        num_classes = self.num_classes
+        self._guidance_scale = guidance_scale
+        self._interrupt = False
 
-        def predict(model_input, timestep, step_index: int, chain: SamplingChain):
-            if classifier_scale == 0:
-                prediction, variance = chain.split(model_output_of(self.unet(model_input, timestep)), model_input)
-                return chain.for_step(prediction, model_input, step_index, variance=variance)
-            if self.config.classifier_input == "noisy":
-                prediction, variance = chain.split(model_output_of(self.unet(model_input, timestep)), model_input)
-                score = chain.convert(prediction, model_input, step_index, chain.model_prediction_type, "score")
-                gradient = classifier_log_prob_gradient(self.classifier, model_input, timestep, labels, num_classes)
-            else:
-                variances = []
+        # 2. the condition of the unet: none, ∅ for a class-conditional one
+        unet_kwargs = self.unconditional_kwargs(len(labels))
 
-                def predict_original_sample(sample):
-                    prediction, variance = chain.split(model_output_of(self.unet(sample, timestep)), sample)
-                    variances.append(variance)
-                    return chain.convert(prediction, sample, step_index, chain.model_prediction_type, "sample")
+        # 3. timesteps, before the latents: init_noise_sigma may depend on them
+        timesteps, alphas_cumprod = self.set_timesteps(num_inference_steps, device)
 
-                gradient, predicted_original_sample = denoised_classifier_log_prob_gradient(
-                    self.classifier, predict_original_sample, model_input, labels, num_classes
+        # 4. x_T
+        latents = self.prepare_latents(shape, generator, latents, device, self.unet.dtype)
+
+        # 5. the reverse chain: clip x̂_0, then guide
+        num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                model_input = self.scheduler.scale_model_input(latents, t)
+                if self.guidance_scale > 0 and self.config.classifier_input == "denoised":
+                    gradient, prediction, variance = self.denoised_gradient(
+                        model_input, t, alphas_cumprod[i], labels, unet_kwargs
+                    )
+                    prediction_type = "sample"
+                else:
+                    output = model_output_of(self.unet(model_input, t, **unet_kwargs))
+                    prediction, variance = split_learned_variance(output, model_input)
+                    prediction, prediction_type = self.clip_prediction(
+                        prediction, self.model_prediction_type, model_input, alphas_cumprod[i]
+                    )
+                    gradient = None
+                    if self.guidance_scale > 0:
+                        gradient = classifier_log_prob_gradient(
+                            self.classifier, model_input, t, labels, self.num_classes
+                        )
+                if gradient is not None:
+                    prediction, prediction_type = self.guide(
+                        prediction, prediction_type, gradient, model_input, alphas_cumprod, i, guidance_form
+                    )
+                latents = self.scheduler_step(
+                    prediction,
+                    prediction_type,
+                    variance,
+                    model_input,
+                    latents,
+                    t,
+                    alphas_cumprod[i],
+                    generator=generator,
+                    eta=eta,
                 )
-                variance = None if variances[0] is None else variances[0].detach()
-                score = chain.convert(predicted_original_sample, model_input, step_index, "sample", "score")
-            guided_score = classifier_guided_score(score, gradient, classifier_scale)
-            return chain.for_step(guided_score, model_input, step_index, from_type="score", variance=variance)
+                if callback_on_step_end is not None:
+                    pred_original_sample = convert_prediction(
+                        prediction, model_input, alphas_cumprod[i], prediction_type, "sample"
+                    )
+                    callback_outputs = self.call_callback(
+                        callback_on_step_end,
+                        i,
+                        t,
+                        tensor_inputs,
+                        {"latents": latents, "pred_original_sample": pred_original_sample},
+                    )
+                    latents = callback_outputs.pop("latents", latents)
+                if self.progress_due(i, len(timesteps), num_warmup_steps, self.scheduler.order):
+                    progress_bar.update()
 
-        sample = self.denoise(latents, num_inference_steps, predict, generator, callback_on_step_end, tensor_inputs)
-        return self.finish(sample, output_type, return_dict)
+        # 6. outputs
+        return self.finish(latents, output_type, return_dict)

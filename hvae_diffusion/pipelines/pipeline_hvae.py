@@ -1,33 +1,55 @@
 """HVAEPipeline: ancestral sampling of the diffusion hierarchical VAE, x_T ~ N(0, I), x_{t'} ~ p_θ(x_{t'} | x_t)."""
 
 import torch
+from diffusers.utils import replace_example_docstring
 
-from .sampling import HVAESamplingPipeline, SamplingChain, model_output_of
+from ..parameterization import convert_prediction, split_learned_variance
+from .sampling import HVAESamplingPipeline, model_output_of
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from diffusers import UNet2DModel
+        >>> from hvae_diffusion import HVAEPipeline, HVAEScheduler
+
+        >>> unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+        ...                    down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        ...                    layers_per_block=1, norm_num_groups=8)
+        >>> pipe = HVAEPipeline(unet, HVAEScheduler())
+        >>> images = pipe(batch_size=2, num_inference_steps=10, generator=torch.Generator().manual_seed(0)).images
+        ```
+"""
 
 
 class HVAEPipeline(HVAESamplingPipeline):
     """Unconditional sampling with any UNet (or vector denoiser) and any variance-preserving scheduler.
 
-    The model predicts in ``scheduler.config.prediction_type`` (epsilon, sample, v_prediction or score); a scheduler
-    that cannot step that parameterization (a Diffusers scheduler given a "score" model) is stepped in ε.
+    The model predicts in ``prediction_type`` (epsilon, sample, v_prediction or score; by default the scheduler's
+    ``config.prediction_type``) and its output is converted to what the scheduler steps (``sampling``).
 
     Args:
         unet: the denoiser, called ``unet(x_t, t)`` returning ``.sample`` (``UNet2DModel`` or alike; a vector model has
             ``config.sample_size = None`` and ``config.in_channels = D``).
         scheduler: ``HVAEScheduler`` or a Diffusers scheduler (DDPM, DDIM, DPM-Solver, Euler, ...).
+        prediction_type: the model's parameterization when it differs from the scheduler's (a "score" model stepped
+            by a Diffusers scheduler built with ``prediction_type="epsilon"``); saved in the pipeline config.
     """
 
-    def __init__(self, unet, scheduler):
+    def __init__(self, unet, scheduler, prediction_type: str | None = None):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_to_config(prediction_type=prediction_type)
 
     @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
         batch_size: int = 1,
         num_inference_steps: int = 1000,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
+        eta: float = 0.0,
         output_type: str | None = None,
         return_dict: bool = True,
         callback_on_step_end=None,
@@ -36,29 +58,78 @@ class HVAEPipeline(HVAESamplingPipeline):
         """Draw ``batch_size`` samples.
 
         Args:
-            batch_size: how many samples.
-            num_inference_steps: how many latents of the chain (≥ 1).
-            generator: a ``torch.Generator`` or one per sample, for x_T and every step's noise.
-            latents: x_T to start from, shape ``(batch_size, C, H, W)`` or ``(batch_size, D)``.
-            output_type: "pil" (images, the default), "np", "pt" or "latent" (the raw final sample, the default for
-                vector models).
-            return_dict: return an ``ImagePipelineOutput`` (else a tuple).
-            callback_on_step_end: ``callback(pipeline, step_index, timestep, callback_kwargs) -> dict``.
-            callback_on_step_end_tensor_inputs: the tensors passed in ``callback_kwargs`` (``["latents"]``).
+            batch_size (`int`): how many samples.
+            num_inference_steps (`int`): how many latents of the chain (≥ 1).
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*): for x_T and every step's noise; a
+                list gives one generator per sample.
+            latents (`torch.Tensor`, *optional*): x_T to start from, shape ``(batch_size, C, H, W)`` or
+                ``(batch_size, D)``; it is scaled by the scheduler's ``init_noise_sigma``.
+            eta (`float`): DDIM's η (0 deterministic, 1 DDPM's variance); ignored by schedulers without it.
+            output_type (`str`, *optional*): "pil" (images, the default), "np", "pt" or "latent" (the raw final
+                sample, the default for vector models).
+            return_dict (`bool`): return an ``ImagePipelineOutput`` (else a tuple).
+            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*):
+                ``callback(pipeline, step_index, timestep, callback_kwargs)`` returning a dict; a returned
+                ``"latents"`` replaces the latents.
+            callback_on_step_end_tensor_inputs (`list[str]`): the tensors in ``callback_kwargs``: ``"latents"`` and
+                ``"pred_original_sample"`` (x̂_0 of the step).
+
+        Examples:
 
         Returns:
-            ``ImagePipelineOutput`` with ``images``.
+            `ImagePipelineOutput` with ``images``, or a tuple ``(images,)``.
         """
-        output_type = output_type or ("latent" if self.is_vector_model else "pil")
+        # 1. check inputs
+        output_type = output_type or self.default_output_type
         tensor_inputs = self.callback_tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
-        shape = self.check_sampling_inputs(
+        shape = self.check_inputs(
             batch_size, num_inference_steps, generator, latents, output_type, callback_on_step_end, tensor_inputs
         )
-        latents = self.prepare_latents(shape, generator, latents, self._execution_device, self.unet.dtype)
+        device = self._execution_device
+        self._interrupt = False
 
-        def predict(model_input, timestep, step_index: int, chain: SamplingChain):
-            prediction, variance = chain.split(model_output_of(self.unet(model_input, timestep)), model_input)
-            return chain.for_step(prediction, model_input, step_index, variance=variance)
+        # 2. timesteps, before the latents: init_noise_sigma may depend on them
+        timesteps, alphas_cumprod = self.set_timesteps(num_inference_steps, device)
 
-        sample = self.denoise(latents, num_inference_steps, predict, generator, callback_on_step_end, tensor_inputs)
-        return self.finish(sample, output_type, return_dict)
+        # 3. x_T
+        latents = self.prepare_latents(shape, generator, latents, device, self.unet.dtype)
+
+        # 4. the reverse chain
+        num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                model_input = self.scheduler.scale_model_input(latents, t)
+                prediction, variance = split_learned_variance(model_output_of(self.unet(model_input, t)), model_input)
+                prediction, prediction_type = self.clip_prediction(
+                    prediction, self.model_prediction_type, model_input, alphas_cumprod[i]
+                )
+                latents = self.scheduler_step(
+                    prediction,
+                    prediction_type,
+                    variance,
+                    model_input,
+                    latents,
+                    t,
+                    alphas_cumprod[i],
+                    generator=generator,
+                    eta=eta,
+                )
+                if callback_on_step_end is not None:
+                    pred_original_sample = convert_prediction(
+                        prediction, model_input, alphas_cumprod[i], prediction_type, "sample"
+                    )
+                    callback_outputs = self.call_callback(
+                        callback_on_step_end,
+                        i,
+                        t,
+                        tensor_inputs,
+                        {"latents": latents, "pred_original_sample": pred_original_sample},
+                    )
+                    latents = callback_outputs.pop("latents", latents)
+                if self.progress_due(i, len(timesteps), num_warmup_steps, self.scheduler.order):
+                    progress_bar.update()
+
+        # 5. outputs
+        return self.finish(latents, output_type, return_dict)

@@ -1,21 +1,30 @@
-"""What the three pipelines share: the denoising loop, the bridge between parameterizations, inputs and outputs.
+"""What the three pipelines share: inputs, timesteps, latents, one denoising step, callbacks and outputs.
 
-A model predicts in the parameterization it was trained in (``scheduler.config.prediction_type``: epsilon, sample,
-v_prediction or score). The scheduler that steps may want another one: Diffusers' schedulers cannot step a score,
-so a swapped-in ``DDIMScheduler.from_config(hvae_scheduler.config)`` still says "score" in its config. ``SamplingChain``
-is the one place where that is resolved: it picks the parameterization the scheduler steps in (the model's own when
-the scheduler supports it, ε otherwise, with a copy of the scheduler configured for it), and holds ᾱ of every step
-of the chain so that outputs convert with ``parameterization.convert_prediction``.
+Each pipeline's ``__call__`` reads top to bottom as Diffusers' pipelines do (check inputs, encode the condition, set
+timesteps, prepare latents, loop, postprocess); this module holds the parts they share, and the math stays in
+``parameterization`` and ``guidance``.
+
+Which parameterization? The model predicts in the pipeline's ``prediction_type`` (its config; ``None`` means the
+scheduler's ``config.prediction_type``); the scheduler steps in its own ``config.prediction_type``. The pipeline
+converts the model output from one to the other with ``parameterization.convert_prediction`` and never copies the
+scheduler: ``pipe.scheduler`` is the scheduler that stepped. Diffusers' schedulers cannot step "score", so a score
+model sampled with one needs the scheduler built with ``prediction_type="epsilon"`` and the pipeline with
+``prediction_type="score"`` (``prediction_types`` raises a ``ValueError`` saying so otherwise).
 
 Which x_t and ᾱ_t? The model sees ``scheduler.scale_model_input(sample, t)``, which for variance-preserving schedulers
 is x_t itself and for Karras-style schedulers (Euler, which carry x_t / √ᾱ_t = x_0 + σ ε with σ² = (1 − ᾱ_t) / ᾱ_t)
 is that sample scaled back to x_t. Conversions therefore use the model input, and ᾱ_t = 1 / (1 + σ_t²) for
 schedulers that keep σ per step (also exact at fractional timesteps), ``alphas_cumprod[t]`` for the others.
+
+Clipping (docs/theory.md, "Guidance and clipping"): the pipeline clips or thresholds x̂_0 itself, as the scheduler's
+config asks, before any guidance, and the scheduler then steps with its own clipping switched off
+(``clipping_disabled``), so a guided x̂_0 is never clipped again. Without guidance this is DDIM as published: the
+step uses the ε of the clipped x̂_0.
 """
 
+import contextlib
+import inspect
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -38,47 +47,21 @@ def steppable_prediction_types(scheduler) -> tuple[str, ...]:
     return PREDICTION_TYPES if isinstance(scheduler, HVAEScheduler) else DIFFUSERS_PREDICTION_TYPES
 
 
-@dataclass
-class SamplingChain:
-    """The timesteps being sampled, the scheduler that steps them, and ᾱ_t of each step.
-
-    Attributes:
-        scheduler: the scheduler whose ``step`` is called (the pipeline's own, or a copy of it configured for
-            ``step_prediction_type`` when it cannot step the model's parameterization).
-        timesteps: ``scheduler.timesteps``.
-        alphas_cumprod: ᾱ_t of each step as Python floats (no host sync in the loop).
-        model_prediction_type: what the model outputs.
-        step_prediction_type: what ``scheduler.step`` is given.
-    """
-
-    scheduler: object
-    timesteps: torch.Tensor
-    alphas_cumprod: list[float]
-    model_prediction_type: str
-    step_prediction_type: str
-
-    def convert(self, model_output, model_input, step_index: int, from_type: str, to_type: str):
-        """``convert_prediction`` at step ``step_index``; ``model_input`` is x_t as the model saw it."""
-        return convert_prediction(model_output, model_input, self.alphas_cumprod[step_index], from_type, to_type)
-
-    @staticmethod
-    def split(model_output, model_input):
-        """(prediction, variance channels or None): a model with learned variance outputs 2C channels for C."""
-        if model_output.ndim == model_input.ndim and model_output.shape[1] == 2 * model_input.shape[1]:
-            return model_output.chunk(2, dim=1)
-        return model_output, None
-
-    def for_step(self, prediction, model_input, step_index: int, from_type: str | None = None, variance=None):
-        """A prediction (in ``from_type``, by default the model's) expressed as ``scheduler.step`` expects it.
-
-        ``variance``, the learned-variance channels split off by ``split``, is appended again for schedulers that
-        use it (``variance_type`` "learned" or "learned_range") and dropped for the others.
-        """
-        from_type = from_type or self.model_prediction_type
-        prediction = self.convert(prediction, model_input, step_index, from_type, self.step_prediction_type)
-        if variance is not None and str(getattr(self.scheduler.config, "variance_type", "")).startswith("learned"):
-            return torch.cat([prediction, variance], dim=1)
-        return prediction
+def prediction_types(model_prediction_type: str | None, scheduler) -> tuple[str, str]:
+    """(what the model outputs, what ``scheduler.step`` is given); the model's defaults to the scheduler's."""
+    step_prediction_type = scheduler.config.prediction_type
+    check_prediction_type(step_prediction_type, "scheduler.config.prediction_type")
+    if step_prediction_type not in steppable_prediction_types(scheduler):
+        raise ValueError(
+            f"{type(scheduler).__name__} cannot step prediction_type={step_prediction_type!r} (it steps "
+            f"{DIFFUSERS_PREDICTION_TYPES}): build it with prediction_type='epsilon', e.g. "
+            f"{type(scheduler).__name__}.from_config(config, prediction_type='epsilon'), and give the model's "
+            f"parameterization to the pipeline, e.g. HVAEPipeline(unet, scheduler, prediction_type="
+            f"{step_prediction_type!r})"
+        )
+    model_prediction_type = model_prediction_type or step_prediction_type
+    check_prediction_type(model_prediction_type, "prediction_type")
+    return model_prediction_type, step_prediction_type
 
 
 def chain_alphas_cumprod(scheduler, timesteps: torch.Tensor) -> list[float]:
@@ -97,23 +80,49 @@ def chain_alphas_cumprod(scheduler, timesteps: torch.Tensor) -> list[float]:
     return alphas_cumprod.tolist()
 
 
-def prepare_sampling_chain(scheduler, num_inference_steps: int, device) -> SamplingChain:
-    """Set the timesteps of the scheduler that will step (see the module docstring) and read ᾱ_t of each step."""
-    model_prediction_type = scheduler.config.prediction_type
-    check_prediction_type(model_prediction_type, "scheduler.config.prediction_type")
-    if model_prediction_type in steppable_prediction_types(scheduler):
-        step_prediction_type = model_prediction_type
-    else:
-        step_prediction_type = "epsilon"
-        scheduler = type(scheduler).from_config(scheduler.config, prediction_type=step_prediction_type)
-    scheduler.set_timesteps(num_inference_steps, device=device)
-    return SamplingChain(
-        scheduler=scheduler,
-        timesteps=scheduler.timesteps,
-        alphas_cumprod=chain_alphas_cumprod(scheduler, scheduler.timesteps),
-        model_prediction_type=model_prediction_type,
-        step_prediction_type=step_prediction_type,
-    )
+def clips(scheduler) -> bool:
+    """Whether the scheduler's config asks for x̂_0 to be clipped or dynamically thresholded."""
+    return bool(getattr(scheduler.config, "thresholding", False) or getattr(scheduler.config, "clip_sample", False))
+
+
+def clip_original_sample(original_sample: torch.Tensor, scheduler) -> torch.Tensor:
+    """x̂_0 clipped to [−r, r] (``clip_sample``, r = ``clip_sample_range``) or dynamically thresholded
+    (``thresholding``, the scheduler's own ``_threshold_sample``), as the scheduler's config asks; differentiable
+    (``clamp`` passes no gradient to clipped elements)."""
+    if getattr(scheduler.config, "thresholding", False):
+        return scheduler._threshold_sample(original_sample)
+    if getattr(scheduler.config, "clip_sample", False):
+        clip_range = scheduler.config.clip_sample_range
+        return original_sample.clamp(-clip_range, clip_range)
+    return original_sample
+
+
+@contextlib.contextmanager
+def clipping_disabled(scheduler):
+    """The scheduler's ``clip_sample`` and ``thresholding`` switched off inside the block and restored after it:
+    the pipeline has clipped x̂_0 already, and a guided x̂_0 must not be clipped again."""
+    saved = {name: scheduler.config[name] for name in ("clip_sample", "thresholding") if name in scheduler.config}
+    if not any(saved.values()):
+        yield
+        return
+    scheduler.register_to_config(**dict.fromkeys(saved, False))
+    try:
+        yield
+    finally:
+        scheduler.register_to_config(**saved)
+
+
+def null_class_label(denoiser_config) -> int | None:
+    """The class label that means "no condition" (∅) of a class-conditional denoiser, from its config.
+
+    A ``UNet2DModel`` with ``num_class_embeds`` = K + 1 embeddings trained with label dropout keeps the last one,
+    K, for ∅; a DiT (``DiTTransformer2DModel``, ``num_embeds_ada_norm`` = K classes) keeps an extra embedding, K.
+    ``None`` for a denoiser without class labels.
+    """
+    num_class_embeds = getattr(denoiser_config, "num_class_embeds", None)
+    if num_class_embeds is not None:
+        return num_class_embeds - 1
+    return getattr(denoiser_config, "num_embeds_ada_norm", None)
 
 
 def sample_shape(model_config, batch_size: int) -> tuple[int, ...]:
@@ -134,13 +143,26 @@ def check_batch_size(batch_size) -> None:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
 
 
+def check_generator(generator, batch_size: int) -> None:
+    """A ``ValueError`` unless ``generator`` is None, a ``torch.Generator`` or a list of one per sample."""
+    generators = generator if isinstance(generator, list) else [generator]
+    if generator is not None and not all(isinstance(g, torch.Generator) for g in generators):
+        raise ValueError(
+            "generator must be None, a torch.Generator or a list of one torch.Generator per sample, got "
+            f"{generator!r} (for a seed s pass torch.Generator().manual_seed(s))"
+        )
+    if isinstance(generator, list) and len(generator) != batch_size:
+        raise ValueError(f"generator is a list of {len(generator)} generators but the batch size is {batch_size}")
+
+
 class HVAESamplingPipeline(DiffusionPipeline):
-    """Base of the pipelines: checks, latents, the denoising loop and outputs; subclasses give the prediction per step.
+    """Base of the pipelines: input checks, timesteps, latents, one denoising step, callbacks and outputs.
 
     Saved folders name their class so that ``DiffusionPipeline.from_pretrained`` finds it (see ``serialization``).
+    The properties ``num_timesteps`` and ``interrupt`` are those Diffusers' callbacks read and set.
     """
 
-    _callback_tensor_inputs = ["latents"]
+    _callback_tensor_inputs = ["latents", "pred_original_sample"]
     model_cpu_offload_seq = "unet"
 
     def save_config(self, save_directory: str | os.PathLike, *args, **kwargs):
@@ -159,13 +181,36 @@ class HVAESamplingPipeline(DiffusionPipeline):
             serialization.check_components_present(pretrained_model_name_or_path, cls.load_config(index_path))
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
-    # ------------------------------------------------------------------ inputs
+    # ------------------------------------------------------------------ state of the current call
+
+    @property
+    def num_timesteps(self) -> int:
+        """The number of timesteps of the current (or last) call: ``len(scheduler.timesteps)``."""
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        """Set ``pipeline._interrupt = True`` (from a callback) to skip the remaining steps."""
+        return getattr(self, "_interrupt", False)
 
     @property
     def is_vector_model(self) -> bool:
         return getattr(self.unet.config, "sample_size", None) is None
 
-    def check_sampling_inputs(
+    @property
+    def default_output_type(self) -> str:
+        return "latent" if self.is_vector_model else "pil"
+
+    # ------------------------------------------------------------------ inputs
+
+    @staticmethod
+    def callback_tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs):
+        """Diffusers' callback objects name their own tensor inputs."""
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            return callback_on_step_end.tensor_inputs
+        return list(callback_on_step_end_tensor_inputs)
+
+    def check_inputs(
         self,
         batch_size,
         num_inference_steps,
@@ -185,8 +230,7 @@ class HVAESamplingPipeline(DiffusionPipeline):
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if output_type == "pil" and self.is_vector_model:
             raise ValueError("output_type='pil' needs an image model; for vector samples use 'latent', 'pt' or 'np'")
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(f"generator is a list of {len(generator)} generators but the batch size is {batch_size}")
+        check_generator(generator, batch_size)
         shape = sample_shape(self.unet.config, batch_size)
         if latents is not None and tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
@@ -197,58 +241,80 @@ class HVAESamplingPipeline(DiffusionPipeline):
             raise ValueError(
                 f"callback_on_step_end_tensor_inputs may only name {self._callback_tensor_inputs}, got {unknown}"
             )
+        prediction_types(self.config.prediction_type, self.scheduler)
         return shape
 
+    # ------------------------------------------------------------------ timesteps and latents
+
+    def set_timesteps(self, num_inference_steps: int, device) -> tuple[torch.Tensor, list[float]]:
+        """Set the timesteps of ``self.scheduler`` (the scheduler that steps) and return them with ᾱ_t of each."""
+        self._prediction_types = prediction_types(self.config.prediction_type, self.scheduler)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        self._num_timesteps = len(timesteps)
+        return timesteps, chain_alphas_cumprod(self.scheduler, timesteps)
+
     def prepare_latents(self, shape, generator, latents, device, dtype) -> torch.Tensor:
-        """x_T ~ N(0, I) drawn with ``randn_tensor`` (or the given ``latents``), scaled by ``init_noise_sigma``."""
+        """x_T ~ N(0, I) drawn with ``randn_tensor`` (or the given ``latents``), scaled by ``init_noise_sigma``, which
+        for Karras-style schedulers depends on the timesteps: call after ``set_timesteps``."""
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         else:
             latents = latents.to(device=device, dtype=dtype)
         return latents * self.scheduler.init_noise_sigma
 
-    # ------------------------------------------------------------------ the loop
+    # ------------------------------------------------------------------ one step
 
-    def denoise(
-        self,
-        latents: torch.Tensor,
-        num_inference_steps: int,
-        predict: Callable[[torch.Tensor, torch.Tensor, int, SamplingChain], torch.Tensor],
-        generator=None,
-        callback_on_step_end=None,
-        callback_on_step_end_tensor_inputs=("latents",),
+    @property
+    def model_prediction_type(self) -> str:
+        """What the model outputs in the current call (set by ``set_timesteps``)."""
+        return self._prediction_types[0]
+
+    def clip_prediction(self, prediction, prediction_type: str, model_input, alphas_cumprod_t: float):
+        """(prediction, its type): x̂_0 clipped or thresholded as the scheduler's config asks, else as it came."""
+        if not clips(self.scheduler):
+            return prediction, prediction_type
+        original_sample = convert_prediction(prediction, model_input, alphas_cumprod_t, prediction_type, "sample")
+        return clip_original_sample(original_sample, self.scheduler), "sample"
+
+    def scheduler_step(
+        self, prediction, prediction_type: str, variance, model_input, latents, timestep, alphas_cumprod_t, **kwargs
     ) -> torch.Tensor:
-        """Run the reverse chain from ``latents``.
+        """x_{t'} from ``scheduler.step``, given the (clipped, guided) prediction converted to the parameterization
+        the scheduler steps; with the scheduler's clipping switched off, as the pipeline clipped already.
 
-        Args:
-            predict: ``predict(model_input, timestep, step_index, chain)`` returns the (guided) prediction in
-                ``chain.step_prediction_type``; ``model_input`` is ``scheduler.scale_model_input(latents, t)``.
-            callback_on_step_end: ``callback(pipeline, step_index, timestep, callback_kwargs)`` returning a dict; a
-                returned ``"latents"`` replaces the current latents.
+        ``variance``, the learned-variance channels (``parameterization.split_learned_variance``), is appended again
+        for schedulers that use it (``variance_type`` "learned" or "learned_range") and dropped for the others.
+        ``kwargs`` (``generator``, ``eta``) go to ``step`` where its signature takes them, as in Diffusers.
         """
-        chain = prepare_sampling_chain(self.scheduler, num_inference_steps, latents.device)
-        self._num_timesteps = len(chain.timesteps)
-        with self.progress_bar(total=len(chain.timesteps)) as progress_bar:
-            for step_index, timestep in enumerate(chain.timesteps):
-                model_input = chain.scheduler.scale_model_input(latents, timestep)
-                model_output = predict(model_input, timestep, step_index, chain)
-                latents = chain.scheduler.step(
-                    model_output, timestep, latents, generator=generator, return_dict=False
-                )[0]
-                if callback_on_step_end is not None:
-                    callback_kwargs = {"latents": latents}
-                    callback_kwargs = {name: callback_kwargs[name] for name in callback_on_step_end_tensor_inputs}
-                    callback_outputs = callback_on_step_end(self, step_index, timestep, callback_kwargs)
-                    latents = callback_outputs.pop("latents", latents)
-                progress_bar.update()
-        return latents
+        step_prediction_type = self._prediction_types[1]
+        model_output = convert_prediction(
+            prediction, model_input, alphas_cumprod_t, prediction_type, step_prediction_type
+        )
+        if variance is not None and str(getattr(self.scheduler.config, "variance_type", "")).startswith("learned"):
+            model_output = torch.cat([model_output, variance], dim=1)
+        accepted = inspect.signature(self.scheduler.step).parameters
+        kwargs = {name: value for name, value in kwargs.items() if name in accepted}
+        with clipping_disabled(self.scheduler):
+            return self.scheduler.step(model_output, timestep, latents, return_dict=False, **kwargs)[0]
+
+    def call_callback(self, callback_on_step_end, step_index, timestep, tensor_inputs, tensors: dict) -> dict:
+        """Diffusers' ``callback(pipeline, step_index, timestep, callback_kwargs)``; it must return a dict (of the
+        tensors it replaces: ``"latents"``, and for classifier-free guidance the conditions)."""
+        callback_kwargs = {name: tensors[name] for name in tensor_inputs}
+        outputs = callback_on_step_end(self, step_index, timestep, callback_kwargs)
+        if not isinstance(outputs, dict):
+            raise TypeError(
+                "callback_on_step_end must return a dict (callback_kwargs, or {} to change nothing), got "
+                f"{type(outputs).__name__}"
+            )
+        return outputs
 
     @staticmethod
-    def callback_tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs):
-        """Diffusers' callback objects name their own tensor inputs."""
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            return callback_on_step_end.tensor_inputs
-        return callback_on_step_end_tensor_inputs
+    def progress_due(step_index: int, num_timesteps: int, num_warmup_steps: int, order: int) -> bool:
+        """Whether step ``step_index`` completes one of ``num_inference_steps``: schedulers of order k (Heun) take k
+        timesteps per step, as Diffusers' pipelines count them."""
+        return step_index == num_timesteps - 1 or (step_index + 1 > num_warmup_steps and (step_index + 1) % order == 0)
 
     # ------------------------------------------------------------------ outputs
 
@@ -261,7 +327,7 @@ class HVAESamplingPipeline(DiffusionPipeline):
         if not bool(torch.isfinite(sample).all()):
             raise ValueError(
                 "the final sample contains NaN or inf: the model diverged, or its parameterization "
-                "(scheduler.config.prediction_type) is not the one it was trained with"
+                "(the pipeline's or scheduler's prediction_type) is not the one it was trained with"
             )
         if output_type == "latent":
             images = sample
@@ -285,8 +351,12 @@ def labels_tensor(class_labels, batch_size, num_classes: int, device, argument: 
     if isinstance(class_labels, (int, np.integer)) and not isinstance(class_labels, bool):
         labels = torch.full((1 if batch_size is None else batch_size,), int(class_labels), dtype=torch.long)
     else:
-        labels = torch.as_tensor(class_labels)
-        if labels.ndim != 1 or labels.numel() == 0 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        if isinstance(class_labels, (list, tuple)):
+            ints = all(isinstance(label, (int, np.integer)) and not isinstance(label, bool) for label in class_labels)
+            class_labels = class_labels if ints else None
+        allowed = isinstance(class_labels, (list, tuple, np.ndarray, torch.Tensor))
+        labels = torch.as_tensor(class_labels) if allowed and len(class_labels) else None
+        if labels is None or labels.ndim != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
             raise ValueError(f"{argument} must be an int or a non-empty 1-D sequence of ints, got {class_labels!r}")
         if batch_size is not None and len(labels) != batch_size:
             raise ValueError(f"{argument} has {len(labels)} labels but batch_size is {batch_size}")
@@ -301,4 +371,4 @@ def model_output_of(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.sample
 
 
-__all__ = ["HVAESamplingPipeline", "SamplingChain", "prepare_sampling_chain", "sample_shape", "labels_tensor"]
+__all__ = ["HVAESamplingPipeline", "sample_shape", "labels_tensor", "null_class_label", "clip_original_sample"]
