@@ -917,7 +917,7 @@ def bench_classifier(settings):
     def run():
         return pipeline(
             class_labels=labels.tolist(),
-            classifier_scale=2.0,
+            guidance_scale=2.0,
             num_inference_steps=steps,
             generator=_generator(device),
             latents=latents,

@@ -525,7 +525,7 @@ def plot_guidance(
 ) -> dict:
     """Figure 5: samples of one class under classifier guidance (several γ) and classifier-free guidance (several w).
 
-    Row 1: ``ClassifierGuidedPipeline`` with ``classifier_scale`` = γ, the score ∇log p(x_t) + γ ∇log p(y | x_t).
+    Row 1: ``ClassifierGuidedPipeline`` with ``guidance_scale`` = γ, the score ∇log p(x_t) + γ ∇log p(y | x_t).
     Row 2: ``ClassifierFreeGuidancePipeline`` with ``guidance_scale`` = w, ε̃ = ε(x_t, ∅) + w (ε(x_t, y) − ε(x_t, ∅)).
     Every panel starts from the same x_T and noise (``seed``), so the panels differ only by the guidance. Vector
     models are drawn as points (over the density of ``reference_samples``), image models as a grid of images.
@@ -544,7 +544,7 @@ def plot_guidance(
             (
                 "classifier_guidance",
                 load_pipeline(classifier_pipeline),
-                "classifier_scale",
+                "guidance_scale",
                 "γ",
                 list(classifier_scales),
             )

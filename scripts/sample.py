@@ -27,7 +27,7 @@ def parse_args(argv=None):
     parser.add_argument("--pipeline_dir", required=True, help="a saved pipeline folder (or Hub id)")
     parser.add_argument("--classifier_dir", default=None, help="noisy classifier for --guidance classifier")
     parser.add_argument("--guidance", default="none", choices=["none", "classifier", "cfg"])
-    parser.add_argument("--scale", type=float, default=1.0, help="classifier_scale γ or guidance_scale w")
+    parser.add_argument("--scale", type=float, default=1.0, help="guidance_scale: γ (classifier) or w (classifier-free)")
     parser.add_argument(
         "--class_labels",
         type=int,
@@ -70,7 +70,7 @@ def load_sampling_pipeline(pipeline_dir, guidance, classifier_dir=None):
     import hvae_diffusion  # noqa: F401  (registers the pipeline classes)
     from hvae_diffusion.models import NoisyClassifier
     from hvae_diffusion.pipelines import ClassifierFreeGuidancePipeline, ClassifierGuidedPipeline, HVAEPipeline
-    from hvae_diffusion.training.components import classifier_guided_pipeline, unconditional_unet
+    from hvae_diffusion.training.components import classifier_guided_pipeline
 
     pipe = DiffusionPipeline.from_pretrained(pipeline_dir)
     if guidance == "cfg":
@@ -87,9 +87,7 @@ def load_sampling_pipeline(pipeline_dir, guidance, classifier_dir=None):
         subfolder = "classifier" if os.path.isdir(os.path.join(classifier_dir, "classifier")) else None
         classifier = NoisyClassifier.from_pretrained(classifier_dir, subfolder=subfolder)
         return classifier_guided_pipeline(pipe, classifier)
-    null_label = getattr(pipe.config, "null_class_label", None)
-    unet = unconditional_unet(pipe.unet, null_label) if null_label is not None else pipe.unet
-    return HVAEPipeline(unet=unet, scheduler=pipe.scheduler)
+    return HVAEPipeline(unet=pipe.unet, scheduler=pipe.scheduler)
 
 
 def sample(pipe, guidance, scale, labels, prompts, num_samples, num_inference_steps, seed, batch_size=256):
@@ -103,7 +101,7 @@ def sample(pipe, guidance, scale, labels, prompts, num_samples, num_inference_st
         if guidance == "none":
             kwargs["batch_size"] = count
         elif guidance == "classifier":
-            kwargs.update(class_labels=batch_labels, classifier_scale=scale)
+            kwargs.update(class_labels=batch_labels, guidance_scale=scale)
         elif prompts:
             kwargs.update(prompt=[prompts[(start + i) % len(prompts)] for i in range(count)], guidance_scale=scale)
         else:

@@ -183,7 +183,7 @@ def test_guidance_figure_plots_the_pipelines_samples(tmp_path, mixture, single_t
         direct = guided(
             class_labels=1,
             batch_size=12,
-            classifier_scale=scale,
+            guidance_scale=scale,
             num_inference_steps=4,
             generator=torch.Generator().manual_seed(2),
             output_type="latent",

@@ -11,7 +11,6 @@ from hvae_diffusion import HVAEScheduler
 from hvae_diffusion.elbo import denoising_matching_kl, discretized_gaussian_log_likelihood
 from hvae_diffusion.forward_process import broadcast_to
 from hvae_diffusion.models import MLPDenoiser
-from hvae_diffusion.training.components import default_unet_config, unconditional_unet
 from hvae_diffusion.training.data import (
     image_dataset_to_tensors,
     load_digits_dataset,
@@ -305,27 +304,6 @@ def test_noisy_classifier_loss_learns_on_vectors(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ components and evaluation
-
-
-def test_unconditional_unet_is_the_null_label_model():
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(0)
-    config = default_unet_config(resolution=8, channels=1, num_class_embeds=4)
-    unet = UNet2DModel.from_config(config).eval()
-    with torch.no_grad():
-        unet.class_embedding.weight.normal_()
-    sample, timesteps = torch.randn(3, 1, 8, 8), torch.tensor([1, 500, 999])
-    folded = unconditional_unet(unet, null_label=3).eval()
-    assert folded.config.num_class_embeds is None
-    with torch.no_grad():
-        expected = unet(sample, timesteps, class_labels=torch.full((3,), 3)).sample
-        assert torch.allclose(folded(sample, timesteps).sample, expected, atol=1e-5)
-        assert not torch.allclose(
-            folded(sample, timesteps).sample,
-            unet(sample, timesteps, class_labels=torch.zeros(3, dtype=torch.long)).sample,
-            atol=1e-3,
-        )
 
 
 def test_frechet_distance_matches_the_closed_form():

@@ -12,7 +12,7 @@ from ..guidance import (
     mean_guided_original_sample,
 )
 from ..parameterization import convert_prediction, split_learned_variance
-from .sampling import HVAESamplingPipeline, labels_tensor, model_output_of, null_class_label
+from .sampling import HVAESamplingPipeline, labels_tensor, model_output_of
 
 CLASSIFIER_INPUTS = ("noisy", "denoised")
 
@@ -90,13 +90,6 @@ class ClassifierGuidedPipeline(HVAESamplingPipeline):
     def guidance_scale(self) -> float:
         """γ of the current (or last) call."""
         return self._guidance_scale
-
-    def unconditional_kwargs(self, batch_size: int) -> dict:
-        """What makes the unet unconditional: its null class label for a class-conditional unet, nothing otherwise."""
-        null_label = null_class_label(self.unet.config)
-        if null_label is None:
-            return {}
-        return {"class_labels": torch.full((batch_size,), null_label, dtype=torch.long, device=self._execution_device)}
 
     def denoised_gradient(self, model_input, timestep, alphas_cumprod_t, labels, unet_kwargs):
         """(∇_{x_t} log p(y | x̂_0(x_t)), clipped x̂_0, variance channels): the clean-data classifier on the clipped

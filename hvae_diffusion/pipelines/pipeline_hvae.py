@@ -30,7 +30,8 @@ class HVAEPipeline(HVAESamplingPipeline):
 
     Args:
         unet: the denoiser, called ``unet(x_t, t)`` returning ``.sample`` (``UNet2DModel`` or alike; a vector model has
-            ``config.sample_size = None`` and ``config.in_channels = D``).
+            ``config.sample_size = None`` and ``config.in_channels = D``); a class-conditional one trained with label
+            dropout is called with its null label (``sampling.null_class_label``).
         scheduler: ``HVAEScheduler`` or a Diffusers scheduler (DDPM, DDIM, DPM-Solver, Euler, ...).
         prediction_type: the model's parameterization when it differs from the scheduler's (a "score" model stepped
             by a Diffusers scheduler built with ``prediction_type="epsilon"``); saved in the pipeline config.
@@ -88,20 +89,25 @@ class HVAEPipeline(HVAESamplingPipeline):
         device = self._execution_device
         self._interrupt = False
 
-        # 2. timesteps, before the latents: init_noise_sigma may depend on them
+        # 2. the condition of the unet: none, ∅ for a class-conditional one
+        unet_kwargs = self.unconditional_kwargs(batch_size)
+
+        # 3. timesteps, before the latents: init_noise_sigma may depend on them
         timesteps, alphas_cumprod = self.set_timesteps(num_inference_steps, device)
 
-        # 3. x_T
+        # 4. x_T
         latents = self.prepare_latents(shape, generator, latents, device, self.unet.dtype)
 
-        # 4. the reverse chain
+        # 5. the reverse chain
         num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
                 model_input = self.scheduler.scale_model_input(latents, t)
-                prediction, variance = split_learned_variance(model_output_of(self.unet(model_input, t)), model_input)
+                prediction, variance = split_learned_variance(
+                    model_output_of(self.unet(model_input, t, **unet_kwargs)), model_input
+                )
                 prediction, prediction_type = self.clip_prediction(
                     prediction, self.model_prediction_type, model_input, alphas_cumprod[i]
                 )
@@ -131,5 +137,5 @@ class HVAEPipeline(HVAESamplingPipeline):
                 if self.progress_due(i, len(timesteps), num_warmup_steps, self.scheduler.order):
                     progress_bar.update()
 
-        # 5. outputs
+        # 6. outputs
         return self.finish(latents, output_type, return_dict)

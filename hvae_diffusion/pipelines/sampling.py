@@ -244,6 +244,14 @@ class HVAESamplingPipeline(DiffusionPipeline):
         prediction_types(self.config.prediction_type, self.scheduler)
         return shape
 
+    def unconditional_kwargs(self, batch_size: int) -> dict:
+        """What makes the unet model p(x): its null class label ∅ for a class-conditional unet (one trained with label
+        dropout, ``null_class_label``), nothing otherwise. This is the one way the package evaluates ε(x_t, ∅)."""
+        null_label = null_class_label(self.unet.config)
+        if null_label is None:
+            return {}
+        return {"class_labels": torch.full((batch_size,), null_label, dtype=torch.long, device=self._execution_device)}
+
     # ------------------------------------------------------------------ timesteps and latents
 
     def set_timesteps(self, num_inference_steps: int, device) -> tuple[torch.Tensor, list[float]]:

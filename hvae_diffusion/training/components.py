@@ -1,15 +1,12 @@
 """The models the scripts train by default, and turning trained models into saved pipelines.
 
 The default denoiser is a small ``UNet2DModel`` sized for a CPU and 8x8 digits; the default noisy classifier is
-``NoisyClassifier`` with the same block widths. ``unconditional_unet`` turns a class-conditional UNet trained with
-condition dropout into the unconditional UNet ε(x_t, ∅) that ``HVAEPipeline`` and ``ClassifierGuidedPipeline``
-expect, exactly (no retraining).
+``NoisyClassifier`` with the same block widths. A class-conditional UNet trained with condition dropout serves as
+the unconditional ε(x_t, ∅) as it is: the pipelines call it with its null label (``pipelines.null_class_label``).
 """
 
 import json
 import os
-
-import torch
 
 CONDITIONINGS = ("none", "class", "text")
 
@@ -85,34 +82,6 @@ def default_classifier_config(resolution, channels, num_classes):
     }
 
 
-def unconditional_unet(unet, null_label):
-    """The UNet ε(x_t, ∅) of a class-conditional ``UNet2DModel``, as an unconditional ``UNet2DModel`` (exact).
-
-    ``UNet2DModel`` adds the class embedding to the time embedding, emb = time_embedding(t) + E[y]; with y fixed to
-    the null label that sum is the time embedding's last linear layer with E[∅] added to its bias.
-    """
-    from diffusers import UNet2DModel
-
-    if getattr(unet.config, "num_class_embeds", None) is None:
-        return unet
-    if unet.config.class_embed_type is not None:
-        raise ValueError(f"only the default class embedding can be folded, got {unet.config.class_embed_type!r}")
-    if not 0 <= null_label < unet.config.num_class_embeds:
-        raise ValueError(f"null_label={null_label} must lie in [0, {unet.config.num_class_embeds})")
-    config = dict(unet.config)
-    config["num_class_embeds"] = None
-    folded = UNet2DModel.from_config(config)
-    if folded.dtype != unet.dtype or folded.device != unet.device:
-        folded = folded.to(device=unet.device, dtype=unet.dtype)
-    state = {k: v for k, v in unet.state_dict().items() if not k.startswith("class_embedding.")}
-    with torch.no_grad():
-        state["time_embedding.linear_2.bias"] = (
-            state["time_embedding.linear_2.bias"] + unet.class_embedding.weight[null_label]
-        )
-    folded.load_state_dict(state)
-    return folded
-
-
 def denoiser_pipeline(unet, scheduler, conditioning="none", text_encoder=None, tokenizer=None):
     """The pipeline a trained denoiser is saved as: ``HVAEPipeline`` (none) or ``ClassifierFreeGuidancePipeline``."""
     from ..pipelines import ClassifierFreeGuidancePipeline, HVAEPipeline
@@ -127,7 +96,7 @@ def denoiser_pipeline(unet, scheduler, conditioning="none", text_encoder=None, t
 def classifier_guided_pipeline(denoiser_pipeline_or_dir, classifier):
     """A ``ClassifierGuidedPipeline`` from a saved (or loaded) denoiser pipeline and a noisy classifier.
 
-    A class-conditional denoiser is folded to its unconditional UNet with ``unconditional_unet``.
+    A class-conditional denoiser is called with its null label by the pipeline.
     """
     from diffusers import DiffusionPipeline
 
@@ -136,6 +105,4 @@ def classifier_guided_pipeline(denoiser_pipeline_or_dir, classifier):
     pipe = denoiser_pipeline_or_dir
     if isinstance(pipe, (str, os.PathLike)):
         pipe = DiffusionPipeline.from_pretrained(pipe)
-    null_label = getattr(pipe.config, "null_class_label", None)
-    unet = unconditional_unet(pipe.unet, null_label) if null_label is not None else pipe.unet
-    return ClassifierGuidedPipeline(unet=unet, scheduler=pipe.scheduler, classifier=classifier)
+    return ClassifierGuidedPipeline(unet=pipe.unet, scheduler=pipe.scheduler, classifier=classifier)

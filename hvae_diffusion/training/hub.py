@@ -17,7 +17,7 @@ USAGE = {
         "images = pipe(class_labels=list(range(10)), guidance_scale=3.0, num_inference_steps=100).images"
     ),
     "ClassifierGuidedPipeline": (
-        "images = pipe(class_labels=list(range(10)), classifier_scale=2.0, num_inference_steps=100).images"
+        "images = pipe(class_labels=list(range(10)), guidance_scale=2.0, num_inference_steps=100).images"
     ),
 }
 
