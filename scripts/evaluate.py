@@ -92,7 +92,7 @@ def main(argv=None):
     unet = unconditional.unet.eval()
     elbo = elbo_report(
         scheduler,
-        lambda x, t: unet(x, t),
+        lambda x, t: unet(x, t, **unconditional.unconditional_kwargs(len(x))),
         elbo_samples,
         batch_size=args.elbo_batch_size,
         num_timesteps=args.elbo_timesteps or None,

@@ -464,3 +464,13 @@ def test_guidance_batching_modes_give_the_same_samples(mode):
         assert key == ("cpu", torch.float32, (2, 1, 8, 8), (4,), id(unet))
     else:
         assert not choices
+
+
+@pytest.mark.parametrize("pipeline_class", [HVAEPipeline, ClassifierGuidedPipeline, ClassifierFreeGuidancePipeline])
+def test_call_docstring_examples_run(pipeline_class):
+    lines = [line.strip() for line in pipeline_class.__call__.__doc__.splitlines()]
+    code = "\n".join(line[4:] for line in lines if line.startswith((">>> ", "... ")))
+    assert "pipe(" in code
+    namespace = {}
+    exec(code, namespace)
+    assert len(namespace["images" if "images" in namespace else "samples"]) == 2
