@@ -27,7 +27,7 @@ def parse_args(argv=None):
     parser.add_argument("--pipeline_dir", required=True, help="a saved pipeline folder (or Hub id)")
     parser.add_argument("--classifier_dir", default=None, help="noisy classifier for --guidance classifier")
     parser.add_argument("--guidance", default="none", choices=["none", "classifier", "cfg"])
-    parser.add_argument("--scale", type=float, default=1.0, help="guidance_scale: γ (classifier) or w (classifier-free)")
+    parser.add_argument("--scale", type=float, default=1.0, help="guidance_scale γ or w")
     parser.add_argument(
         "--class_labels",
         type=int,
