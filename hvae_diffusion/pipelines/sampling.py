@@ -29,6 +29,7 @@ import os
 import numpy as np
 import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -327,7 +328,8 @@ class HVAESamplingPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------ outputs
 
     def finish(self, sample: torch.Tensor, output_type: str, return_dict: bool):
-        """Check the sample is finite and convert it: "latent" raw; images "pt" [0, 1] NCHW, "np" NHWC, "pil".
+        """Check the sample is finite and convert it: "latent" raw; images through Diffusers' ``VaeImageProcessor``,
+        "pt" [0, 1] NCHW, "np" NHWC, "pil".
 
         For vector models "pt" and "np" are the raw samples too (there is no image range to map).
         """
@@ -342,11 +344,7 @@ class HVAESamplingPipeline(DiffusionPipeline):
         elif self.is_vector_model:
             images = sample if output_type == "pt" else sample.cpu().float().numpy()
         else:
-            images = (sample / 2 + 0.5).clamp(0, 1)
-            if output_type != "pt":
-                images = images.cpu().permute(0, 2, 3, 1).float().numpy()
-                if output_type == "pil":
-                    images = self.numpy_to_pil(images)
+            images = VaeImageProcessor(do_resize=False).postprocess(sample, output_type=output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
