@@ -70,11 +70,12 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
         text_encoder, tokenizer: for text prompts (e.g. ``CLIPTextModel`` and ``CLIPTokenizer``).
         null_class_label: the label that means ∅ for class-conditional models.
         prediction_type: the model's parameterization when it differs from the scheduler's (see ``HVAEPipeline``).
+        vae: for a latent model (see ``HVAEPipeline``).
     """
 
-    _optional_components = ["text_encoder", "tokenizer"]
+    _optional_components = ["text_encoder", "tokenizer", "vae"]
     _callback_tensor_inputs = ["latents", "pred_original_sample", "prompt_embeds", "class_labels"]
-    model_cpu_offload_seq = "text_encoder->unet"
+    model_cpu_offload_seq = "text_encoder->unet->vae"
 
     def __init__(
         self,
@@ -84,6 +85,7 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
         tokenizer=None,
         null_class_label: int | None = None,
         prediction_type: str | None = None,
+        vae=None,
     ):
         super().__init__()
         num_class_embeds = getattr(unet.config, "num_class_embeds", None)
@@ -93,7 +95,8 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
             raise ValueError(
                 f"null_class_label={null_class_label} must lie in [0, unet.config.num_class_embeds={num_class_embeds})"
             )
-        self.register_modules(unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer)
+        self.check_vae(vae, unet)
+        self.register_modules(unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae)
         self.register_to_config(null_class_label=null_class_label, prediction_type=prediction_type)
 
     @property

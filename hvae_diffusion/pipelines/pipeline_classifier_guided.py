@@ -64,12 +64,20 @@ class ClassifierGuidedPipeline(HVAESamplingPipeline):
             clipping (for example a transformers image classifier), and the gradient flows through the denoiser.
         classifier_input: ``"noisy"`` or ``"denoised"``; saved in the pipeline config.
         prediction_type: the model's parameterization when it differs from the scheduler's (see ``HVAEPipeline``).
+        vae: for a latent model (see ``HVAEPipeline``); a "denoised" classifier then sees the decoded x̂_0, and its
+            gradient flows back through the decoder, so any pixel classifier steers a latent model.
     """
 
-    model_cpu_offload_seq = "unet->classifier"
+    model_cpu_offload_seq = "unet->classifier->vae"
 
     def __init__(
-        self, unet, scheduler, classifier, classifier_input: str = "noisy", prediction_type: str | None = None
+        self,
+        unet,
+        scheduler,
+        classifier,
+        classifier_input: str = "noisy",
+        prediction_type: str | None = None,
+        vae=None,
     ):
         super().__init__()
         if classifier_input not in CLASSIFIER_INPUTS:
@@ -79,7 +87,8 @@ class ClassifierGuidedPipeline(HVAESamplingPipeline):
                 "classifier must declare its number of classes as .num_classes, .config.num_classes or "
                 ".config.num_labels"
             )
-        self.register_modules(unet=unet, scheduler=scheduler, classifier=classifier)
+        self.check_vae(vae, unet)
+        self.register_modules(unet=unet, scheduler=scheduler, classifier=classifier, vae=vae)
         self.register_to_config(classifier_input=classifier_input, prediction_type=prediction_type)
 
     @property
@@ -106,8 +115,14 @@ class ClassifierGuidedPipeline(HVAESamplingPipeline):
             )
             return convert_prediction(prediction, sample, alphas_cumprod_t, prediction_type, "sample")
 
+        classifier = self.classifier
+        if self.latent_vae is not None:
+
+            def classifier(original_sample):
+                return self.classifier(self.decode_latents(original_sample))
+
         gradient, original_sample = denoised_classifier_log_prob_gradient(
-            self.classifier, predict_original_sample, model_input, labels, self.num_classes
+            classifier, predict_original_sample, model_input, labels, self.num_classes
         )
         return gradient, original_sample, variances[0]
 

@@ -35,11 +35,14 @@ class HVAEPipeline(HVAESamplingPipeline):
         scheduler: ``HVAEScheduler`` or a Diffusers scheduler (DDPM, DDIM, DPM-Solver, Euler, ...).
         prediction_type: the model's parameterization when it differs from the scheduler's (a "score" model stepped
             by a Diffusers scheduler built with ``prediction_type="epsilon"``); saved in the pipeline config.
+        vae: for a latent model, the autoencoder (``AutoencoderKL``, ``AutoencoderTiny`` or ``VQModel``) whose decoder
+            turns the final latents into images, once per sample; ``output_type="latent"`` skips it.
     """
 
-    def __init__(self, unet, scheduler, prediction_type: str | None = None):
+    def __init__(self, unet, scheduler, prediction_type: str | None = None, vae=None):
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler)
+        self.check_vae(vae, unet)
+        self.register_modules(unet=unet, scheduler=scheduler, vae=vae)
         self.register_to_config(prediction_type=prediction_type)
 
     @torch.no_grad()

@@ -164,7 +164,8 @@ class HVAESamplingPipeline(DiffusionPipeline):
     """
 
     _callback_tensor_inputs = ["latents", "pred_original_sample"]
-    model_cpu_offload_seq = "unet"
+    _optional_components = ["vae"]
+    model_cpu_offload_seq = "unet->vae"
 
     def save_config(self, save_directory: str | os.PathLike, *args, **kwargs):
         """model_index.json, naming this class so that ``DiffusionPipeline.from_pretrained`` finds it, and the module
@@ -197,6 +198,30 @@ class HVAESamplingPipeline(DiffusionPipeline):
     @property
     def is_vector_model(self) -> bool:
         return getattr(self.unet.config, "sample_size", None) is None
+
+    @property
+    def latent_vae(self):
+        """The autoencoder of a latent model (``AutoencoderKL``, ``AutoencoderTiny`` or ``VQModel``), or None."""
+        return getattr(self, "vae", None)
+
+    def check_vae(self, vae, unet) -> None:
+        """At construction: a ``ValueError`` unless the VAE's latents have the channels the denoiser takes."""
+        if vae is None:
+            return
+        latent_channels = getattr(vae.config, "latent_channels", None)
+        if latent_channels != unet.config.in_channels:
+            raise ValueError(
+                f"vae.config.latent_channels={latent_channels} must equal the denoiser's "
+                f"in_channels={unet.config.in_channels}"
+            )
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """x = D(z / scaling_factor + shift_factor): the VAE's decoder on latents scaled as its config says."""
+        config = self.vae.config
+        latents = latents / config.scaling_factor
+        if getattr(config, "shift_factor", None):
+            latents = latents + config.shift_factor
+        return self.vae.decode(latents.to(self.vae.dtype)).sample
 
     @property
     def default_output_type(self) -> str:
@@ -328,8 +353,9 @@ class HVAESamplingPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------ outputs
 
     def finish(self, sample: torch.Tensor, output_type: str, return_dict: bool):
-        """Check the sample is finite and convert it: "latent" raw; images through Diffusers' ``VaeImageProcessor``,
-        "pt" [0, 1] NCHW, "np" NHWC, "pil".
+        """Check the sample is finite and convert it: "latent" raw (undecoded for a latent model); images (decoded
+        once by the VAE for a latent model) through Diffusers' ``VaeImageProcessor``, "pt" [0, 1] NCHW, "np" NHWC,
+        "pil".
 
         For vector models "pt" and "np" are the raw samples too (there is no image range to map).
         """
@@ -341,6 +367,10 @@ class HVAESamplingPipeline(DiffusionPipeline):
             )
         if output_type == "latent":
             images = sample
+        elif self.latent_vae is not None:
+            images = VaeImageProcessor(do_resize=False).postprocess(
+                self.decode_latents(sample), output_type=output_type
+            )
         elif self.is_vector_model:
             images = sample if output_type == "pt" else sample.cpu().float().numpy()
         else:
