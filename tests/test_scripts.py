@@ -83,7 +83,8 @@ def test_demo_writes_pipelines_grids_and_report(demo_dir):
     assert isinstance(denoiser, ClassifierFreeGuidancePipeline) and denoiser.config.null_class_label == 10
     assert denoiser.unet.config.num_class_embeds == 11
     guided = DiffusionPipeline.from_pretrained(demo_dir / "classifier_guided")
-    assert isinstance(guided, ClassifierGuidedPipeline) and guided.unet.config.num_class_embeds is None
+    assert isinstance(guided, ClassifierGuidedPipeline)  # its class-conditional unet is called with the null label
+    assert guided.unconditional_kwargs(1)["class_labels"].tolist() == [guided.unet.config.num_class_embeds - 1]
     report = json.loads((demo_dir / "demo_report.json").read_text())
     assert set(report["wall_time_seconds"]) >= {"train denoiser", "train noisy classifier", "sample", "evaluate"}
     evaluation = json.loads((demo_dir / "evaluation" / "evaluation.json").read_text())
