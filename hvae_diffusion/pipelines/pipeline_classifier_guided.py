@@ -116,7 +116,7 @@ class ClassifierGuidedPipeline(HVAESamplingPipeline):
             return convert_prediction(prediction, sample, alphas_cumprod_t, prediction_type, "sample")
 
         classifier = self.classifier
-        if self.latent_vae is not None:
+        if self.vae is not None:
 
             def classifier(original_sample):
                 return self.classifier(self.decode_latents(original_sample))

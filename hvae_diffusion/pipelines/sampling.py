@@ -199,11 +199,6 @@ class HVAESamplingPipeline(DiffusionPipeline):
     def is_vector_model(self) -> bool:
         return getattr(self.unet.config, "sample_size", None) is None
 
-    @property
-    def latent_vae(self):
-        """The autoencoder of a latent model (``AutoencoderKL``, ``AutoencoderTiny`` or ``VQModel``), or None."""
-        return getattr(self, "vae", None)
-
     def check_vae(self, vae, unet) -> None:
         """At construction: a ``ValueError`` unless the VAE's latents have the channels the denoiser takes."""
         if vae is None:
@@ -367,7 +362,7 @@ class HVAESamplingPipeline(DiffusionPipeline):
             )
         if output_type == "latent":
             images = sample
-        elif self.latent_vae is not None:
+        elif self.vae is not None:
             images = VaeImageProcessor(do_resize=False).postprocess(
                 self.decode_latents(sample), output_type=output_type
             )
