@@ -3,7 +3,6 @@ the feature space of a separately trained classifier of clean data (a Fréchet d
 guided samples: the fraction of samples asked for class y that the classifier labels y).
 """
 
-import math
 import os
 
 import numpy as np
@@ -15,55 +14,21 @@ from .data import tensor_to_uint8
 # ---------------------------------------------------------------------------------------------- the ELBO
 
 
-def elbo_report(scheduler, denoiser, samples, batch_size=64, num_timesteps=None, generator=None):
-    """The test-set ELBO in bits/dim with its three terms, from ``HVAEScheduler.elbo_terms`` batch by batch.
+def load_elbo_model(pipeline_dir):
+    """``(scheduler, denoiser)`` whose bound ``estimate_elbo`` evaluates: the saved pipeline's scheduler config as
+    an ``HVAEScheduler`` over the full training chain, and its UNet as the unconditional model ε(x_t, ∅) (the null
+    label folded in, when the pipeline is class-conditional), in eval mode."""
+    from diffusers import DiffusionPipeline
 
-    With ``num_timesteps`` each batch evaluates an independent uniform subset of that many denoising latents (an
-    unbiased estimate of the full sum); the standard error is then that of the batch estimates, so it covers both
-    the data and the timestep sampling. All values are bits per dimension, averaged over the samples.
+    import hvae_diffusion  # noqa: F401  (registers the pipeline classes)
 
-    Args:
-        scheduler: an ``HVAEScheduler`` with the chain to evaluate (``set_timesteps`` or the full training chain).
-        denoiser: ``denoiser(x_t, timesteps)`` returning the model output (see ``HVAEScheduler.elbo_terms``).
-        samples: x_0, ``[N, C, H, W]`` in [−1, 1], 8-bit values (the reconstruction term is discretized).
+    from ..scheduling_hvae import HVAEScheduler
+    from .components import unconditional_unet
 
-    Returns:
-        a dict with ``bits_per_dim``, ``standard_error``, ``reconstruction``, ``prior_matching``,
-        ``denoising_matching`` (all bits/dim; the first is −log p, the others KLs), ``num_timesteps_evaluated``,
-        ``num_samples``, and ``denoising_by_timestep``: ``{"timesteps": [...], "bits_per_dim": [...]}`` (the mean
-        KL of each evaluated latent, for a plot over t).
-    """
-    num_dims = math.prod(samples.shape[1:])
-    to_bits = 1.0 / (num_dims * math.log(2.0))
-    batch_estimates, totals = (
-        [],
-        {"bits_per_dim": 0.0, "reconstruction": 0.0, "prior_matching": 0.0, "denoising_matching": 0.0},
-    )
-    kl_sum, kl_count = {}, {}
-    for start in range(0, samples.shape[0], batch_size):
-        batch = samples[start : start + batch_size]
-        terms = scheduler.elbo_terms(denoiser, batch, generator=generator, num_timesteps=num_timesteps)
-        batch_bits = terms.bits_per_dim
-        batch_estimates.append(float(batch_bits.mean()))
-        totals["bits_per_dim"] += float(batch_bits.sum())
-        totals["reconstruction"] += float(-terms.reconstruction.sum()) * to_bits
-        totals["prior_matching"] += float(terms.prior_matching.sum()) * to_bits
-        totals["denoising_matching"] += float(terms.denoising_matching_total.sum()) * to_bits
-        for column, timestep in enumerate(terms.timesteps.tolist()):
-            kl_sum[timestep] = kl_sum.get(timestep, 0.0) + float(terms.denoising_matching[:, column].sum()) * to_bits
-            kl_count[timestep] = kl_count.get(timestep, 0) + batch.shape[0]
-    num_samples = samples.shape[0]
-    report = {name: value / num_samples for name, value in totals.items()}
-    estimates = np.asarray(batch_estimates)
-    report["standard_error"] = float(estimates.std(ddof=1) / math.sqrt(len(estimates))) if len(estimates) > 1 else None
-    report["num_samples"] = num_samples
-    report["num_timesteps_evaluated"] = num_timesteps or len(scheduler.timesteps) - 1
-    ordered = sorted(kl_sum)
-    report["denoising_by_timestep"] = {
-        "timesteps": ordered,
-        "bits_per_dim": [kl_sum[t] / kl_count[t] for t in ordered],
-    }
-    return report
+    pipe = DiffusionPipeline.from_pretrained(pipeline_dir)
+    null_label = getattr(pipe.config, "null_class_label", None)
+    unet = unconditional_unet(pipe.unet, null_label) if null_label is not None else pipe.unet
+    return HVAEScheduler.from_config(pipe.scheduler.config), unet.eval()
 
 
 def plot_denoising_terms(report, path):
