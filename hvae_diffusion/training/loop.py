@@ -91,6 +91,17 @@ class TrainingConfig:
             raise ValueError(f"--report_to must be tensorboard, wandb, all or none, got {self.report_to!r}")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ValueError(f"--checkpoints_total_limit must be >= 1, got {self.checkpoints_total_limit}")
+        for name in ("checkpointing_steps", "save_images_steps", "lr_warmup_steps", "dataloader_num_workers"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise ValueError(f"--{name} must be an integer >= 0, got {value!r}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"--learning_rate must be > 0, got {self.learning_rate!r}")
+        from diffusers.optimization import SchedulerType
+
+        allowed = [member.value for member in SchedulerType]
+        if self.lr_scheduler not in allowed:
+            raise ValueError(f"--lr_scheduler must be one of {allowed}, got {self.lr_scheduler!r}")
 
 
 @dataclass
