@@ -57,16 +57,18 @@ def parse_args(argv=None):
 
 def load_model_and_data(pipeline_dir, num_samples):
     """The scheduler, the unconditional denoiser and the built-in digits' test split (first ``num_samples``)."""
+    from hvae_diffusion.scheduling_hvae import HVAEScheduler
     from hvae_diffusion.training.cli import add_data_arguments, load_training_data
     from hvae_diffusion.training.data import stack_dataset
-    from hvae_diffusion.training.evaluation import load_elbo_model
+    from hvae_diffusion.training.sampling import load_sampling_pipeline
 
     data_parser = argparse.ArgumentParser()
     add_data_arguments(data_parser)
     _, test_dataset, _, _, _ = load_training_data(data_parser.parse_args([]), need_labels=True)
     samples, _ = stack_dataset(test_dataset)
-    scheduler, denoiser = load_elbo_model(pipeline_dir)
-    return scheduler, denoiser, samples[:num_samples]
+    unconditional = load_sampling_pipeline(pipeline_dir, "none")
+    scheduler = HVAEScheduler.from_config(unconditional.scheduler.config)
+    return scheduler, unconditional.unet.eval(), samples[:num_samples]
 
 
 def resampled_standard_error(full, estimator, nfe, generator, pilot_images=8, pilot_timesteps=32):

@@ -173,9 +173,9 @@ def main(argv=None):
             "2",
             "--num_unconditional_samples",
             "20",
-            "--elbo_timesteps",
-            "5",
-            "--elbo_num_samples",
+            "--bpd_nfe",
+            "6",
+            "--bpd_num_samples",
             "66",
         ]
         if args.quick
@@ -194,9 +194,7 @@ def main(argv=None):
             evaluation_dir,
             "--num_inference_steps",
             str(args.num_inference_steps),
-            "--cfg_scales",
-            *sorted({"0", "1", scale, "4"}, key=float),
-            "--classifier_scales",
+            "--guidance_scales",
             *sorted({"1", scale, "4"}, key=float),
             *seed,
             *(quick or scales),
