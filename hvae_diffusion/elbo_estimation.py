@@ -35,9 +35,15 @@ from .forward_process import broadcast_to
 BPD_ESTIMATORS = ("full", "uniform", "stratified", "importance")
 
 
+def _device_of(generator):
+    """Draws are made where ``generator`` lives (a CUDA generator cannot draw CPU tensors), then kept on the CPU."""
+    return generator.device if generator is not None else torch.device("cpu")
+
+
 def uniform_timestep_draws(num_latents: int, num_draws: int, num_images: int, generator=None):
     """K chain indices per image drawn uniformly with replacement, and the weight N/K of each draw, ``[n, K]``."""
-    indices = torch.randint(num_latents, (num_images, num_draws), generator=generator)
+    indices = torch.randint(num_latents, (num_images, num_draws), generator=generator, device=_device_of(generator))
+    indices = indices.cpu()
     return indices, torch.full((num_images, num_draws), num_latents / num_draws, dtype=torch.float64)
 
 
@@ -57,7 +63,10 @@ def stratified_timestep_draws(num_latents: int, num_draws: int, num_images: int,
     strata, bounds = stratum_of_draws(num_latents, num_draws)
     low, length = bounds[strata], (bounds[1:] - bounds[:-1])[strata]
     draws_in_stratum = torch.bincount(strata)[strata]
-    uniform = torch.rand((num_images, num_draws), generator=generator, dtype=torch.float64)
+    uniform = torch.rand(
+        (num_images, num_draws), generator=generator, dtype=torch.float64, device=_device_of(generator)
+    )
+    uniform = uniform.cpu()
     indices = low + (uniform * length).long().clamp(max=length - 1)
     weights = (length / draws_in_stratum).to(torch.float64).expand(num_images, num_draws).clone()
     return indices, weights
@@ -78,8 +87,11 @@ def importance_proposal(pilot_indices, pilot_terms, num_latents: int, uniform_fr
 
 def importance_timestep_draws(proposal, num_draws: int, num_images: int, generator=None):
     """K chain indices per image drawn from ``proposal`` p(t) with replacement, and weights 1 / (K p(t))."""
-    indices = torch.multinomial(proposal.float(), num_images * num_draws, replacement=True, generator=generator)
-    indices = indices.reshape(num_images, num_draws)
+    device = _device_of(generator)
+    indices = torch.multinomial(
+        proposal.float().to(device), num_images * num_draws, replacement=True, generator=generator
+    )
+    indices = indices.cpu().reshape(num_images, num_draws)
     return indices, 1.0 / (num_draws * proposal[indices])
 
 

@@ -250,8 +250,9 @@ def run(args):
             HVAEScheduler.from_config(scheduler.config),
             denoiser,
             test_samples,
+            "importance",
+            min(args.elbo_timesteps, scheduler.config.num_train_timesteps - 1) + 1,
             generator=torch.Generator().manual_seed(0),
-            num_timesteps=min(args.elbo_timesteps, scheduler.config.num_train_timesteps - 1),
         )
         return {
             "test_bits_per_dim": report["bits_per_dim"],
@@ -296,7 +297,11 @@ def run(args):
         conditioning=args.conditioning,
         num_train_steps=result.global_step,
         final_loss=f"{result.final_loss:.4f}",
-        bits_per_dim=f"{summary['test_bits_per_dim']:.3f}" if "test_bits_per_dim" in summary else None,
+        bits_per_dim=(
+            f"{summary['test_bits_per_dim']:.3f} ± {summary['test_bits_per_dim_standard_error']:.3f}"
+            if "test_bits_per_dim" in summary
+            else None
+        ),
         sample_grid=f"samples/{grids[-1]}" if grids else None,
         fid=None,
         guided_accuracy=None,
