@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """How many denoiser forwards the bits/dim needs: each ELBO estimator's dataset standard error against NFEs.
 
-    python benchmarks/bpd_estimators.py --pipeline_dir demo_output/denoiser --output_dir runs/bpd_estimators
+    python benchmarks/bpd_estimators.py --pipeline_dir runs/demo/denoiser --output_dir runs/bpd_estimators \
+        --plot docs/figures/bpd_estimators_nfe.png
 
 1. The full chain on the whole test split (N + 1 forwards per image), the reference. Its per-(image, latent) terms
    are kept in ``full_chain_terms.npz`` in ``--output_dir`` and reused by later runs with the same arguments.
@@ -32,6 +33,7 @@ from hvae_diffusion.elbo_estimation import (
     importance_proposal,
     importance_timestep_draws,
     per_image_standard_error,
+    pilot_chain_indices,
     stratified_timestep_draws,
     stratum_of_draws,
     uniform_timestep_draws,
@@ -45,8 +47,10 @@ def parse_args(argv=None):
     parser.add_argument("--pipeline_dir", required=True, help="a trained denoiser pipeline (class-conditional or not)")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--plot", default=None, help="PNG path (default: bpd_estimators.png in --output_dir)")
-    parser.add_argument("--nfe", type=int, nargs="+", default=[3, 5, 11, 21, 51, 101, 201], help="forwards per image")
-    parser.add_argument("--live_nfe", type=int, default=51)
+    parser.add_argument(
+        "--nfe", type=int, nargs="+", default=[3, 6, 11, 21, 31, 41, 49, 101, 201], help="forwards per image"
+    )
+    parser.add_argument("--live_nfe", type=int, default=49)
     parser.add_argument("--repeats", type=int, default=20, help="t-draw sets per (estimator, NFE)")
     parser.add_argument("--num_samples", type=int, default=None, help="test images (default: the whole split)")
     parser.add_argument("--batch_size", type=int, default=1024)
@@ -84,7 +88,7 @@ def resampled_standard_error(full, estimator, nfe, generator, pilot_images=8, pi
         indices, weights = stratified_timestep_draws(num_latents, num_draws, num_images, generator)
     else:
         pilot_rows = torch.randperm(num_images, generator=generator)[:pilot_images]
-        pilot_indices = np.unique(np.linspace(0, num_latents - 1, pilot_timesteps).round()).astype(np.int64)
+        pilot_indices = pilot_chain_indices(num_latents, pilot_timesteps)
         proposal = importance_proposal(pilot_indices, terms[pilot_rows][:, pilot_indices], num_latents)
         indices, weights = importance_timestep_draws(proposal, num_draws, num_images, generator)
         pilot = pilot_images * len(pilot_indices)

@@ -17,6 +17,7 @@ from hvae_diffusion.elbo_estimation import (
     estimate_elbo,
     importance_proposal,
     per_image_standard_error,
+    pilot_chain_indices,
     stratified_timestep_draws,
     stratum_of_draws,
 )
@@ -102,7 +103,9 @@ def test_dataset_standard_error_is_the_spread_of_the_per_image_estimates(oracle)
     assert result.dataset_standard_error == pytest.approx(float(flat.std() / math.sqrt(flat.numel())))
     summary = result.to_dict()
     assert summary["standard_error"] == pytest.approx(result.dataset_standard_error)
-    assert summary["num_function_evaluations_per_image"] == pytest.approx(5 + 4 * 29 / flat.numel())
+    assert summary["num_function_evaluations_per_image"] == pytest.approx(
+        5 + 4 * len(pilot_chain_indices(29, 32)) / flat.numel()
+    )
 
 
 def test_full_chain_terms_sum_to_its_bits_per_dim(oracle):
@@ -133,6 +136,15 @@ def test_per_image_standard_error_of_a_constant_is_zero_and_of_two_draws_is_exac
     terms = torch.tensor([[1.0, 3.0]], dtype=torch.float64)
     standard_error = per_image_standard_error(terms, torch.full((1, 2), 5.0, dtype=torch.float64))
     assert standard_error.item() == pytest.approx(math.sqrt((10.0 - 30.0) ** 2 / 4))
+
+
+def test_pilot_indices_are_geometric_from_both_ends_of_the_chain():
+    indices = pilot_chain_indices(1000, 32).tolist()
+    assert indices[:4] == [0, 1, 2, 3] and indices[-4:] == [996, 997, 998, 999]
+    assert 24 <= len(indices) <= 32 and indices == sorted(set(indices))
+    # sparse in the middle, dense at the ends
+    gaps = np.diff(indices)
+    assert gaps.max() > 50 * gaps[:3].max()
 
 
 def test_importance_proposal_is_proportional_to_the_root_mean_square_with_a_uniform_floor():

@@ -1,7 +1,7 @@
 """Evaluate a trained pipeline: test bits/dim with its standard error (three terms, plot over t), the noisy
 classifier's accuracy and calibration against t, Fréchet distance and guided accuracy.
 
-    hvae-evaluate --pipeline_dir demo_output/denoiser --classifier_dir demo_output/classifier_guided \
+    python scripts/evaluate.py --pipeline_dir runs/demo/denoiser --classifier_dir runs/demo/classifier_guided \
         --output_dir runs/eval --bpd_estimator importance --bpd_nfe 51
 
 The bits/dim are those of the unconditional model ε(x_t, ∅) (for a class-conditional pipeline, the null label).
