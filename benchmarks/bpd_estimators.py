@@ -140,8 +140,17 @@ def plot(report, path):
     figure, axis = plt.subplots(figsize=(6.4, 4))
     for estimator in SAMPLED_ESTIMATORS:
         rows = report["curves"][estimator]
-        axis.plot(
+        line = axis.plot(
             [r["nfe_per_image"] for r in rows], [r["dataset_standard_error"] for r in rows], "o-", label=estimator
+        )[0]
+        live = report["live"][estimator]
+        axis.plot(
+            [live["num_function_evaluations_per_image"]],
+            [live["standard_error"]],
+            "x",
+            color=line.get_color(),
+            markersize=9,
+            label=f"{estimator}, live run (fresh x_t)",
         )
     full = report["full"]
     axis.axhline(full["standard_error"], color="black", linestyle="--", label="full chain (image spread)")
