@@ -47,8 +47,7 @@ def test_every_command_has_help_and_the_shared_flags(name, capsys):
     assert exit_info.value.code == 0
     usage = capsys.readouterr().out
     assert "usage:" in usage
-    if name != "evaluate":  # helper-owned elsewhere
-        assert "--num_threads" in usage
+    assert "--num_threads" in usage
     assert "--scale " not in usage and "--cfg_scale " not in usage and "--classifier_scale " not in usage
 
 

@@ -195,7 +195,7 @@ def main(argv=None):
             "--num_inference_steps",
             str(args.num_inference_steps),
             "--guidance_scales",
-            *sorted({"1", scale, "4"}, key=float),
+            *sorted({"0", "1", scale, "4"}, key=float),
             *seed,
             *(quick or scales),
         ],
