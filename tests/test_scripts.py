@@ -105,6 +105,8 @@ def test_demo_writes_pipelines_grids_and_report(demo_dir):
     assert elbo["bits_per_dim"] == pytest.approx(
         elbo["reconstruction"] + elbo["prior_matching"] + elbo["denoising_matching"], rel=1e-6
     )
+    assert elbo["estimator"] == "importance" and f"{elbo['bits_per_dim']:.3f} ± " in elbo["summary"]
+    assert [band["timesteps"][0] for band in evaluation["classifier_calibration"]] == [0, 200, 400, 600, 800]
     assert evaluation["feature_classifier_test_accuracy"] > 0.9  # the evaluation classifier is a real classifier
     # w = 0 is the unconditional model: the folded null-label UNet gives the same samples from the same seed
     assert evaluation["cfg"]["0"]["num_samples"] == evaluation["unconditional"]["num_samples"] == 20
