@@ -649,9 +649,11 @@ def bench_elbo(settings):
             scheduler,
             denoiser,
             data,
+            "full" if subset is None else "uniform",
+            None if subset is None else subset + 1,
             batch_size=report_batch,
-            num_timesteps=subset,
             generator=torch.Generator(device).manual_seed(0),
+            show_progress=False,
         )
         synchronize(device)
         reports[subset]["seconds"] = time.perf_counter() - start

@@ -20,17 +20,11 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH"
 
 
 def load_script(name):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", os.path.join(SCRIPTS, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, SCRIPTS)
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(SCRIPTS)
-    return module
+    return importlib.import_module(f"hvae_diffusion.commands.{name}")
 
 
 def run_script(name, *args, timeout=600):
+    """Run scripts/<name>.py as a user would (a subprocess from the repository root)."""
     result = subprocess.run(
         [sys.executable, os.path.join(SCRIPTS, f"{name}.py"), *map(str, args)],
         env=ENV,
@@ -43,12 +37,32 @@ def run_script(name, *args, timeout=600):
     return result
 
 
-@pytest.mark.parametrize("name", ["train", "train_classifier", "sample", "evaluate", "demo"])
-def test_every_script_has_help(name, capsys):
+COMMANDS = ["train", "train_classifier", "sample", "evaluate", "demo", "toy2d"]
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_every_command_has_help_and_the_shared_flags(name, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        load_script(name).parse_args(["--help"])
+        load_script(name).main(["--help"])
     assert exit_info.value.code == 0
-    assert "usage:" in capsys.readouterr().out
+    usage = capsys.readouterr().out
+    assert "usage:" in usage
+    assert "--num_threads" in usage
+    assert "--scale " not in usage and "--cfg_scale " not in usage and "--classifier_scale " not in usage
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_scripts_are_wrappers_and_entry_points_name_the_commands(name):
+    """scripts/<name>.py only runs hvae_diffusion.commands.<name>.main; setup.cfg names the same function."""
+    with open(os.path.join(SCRIPTS, f"{name}.py")) as handle:
+        lines = [line for line in handle.read().splitlines() if line.strip()]
+    assert lines == [f"from hvae_diffusion.commands.{name} import main", 'if __name__ == "__main__":', "    main()"]
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(os.path.join(ROOT, "setup.cfg"))
+    entry = f"hvae-{name.replace('_', '-')} = hvae_diffusion.commands.{name}:main"
+    assert entry in config["options.entry_points"]["console_scripts"]
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +106,8 @@ def test_demo_writes_pipelines_grids_and_report(demo_dir):
     assert elbo["bits_per_dim"] == pytest.approx(
         elbo["reconstruction"] + elbo["prior_matching"] + elbo["denoising_matching"], rel=1e-6
     )
+    assert elbo["estimator"] == "importance" and f"{elbo['bits_per_dim']:.3f} ± " in elbo["summary"]
+    assert [band["timesteps"][0] for band in evaluation["classifier_calibration"]] == [0, 200, 400, 600, 800]
     assert evaluation["feature_classifier_test_accuracy"] > 0.9  # the evaluation classifier is a real classifier
     # w = 0 is the unconditional model: the folded null-label UNet gives the same samples from the same seed
     assert evaluation["cfg"]["0"]["num_samples"] == evaluation["unconditional"]["num_samples"] == 20
@@ -110,7 +126,7 @@ def test_sample_writes_arrays(demo_dir, tmp_path):
         demo_dir / "denoiser",
         "--guidance",
         "cfg",
-        "--scale",
+        "--guidance_scale",
         "3",
         "--class_labels",
         3,
@@ -190,10 +206,48 @@ def test_train_errors_name_the_argument(demo_dir, tmp_path):
         (["--resume_from_checkpoint", "checkpoint-99"], "--resume_from_checkpoint='checkpoint-99'"),
         (["--cond_drop_prob", "0.1"], "--cond_drop_prob needs --conditioning"),
         (["--push_to_hub"], "--push_to_hub needs --hub_model_id"),
+        (["--elbo_timesteps", "0"], "--elbo_timesteps and --elbo_num_samples must be >= 1.*--skip_elbo"),
+        (["--lr_scheduler", "cosine_annealing"], "--lr_scheduler must be one of"),
+        (["--num_threads", "-1"], "--num_threads must be an integer >= 0"),
     ]
     for extra, message in cases:
         with pytest.raises(ValueError, match=message):
             train.main(tiny_train_args(tmp_path / "bad", *extra))
+
+
+def test_train_checks_every_flag_before_the_first_step(tmp_path):
+    """--num_inference_steps 100 cannot sample a 50-step schedule: refused before any work, not after training."""
+    train = load_script("train")
+    output = tmp_path / "late"
+    argv = tiny_train_args(output, "--num_train_timesteps", "50", "--num_inference_steps", "100")
+    with pytest.raises(ValueError, match="--num_inference_steps=100 .* 50 training timesteps"):
+        train.main(argv)
+    assert not output.exists()
+
+
+def test_train_never_writes_over_a_finished_run(tmp_path):
+    train = load_script("train")
+    output = tmp_path / "run"
+    train.main(tiny_train_args(output, "--skip_elbo"))
+    summary = (output / "training_summary.json").read_text()
+    with pytest.raises(ValueError, match="--output_dir=.*already holds files.*--overwrite_output_dir"):
+        train.main(tiny_train_args(output, "--skip_elbo", "--seed", "1"))
+    assert (output / "training_summary.json").read_text() == summary
+    result = train.main(tiny_train_args(output, "--skip_elbo", "--seed", "1", "--overwrite_output_dir"))
+    assert result.global_step == 2 and "test_bits_per_dim" not in json.loads(summary)
+
+
+def test_report_to_defaults_to_what_is_installed(monkeypatch):
+    from hvae_diffusion.training import cli
+
+    real_find_spec = cli.importlib.util.find_spec
+    monkeypatch.setattr(
+        cli.importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real_find_spec(name, *a)
+    )
+    assert cli.default_report_to() == "none"
+    monkeypatch.setattr(cli.importlib.util, "find_spec", real_find_spec)
+    expected = "tensorboard" if real_find_spec("tensorboard") is not None else "none"
+    assert cli.default_report_to() == expected
 
 
 def test_fine_tune_from_a_saved_pipeline(demo_dir, tmp_path):

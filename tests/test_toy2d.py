@@ -2,7 +2,6 @@
 toy models train through the package's own training loop (the loop of scripts/train.py) toward the exact oracle."""
 
 import os
-import sys
 
 import pytest
 import torch
@@ -12,8 +11,6 @@ from hvae_diffusion import ClassifierFreeGuidancePipeline, HVAEPipeline, HVAESch
 from hvae_diffusion.testing import ExactMixtureDenoiser
 from hvae_diffusion.toy_data import TOY_DATASETS, ToyDataset, make_toy_dataset, make_toy_samples, toy_gaussian_mixture
 from hvae_diffusion.training import DiffusionLoss, NoisyClassifierLoss, TrainingConfig, train
-
-SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
 
 
 def tiny_mlp(**kwargs):
@@ -260,13 +257,12 @@ def test_noisy_classifier_trains_through_the_package_loop(tmp_path, single_threa
 
 
 def test_toy2d_script_quick_run(tmp_path, single_thread):
-    """scripts/toy2d.py end to end in its smoke-test mode: every toy figure is written and the pipelines are saved."""
-    sys.path.insert(0, SCRIPTS)
-    try:
-        import toy2d
-    finally:
-        sys.path.remove(SCRIPTS)
-    report = toy2d.main(["--quick", "--output_dir", str(tmp_path / "figures"), "--work_dir", str(tmp_path / "work")])
+    """hvae-toy2d end to end in its smoke-test mode: every toy figure is written and the pipelines are saved; a
+    second run refuses to write over the first without --overwrite_output_dir, before any work."""
+    from hvae_diffusion.commands import toy2d
+
+    argv = ["--quick", "--output_dir", str(tmp_path / "figures"), "--work_dir", str(tmp_path / "work")]
+    report = toy2d.main(argv)
     written = sorted(os.listdir(tmp_path / "figures"))
     assert written == sorted(
         [
@@ -284,3 +280,7 @@ def test_toy2d_script_quick_run(tmp_path, single_thread):
     assert set(report["figures"]["4_elbo_terms"]) == {"x0", "epsilon", "score", "exact denoiser"}
     loaded = HVAEPipeline.from_pretrained(tmp_path / "work" / "mixture_epsilon")
     assert isinstance(loaded.unet, MLPDenoiser)
+    before = {name: os.path.getmtime(tmp_path / "figures" / name) for name in written}
+    with pytest.raises(ValueError, match="--output_dir=.*already holds files.*--overwrite_output_dir"):
+        toy2d.main(argv)
+    assert {name: os.path.getmtime(tmp_path / "figures" / name) for name in written} == before

@@ -23,6 +23,7 @@ from hvae_diffusion.training.loop import (
     NonFiniteLossError,
     TrainingConfig,
     list_checkpoints,
+    read_training_state,
     resolve_checkpoint,
     train,
 )
@@ -184,7 +185,7 @@ def tiny_mlp(seed=0):
     return MLPDenoiser(in_channels=2, hidden_dim=16, num_blocks=1, num_class_embeds=4)
 
 
-def run(tmp_path, name, loss_fn=None, **overrides):
+def run(tmp_path, name, loss_fn=None, sample_fn=None, evaluate_fn=None, **overrides):
     settings = dict(
         output_dir=str(tmp_path / name),
         train_batch_size=16,
@@ -208,6 +209,8 @@ def run(tmp_path, name, loss_fn=None, **overrides):
         loss_fn,
         vector_data(),
         save_fn=lambda m, d: saved.update(state={k: v.clone() for k, v in m.state_dict().items()}),
+        sample_fn=sample_fn,
+        evaluate_fn=evaluate_fn,
     )
     return result, saved.get("state"), model
 
@@ -235,7 +238,7 @@ def test_killed_and_resumed_run_ends_with_identical_weights(tmp_path):
     (tmp_path / "resumed" / "checkpoint-6.tmp").mkdir()  # a checkpoint cut off mid-write is never picked
     resumed, final, _ = run(tmp_path, "resumed", resume_from_checkpoint="latest", gradient_accumulation_steps=2)
     assert resumed.resumed_from.endswith("checkpoint-3") and resumed.global_step == 8
-    assert resumed.losses == uninterrupted.losses[3:]
+    assert resumed.losses == uninterrupted.losses  # the history before checkpoint-3 comes with it
     for key in reference:
         assert torch.equal(reference[key], final[key]), key
 
@@ -260,10 +263,105 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
         loss, parts = inner(model, batch, randomness)
         return (loss * float("nan") if calls["count"] == 5 else loss), parts
 
-    with pytest.raises(NonFiniteLossError, match=r"the loss is nan at step 5.*checkpoint-3"):
+    with pytest.raises(NonFiniteLossError) as error:
         run(tmp_path, "nan", loss_fn=exploding_loss)
     assert [step for step, _ in list_checkpoints(str(tmp_path / "nan"))] == [3]
-    assert os.path.isfile(tmp_path / "nan" / "checkpoint-3" / "model.safetensors")
+    assert os.path.isfile(tmp_path / "nan" / "checkpoint-3" / "model" / "diffusion_pytorch_model.safetensors")
+    # what is known, not a verdict: the step, the last losses, the weight norms now and at each checkpoint
+    message = str(error.value)
+    assert "the loss is nan at step 5" in message and "good" not in message
+    saved_max = read_training_state(str(tmp_path / "nan" / "checkpoint-3"))["max_abs_weight"]
+    assert f"checkpoint-3 (max|w| = {saved_max:.3g})" in message and "largest |weight| now is" in message
+    assert message.count(", ", message.index("Losses of the last steps: ["), message.index("]")) == 3
+
+
+def test_checkpoints_are_diffusers_format_without_pickles(tmp_path):
+    """The model and its EMA load with from_pretrained; no pickled custom state is written or read."""
+    result, final, _ = run(tmp_path, "fmt", max_train_steps=3)
+    checkpoint = tmp_path / "fmt" / "checkpoint-3"
+    assert not list(checkpoint.glob("custom_checkpoint_*")) and not (checkpoint / "model.safetensors").exists()
+    ema = MLPDenoiser.from_pretrained(checkpoint / "model_ema")
+    for key, value in ema.state_dict().items():
+        assert torch.equal(value, final[key]), key  # the saved pipeline holds the EMA weights
+    model = MLPDenoiser.from_pretrained(checkpoint / "model")
+    assert any(not torch.equal(model.state_dict()[key], final[key]) for key in final)  # raw weights differ from EMA
+    resumed, _, _ = run(tmp_path, "fmt", max_train_steps=4, resume_from_checkpoint="latest")
+    assert resumed.resumed_from.endswith("checkpoint-3") and resumed.global_step == 4
+    # a planted pickle (where the EMA state used to be) never runs on resume
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save(Payload(), tmp_path / "fmt" / "checkpoint-3" / "custom_checkpoint_0.pkl")
+    try:
+        run(tmp_path, "fmt", max_train_steps=4, resume_from_checkpoint=str(tmp_path / "fmt" / "checkpoint-3"))
+    except RuntimeError:  # accelerate refuses a custom state nothing was registered for
+        pass
+    assert not marker.exists()
+
+
+def test_resume_skips_truncated_and_empty_checkpoints_and_says_so(tmp_path, capsys):
+    run(tmp_path, "cut", max_train_steps=9, checkpoints_total_limit=None)
+    weights = tmp_path / "cut" / "checkpoint-9" / "model" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    (tmp_path / "cut" / "checkpoint-12").mkdir()  # emptied
+    assert [step for step, _ in list_checkpoints(str(tmp_path / "cut"))] == [3, 6]
+    with pytest.raises(ValueError, match="checkpoint-9'.*incomplete checkpoint.*diffusion_pytorch_model"):
+        resolve_checkpoint(str(tmp_path / "cut"), "checkpoint-9")
+    capsys.readouterr()
+    resumed, _, _ = run(tmp_path, "cut", max_train_steps=9, resume_from_checkpoint="latest")
+    out = capsys.readouterr().out
+    assert resumed.resumed_from.endswith("checkpoint-6") and resumed.global_step == 9
+    assert "skipping the incomplete checkpoint" in out and "checkpoint-9" in out and "checkpoint-12" in out
+
+
+def test_resume_refuses_a_later_checkpoint_or_another_learning_rate_before_any_work(tmp_path):
+    run(tmp_path, "done", max_train_steps=6)
+    before = sorted(os.listdir(tmp_path / "done"))
+    with pytest.raises(ValueError, match="checkpoint-6 is at step 6, past --max_train_steps=4"):
+        run(tmp_path, "done", max_train_steps=4, resume_from_checkpoint="latest")
+    with pytest.raises(ValueError, match="--learning_rate=0.001 differs from the 0.01"):
+        run(tmp_path, "done", max_train_steps=8, learning_rate=1e-3, resume_from_checkpoint="latest")
+    assert sorted(os.listdir(tmp_path / "done")) == before
+
+
+def test_resuming_a_finished_run_reports_its_real_final_loss(tmp_path):
+    """A run killed while saving after its last checkpoint: the resumed run keeps the loss history."""
+    whole, reference, _ = run(tmp_path, "whole", max_train_steps=6)
+    run(tmp_path, "killed", max_train_steps=6)
+    resumed, final, _ = run(tmp_path, "killed", max_train_steps=6, resume_from_checkpoint="latest")
+    assert resumed.global_step == 6 and resumed.losses == whole.losses
+    assert math.isfinite(resumed.final_loss) and resumed.final_loss == whole.final_loss
+    for key in reference:
+        assert torch.equal(reference[key], final[key]), key
+
+
+def test_weights_are_saved_before_a_failing_sample_grid(tmp_path):
+    order = []
+
+    def failing_sample_fn(model, step):
+        order.append("sample")
+        raise RuntimeError("sampling failed")
+
+    with pytest.raises(RuntimeError, match="sampling failed"):
+        run(tmp_path, "late", max_train_steps=2, sample_fn=failing_sample_fn, checkpointing_steps=None)
+    # run() returns nothing on failure; the loop called save_fn (a state_dict copy) before sampling
+    config = TrainingConfig(output_dir=str(tmp_path / "late2"), train_batch_size=16, max_train_steps=2)
+    saved = []
+    with pytest.raises(RuntimeError, match="sampling failed"):
+        train(
+            config,
+            tiny_mlp(),
+            DiffusionLoss(HVAEScheduler(num_train_timesteps=100)),
+            vector_data(),
+            save_fn=lambda m, d: saved.append(d),
+            sample_fn=failing_sample_fn,
+        )
+    assert saved == [str(tmp_path / "late2")]
+    result, _, _ = run(tmp_path, "metrics", max_train_steps=2, evaluate_fn=lambda model: {"score": 1.5})
+    assert result.metrics == {"score": 1.5}
 
 
 def test_global_batches_do_not_depend_on_the_process_count():
@@ -315,21 +413,19 @@ def test_frechet_distance_matches_the_closed_form():
     assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
 
 
-def test_elbo_report_agrees_with_elbo_terms():
+def test_elbo_report_sums_its_terms_and_carries_its_standard_error():
     scheduler = HVAEScheduler(num_train_timesteps=20)
     samples = (torch.randint(0, 256, (6, 1, 2, 2), generator=torch.Generator().manual_seed(0)).float() / 127.5) - 1
     denoiser = lambda x, t: torch.zeros_like(x)  # noqa: E731
-    report = elbo_report(scheduler, denoiser, samples, batch_size=3, generator=torch.Generator().manual_seed(0))
-    terms = scheduler.elbo_terms(denoiser, samples[:3], generator=torch.Generator().manual_seed(0))
-    first_batch = float(terms.bits_per_dim.mean())
-    assert report["num_timesteps_evaluated"] == 19 and len(report["denoising_by_timestep"]["timesteps"]) == 19
+    report = elbo_report(scheduler, denoiser, samples, "full", generator=torch.Generator().manual_seed(0))
+    assert (
+        report["num_function_evaluations_per_image"] == 20 and len(report["denoising_by_timestep"]["timesteps"]) == 19
+    )
     parts = report["reconstruction"] + report["prior_matching"] + report["denoising_matching"]
     assert report["bits_per_dim"] == pytest.approx(parts, rel=1e-5)
-    assert report["standard_error"] is not None and math.isfinite(first_batch)
-    subset = elbo_report(
-        scheduler, denoiser, samples, batch_size=3, num_timesteps=5, generator=torch.Generator().manual_seed(0)
-    )
-    assert subset["num_timesteps_evaluated"] == 5 and subset["standard_error"] > 0
+    assert f"{report['bits_per_dim']:.3f} ± {report['standard_error']:.3f} bits/dim" in report["summary"]
+    subset = elbo_report(scheduler, denoiser, samples, "uniform", 6, generator=torch.Generator().manual_seed(0))
+    assert subset["num_function_evaluations_per_image"] == 6 and subset["standard_error"] > 0
 
 
 def test_preloaded_split_gives_the_items_decoding_gives(monkeypatch):

@@ -1,6 +1,8 @@
-"""Command-line pieces the scripts share: the data, optimization and Hub arguments (named as in Diffusers'
-training examples), the ``TrainingConfig`` they make, the data they load, and the Accelerate thread check."""
+"""Command-line pieces the programs share: the data, optimization and Hub arguments (named as in Diffusers'
+training examples), the ``TrainingConfig`` they make, the data they load, ``--num_threads``, the output-folder
+guard, and the Accelerate thread check."""
 
+import importlib.util
 import os
 import sys
 import warnings
@@ -37,9 +39,55 @@ def add_data_arguments(parser):
     )
 
 
+def add_num_threads_argument(parser):
+    parser.add_argument(
+        "--num_threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: these small models run fastest on one thread of a shared machine; "
+        "0 keeps torch's default)",
+    )
+
+
+def apply_num_threads(num_threads):
+    """``torch.set_num_threads`` for ``--num_threads`` (0: leave torch's default)."""
+    import torch
+
+    if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 0:
+        raise ValueError(f"--num_threads must be an integer >= 0 (0: torch's default), got {num_threads!r}")
+    if num_threads:
+        torch.set_num_threads(num_threads)
+
+
+def add_overwrite_argument(parser):
+    parser.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="write into an --output_dir that already holds files (a finished run, committed figures)",
+    )
+
+
+def check_output_dir(output_dir, overwrite_output_dir, resuming=False):
+    """Refuse, before any work, to write into a folder that already holds files, unless the run resumes there or
+    ``--overwrite_output_dir`` says so: a finished run or committed files are never replaced silently."""
+    if resuming or overwrite_output_dir or not os.path.isdir(output_dir) or not os.listdir(output_dir):
+        return
+    raise ValueError(
+        f"--output_dir={output_dir!r} already holds files ({', '.join(sorted(os.listdir(output_dir))[:5])}, ...); "
+        "choose a new folder, pass --resume_from_checkpoint latest to continue a run there, or "
+        "--overwrite_output_dir to write over it"
+    )
+
+
+def default_report_to():
+    """tensorboard when it is installed (it is only a test extra), else none: the default works on a plain install."""
+    return "tensorboard" if importlib.util.find_spec("tensorboard") is not None else "none"
+
+
 def add_training_arguments(parser, learning_rate=1e-4, train_batch_size=64):
     group = parser.add_argument_group("optimization (as in diffusers' train_unconditional.py)")
     group.add_argument("--output_dir", required=True)
+    add_overwrite_argument(group)
     group.add_argument("--train_batch_size", type=int, default=train_batch_size, help="per process")
     group.add_argument("--num_epochs", type=int, default=1)
     group.add_argument("--max_train_steps", type=int, default=None, help="optimizer steps; overrides --num_epochs")
@@ -62,13 +110,21 @@ def add_training_arguments(parser, learning_rate=1e-4, train_batch_size=64):
     group.add_argument("--ema_inv_gamma", type=float, default=1.0)
     group.add_argument("--ema_power", type=float, default=0.75)
     group.add_argument("--checkpointing_steps", type=int, default=500)
-    group.add_argument("--checkpoints_total_limit", type=int, default=None)
+    group.add_argument(
+        "--checkpoints_total_limit", type=int, default=2, help="checkpoints kept (the newest ones); 0: keep all"
+    )
     group.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-<step> folder")
     group.add_argument("--seed", type=int, default=0)
-    group.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, all or none")
+    group.add_argument(
+        "--report_to",
+        default=None,
+        choices=["tensorboard", "wandb", "all", "none"],
+        help="trackers for losses, sample grids and evaluation numbers (default: tensorboard if installed, else none)",
+    )
     group.add_argument("--logging_dir", default="logs")
     group.add_argument("--save_images_steps", type=int, default=None, help="save a sample grid every N steps")
     group.add_argument("--dataloader_num_workers", type=int, default=0)
+    add_num_threads_argument(group)
     hub = parser.add_argument_group("Hub")
     hub.add_argument("--push_to_hub", action="store_true")
     hub.add_argument("--hub_model_id", default=None)
@@ -82,8 +138,15 @@ def training_config_from_args(args, **overrides):
         raise ValueError("--push_to_hub needs --hub_model_id (for example your-name/hvae-digits)")
     names = {field.name for field in fields(TrainingConfig)}
     values = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    if values.get("report_to") is None:
+        values["report_to"] = default_report_to()
+    if values.get("checkpoints_total_limit") == 0:
+        values["checkpoints_total_limit"] = None
     values.update(overrides)
-    return TrainingConfig(**values)
+    config = TrainingConfig(**values)
+    check_output_dir(config.output_dir, getattr(args, "overwrite_output_dir", False), config.resume_from_checkpoint)
+    apply_num_threads(getattr(args, "num_threads", 0))
+    return config
 
 
 def load_training_data(args, need_labels=False, need_captions=False):

@@ -11,9 +11,11 @@ tqdm) with three guarantees the examples do not give:
   the global batch and keeps its rows (``losses.BatchRandomness``), and the global batch is the same examples in
   the same order as one process with ``N * train_batch_size``; the gradients DDP averages are then those of one
   process (up to float summation order).
-- Crash-safe checkpoints: ``accelerator.save_state`` writes ``checkpoint-<step>.tmp`` and it is renamed to
-  ``checkpoint-<step>`` only when complete; old ones are deleted only after the new one is in place. A non-finite
-  loss stops the run before the bad update, keeping the last good checkpoint.
+- Crash-safe checkpoints: ``accelerator.save_state`` writes ``checkpoint-<step>.tmp``, ``training_state.json``
+  (written last) lists every file with its size, and the folder is renamed to ``checkpoint-<step>``; old ones are
+  deleted only after the new one is in place. Resuming takes the newest checkpoint whose listed files are all there
+  with their sizes. The model (and its EMA) are stored in Diffusers format (``model/``, ``model_ema/``, loadable
+  with ``from_pretrained``), never as a pickle. A non-finite loss stops the run before the bad update.
 """
 
 import contextlib
@@ -32,6 +34,8 @@ from .losses import BatchRandomness
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+TRAINING_STATE_FILE = "training_state.json"
+MODEL_FOLDER, EMA_FOLDER = "model", "model_ema"
 
 
 @dataclass
@@ -40,8 +44,9 @@ class TrainingConfig:
 
     ``train_batch_size`` is per process; the global batch is ``train_batch_size × num_processes ×
     gradient_accumulation_steps``. ``max_train_steps`` (optimizer steps) overrides ``num_epochs``.
-    ``checkpointing_steps`` 0/None disables checkpoints; ``save_images_steps`` 0/None disables sample grids
-    during training (one is still saved at the end when a ``sample_fn`` is given).
+    ``checkpointing_steps`` 0/None disables checkpoints; ``checkpoints_total_limit`` keeps that many (None: all);
+    ``save_images_steps`` 0/None disables sample grids during training (one is still saved at the end when a
+    ``sample_fn`` is given).
     """
 
     output_dir: str
@@ -63,10 +68,10 @@ class TrainingConfig:
     ema_inv_gamma: float = 1.0
     ema_power: float = 0.75
     checkpointing_steps: int | None = 500
-    checkpoints_total_limit: int | None = None
+    checkpoints_total_limit: int | None = 2
     resume_from_checkpoint: str | None = None
     seed: int = 0
-    report_to: str | None = "tensorboard"
+    report_to: str | None = None
     logging_dir: str = "logs"
     save_images_steps: int | None = None
     dataloader_num_workers: int = 0
@@ -86,16 +91,29 @@ class TrainingConfig:
             raise ValueError(f"--report_to must be tensorboard, wandb, all or none, got {self.report_to!r}")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ValueError(f"--checkpoints_total_limit must be >= 1, got {self.checkpoints_total_limit}")
+        for name in ("checkpointing_steps", "save_images_steps", "lr_warmup_steps", "dataloader_num_workers"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise ValueError(f"--{name} must be an integer >= 0, got {value!r}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"--learning_rate must be > 0, got {self.learning_rate!r}")
+        from diffusers.optimization import SchedulerType
+
+        allowed = [member.value for member in SchedulerType]
+        if self.lr_scheduler not in allowed:
+            raise ValueError(f"--lr_scheduler must be one of {allowed}, got {self.lr_scheduler!r}")
 
 
 @dataclass
 class TrainingResult:
-    """What a finished run reports: optimizer steps done, the last logged loss, the run's loss history."""
+    """What a finished run reports: optimizer steps done, the last loss, the run's loss history (a resumed run's
+    includes the steps before its checkpoint) and the numbers ``evaluate_fn`` returned."""
 
     global_step: int
     final_loss: float
     losses: list
     resumed_from: str | None = None
+    metrics: dict = field(default_factory=dict)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -158,8 +176,30 @@ def collate(items):
     raise TypeError(f"dataset items must be dicts, tensors or (sample, label) tuples, got {type(first).__name__}")
 
 
-def list_checkpoints(output_dir):
-    """Complete checkpoints in ``output_dir`` as ``[(step, path)]``, oldest first (``.tmp`` ones are incomplete)."""
+def checkpoint_problem(path):
+    """Why the checkpoint folder ``path`` is incomplete (a sentence), or None when every file its
+    ``training_state.json`` lists is there with its recorded size."""
+    try:
+        with open(os.path.join(path, TRAINING_STATE_FILE)) as handle:
+            files = json.load(handle)["files"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"its {TRAINING_STATE_FILE} is missing or unreadable ({type(error).__name__})"
+    for name, size in files.items():
+        file_path = os.path.join(path, name)
+        if not os.path.isfile(file_path) or os.path.getsize(file_path) != size:
+            return f"{name} is missing or not {size} bytes"
+    return None
+
+
+def read_training_state(path):
+    """The ``training_state.json`` of a complete checkpoint: global_step, learning_rate, losses, files, ..."""
+    with open(os.path.join(path, TRAINING_STATE_FILE)) as handle:
+        return json.load(handle)
+
+
+def list_checkpoints(output_dir, complete_only=True):
+    """Checkpoints in ``output_dir`` as ``[(step, path)]``, oldest first; by default only complete ones
+    (``checkpoint_problem`` is None; ``.tmp`` folders are never listed)."""
     if not os.path.isdir(output_dir):
         return []
     found = [
@@ -167,34 +207,49 @@ def list_checkpoints(output_dir):
         for name in os.listdir(output_dir)
         if (m := CHECKPOINT_PATTERN.match(name))
     ]
-    return sorted(found)
+    return sorted((step, path) for step, path in found if not complete_only or checkpoint_problem(path) is None)
 
 
-def resolve_checkpoint(output_dir, resume_from_checkpoint):
+def resolve_checkpoint(output_dir, resume_from_checkpoint, log=print):
     """The checkpoint to resume from: ``"latest"`` → the newest complete one (None if there is none), else a path.
 
-    A path (or a ``checkpoint-<step>`` name inside ``output_dir``) that does not exist is a ``ValueError``.
+    Incomplete checkpoints newer than the one picked are named through ``log``. A path (or a ``checkpoint-<step>``
+    name inside ``output_dir``) that does not exist or is incomplete is a ``ValueError``.
     """
     if resume_from_checkpoint is None:
         return None
     if resume_from_checkpoint == "latest":
-        checkpoints = list_checkpoints(output_dir)
-        return checkpoints[-1][1] if checkpoints else None
+        complete = list_checkpoints(output_dir)
+        newest_complete = complete[-1][0] if complete else -1
+        for step, path in list_checkpoints(output_dir, complete_only=False):
+            if step > newest_complete:
+                log(f"skipping the incomplete checkpoint {path}: {checkpoint_problem(path)}")
+        if complete:
+            log(f"the newest complete checkpoint is {complete[-1][1]}")
+        return complete[-1][1] if complete else None
     path = resume_from_checkpoint
     if not os.path.isdir(path):
         path = os.path.join(output_dir, resume_from_checkpoint)
     name = os.path.basename(os.path.normpath(path))
-    if not os.path.isdir(path) or not CHECKPOINT_PATTERN.match(name):
+    problem = checkpoint_problem(path) if os.path.isdir(path) else None
+    if not os.path.isdir(path) or not CHECKPOINT_PATTERN.match(name) or problem is not None:
         available = [os.path.basename(p) for _, p in list_checkpoints(output_dir)]
+        reason = f"incomplete checkpoint ({problem})" if problem else "no such checkpoint (a checkpoint-<step> folder)"
         raise ValueError(
-            f"--resume_from_checkpoint={resume_from_checkpoint!r}: no such checkpoint (a checkpoint-<step> folder); "
+            f"--resume_from_checkpoint={resume_from_checkpoint!r}: {reason}; "
             f"complete checkpoints in {output_dir!r}: {available or 'none'}; use 'latest' to pick the newest"
         )
     return path
 
 
-def save_checkpoint(accelerator, output_dir, global_step, total_limit):
-    """``accelerator.save_state`` to ``checkpoint-<step>.tmp``, then an atomic rename; prune beyond ``total_limit``."""
+def max_abs_weight(model):
+    """max |w| over the parameters of ``model`` (what a diverging run shows before its loss does)."""
+    return max((float(p.detach().abs().max()) for p in model.parameters() if p.numel()), default=0.0)
+
+
+def save_checkpoint(accelerator, output_dir, global_step, total_limit, state):
+    """``accelerator.save_state`` to ``checkpoint-<step>.tmp``, ``training_state.json`` (``state`` plus every
+    file's size) last, then an atomic rename; prune the oldest complete ones beyond ``total_limit``."""
     final_path = os.path.join(output_dir, f"checkpoint-{global_step}")
     temporary_path = final_path + ".tmp"
     if accelerator.is_main_process:
@@ -203,8 +258,13 @@ def save_checkpoint(accelerator, output_dir, global_step, total_limit):
     accelerator.save_state(temporary_path)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        with open(os.path.join(temporary_path, "training_state.json"), "w") as handle:
-            json.dump({"global_step": global_step}, handle)
+        files = {}
+        for folder, _, names in os.walk(temporary_path):
+            for name in names:
+                file_path = os.path.join(folder, name)
+                files[os.path.relpath(file_path, temporary_path)] = os.path.getsize(file_path)
+        with open(os.path.join(temporary_path, TRAINING_STATE_FILE), "w") as handle:
+            json.dump({"global_step": global_step, **state, "files": files}, handle)
         if os.path.isdir(final_path):
             shutil.rmtree(final_path)
         os.replace(temporary_path, final_path)
@@ -213,6 +273,41 @@ def save_checkpoint(accelerator, output_dir, global_step, total_limit):
                 shutil.rmtree(old_path)
     accelerator.wait_for_everyone()
     return final_path
+
+
+def register_diffusers_format_hooks(accelerator, ema_model=None):
+    """Make ``save_state``/``load_state`` store the model (and its EMA) with ``save_pretrained`` in ``model/``
+    (``model_ema/``) as Diffusers' ``train_unconditional.py`` does: safetensors, loadable with ``from_pretrained``.
+
+    Models that are not Diffusers ``ModelMixin``s keep accelerate's own ``model.safetensors``.
+    """
+    from diffusers import ModelMixin
+
+    def save_hook(models, weights, output_dir):
+        if ema_model is not None and accelerator.is_main_process:
+            ema_model.save_pretrained(os.path.join(output_dir, EMA_FOLDER))
+        for index in reversed(range(len(models))):
+            model = accelerator.unwrap_model(models[index])
+            if isinstance(model, ModelMixin):
+                if accelerator.is_main_process:
+                    model.save_pretrained(os.path.join(output_dir, MODEL_FOLDER))
+                weights.pop(index)
+
+    def load_hook(models, input_dir):
+        from diffusers.training_utils import EMAModel
+
+        if ema_model is not None:
+            loaded = EMAModel.from_pretrained(os.path.join(input_dir, EMA_FOLDER), ema_model.model_cls)
+            ema_model.load_state_dict(loaded.state_dict())
+            ema_model.to(accelerator.device)
+        for index in reversed(range(len(models))):
+            model = accelerator.unwrap_model(models[index])
+            if isinstance(model, ModelMixin):
+                models.pop(index)
+                model.load_state_dict(type(model).from_pretrained(input_dir, subfolder=MODEL_FOLDER).state_dict())
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
 
 
 def make_accelerator(config):
@@ -237,31 +332,47 @@ def make_accelerator(config):
 
 
 def train(
-    config, model, loss_fn, train_dataset, *, sample_fn=None, save_fn=None, encode_prompt=None, accelerator=None
+    config,
+    model,
+    loss_fn,
+    train_dataset,
+    *,
+    sample_fn=None,
+    save_fn=None,
+    evaluate_fn=None,
+    encode_prompt=None,
+    accelerator=None,
 ):
-    """Train ``model`` on ``train_dataset`` by minimizing ``loss_fn``, then save it with ``save_fn``.
+    """Train ``model`` on ``train_dataset`` by minimizing ``loss_fn``, save it with ``save_fn``, then sample and
+    evaluate it (so that a failure there never costs the weights).
 
     Args:
         config: a ``TrainingConfig``.
-        model: a ``torch.nn.Module`` (a Diffusers ``ModelMixin`` for EMA and saving).
+        model: a ``torch.nn.Module`` (a Diffusers ``ModelMixin`` for EMA and Diffusers-format checkpoints).
         loss_fn: ``loss_fn(model, batch, randomness, encode_prompt=...) -> (loss, {name: value})`` on a batch dict
             (see ``collate``); ``losses.DiffusionLoss`` and ``losses.NoisyClassifierLoss`` are such functions.
         train_dataset: a map-style dataset of dicts, tensors ``[C, H, W]`` / ``[D]``, or ``(sample, label)``.
-        sample_fn: ``sample_fn(model, step) -> PIL.Image``, a sample grid saved to ``output_dir/samples``.
+        sample_fn: ``sample_fn(model, step) -> PIL.Image``, a sample grid saved to ``output_dir/samples`` and logged
+            to the trackers.
         save_fn: ``save_fn(model, output_dir)``, called once at the end on the main process with the (EMA) weights.
+        evaluate_fn: ``evaluate_fn(model) -> {name: number}``, called after ``save_fn`` on the main process; the
+            numbers are logged to the trackers and returned in ``TrainingResult.metrics``.
         encode_prompt: passed to ``loss_fn`` (text conditioning).
         accelerator: an existing ``Accelerator`` (one is made from ``config`` otherwise).
 
     Returns:
-        a ``TrainingResult``. Raises ``NonFiniteLossError`` if the loss stops being finite.
+        a ``TrainingResult``. Raises ``NonFiniteLossError`` if the loss stops being finite, and ``ValueError``
+        before any work for a checkpoint that cannot continue this run.
     """
+    from diffusers import ModelMixin
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
 
+    if config.use_ema and not isinstance(model, ModelMixin):
+        raise TypeError(f"--use_ema needs a Diffusers ModelMixin model, got {type(model).__name__}")
     accelerator = accelerator or make_accelerator(config)
     num_processes, process_index = accelerator.num_processes, accelerator.process_index
-    os.makedirs(config.output_dir, exist_ok=True)
 
     batches_per_epoch = GlobalBatchSampler.batches_per_epoch(
         len(train_dataset), config.train_batch_size, num_processes
@@ -274,9 +385,12 @@ def train(
         )
     steps_per_epoch = batches_per_epoch // config.gradient_accumulation_steps
     max_train_steps = config.max_train_steps or config.num_epochs * steps_per_epoch
-    resume_path = resolve_checkpoint(config.output_dir, config.resume_from_checkpoint)
+    resume_path = resolve_checkpoint(config.output_dir, config.resume_from_checkpoint, log=accelerator.print)
     if config.resume_from_checkpoint == "latest" and resume_path is None:
-        accelerator.print(f"no checkpoint in {config.output_dir!r} to resume from: starting a new run")
+        accelerator.print(f"no complete checkpoint in {config.output_dir!r} to resume from: starting a new run")
+    resumed_state = read_training_state(resume_path) if resume_path is not None else {}
+    check_resumable(resume_path, resumed_state, config, max_train_steps)
+    os.makedirs(config.output_dir, exist_ok=True)
 
     optimizer = torch.optim.AdamW(
         model.parameters(),
@@ -301,18 +415,20 @@ def train(
             inv_gamma=config.ema_inv_gamma,
             power=config.ema_power,
             model_cls=type(model),
-            model_config=getattr(model, "config", None),
+            model_config=model.config,
         )
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     if ema_model is not None:
         ema_model.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema_model)
+    register_diffusers_format_hooks(accelerator, ema_model)
 
     global_step = 0
+    losses = []
     if resume_path is not None:
         accelerator.print(f"resuming from {resume_path}")
         accelerator.load_state(resume_path)
-        global_step = int(CHECKPOINT_PATTERN.match(os.path.basename(os.path.normpath(resume_path))).group(1))
+        global_step = resumed_state["global_step"]
+        losses = list(resumed_state.get("losses", []))
 
     if accelerator.is_main_process and accelerator.log_with:
         run_config = {k: v for k, v in asdict(config).items() if isinstance(v, (int, float, str, bool))}
@@ -334,12 +450,11 @@ def train(
             ema_model.restore(unwrapped.parameters())
         os.makedirs(os.path.join(config.output_dir, "samples"), exist_ok=True)
         grid.save(os.path.join(config.output_dir, "samples", f"step-{step:06d}.png"))
+        log_image(accelerator, "samples", grid, step)
 
     progress = tqdm(
         total=max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="steps"
     )
-    last_checkpoint = resume_path
-    losses = []
     model.train()
     micro_steps_per_epoch = steps_per_epoch * config.gradient_accumulation_steps
     micro_step = global_step * config.gradient_accumulation_steps
@@ -382,11 +497,7 @@ def train(
                         progress.close()
                         accelerator.end_training()
                         raise NonFiniteLossError(
-                            f"the loss is {global_loss} at step {global_step + 1} (micro-batch {micro_step}): "
-                            "training stopped before this update. The last good checkpoint is "
-                            f"{last_checkpoint or 'none (no checkpoint was written yet)'}; lower --learning_rate, "
-                            "use --mixed_precision no or --max_grad_norm, and resume with "
-                            "--resume_from_checkpoint latest"
+                            non_finite_report(global_loss, global_step, micro_step, losses, model, config.output_dir)
                         )
                     accelerator.backward(loss / config.gradient_accumulation_steps)
                 step_loss += global_loss / config.gradient_accumulation_steps
@@ -410,23 +521,85 @@ def train(
             progress.set_postfix(loss=f"{step_loss:.4f}", step=global_step)
             accelerator.log(logs, step=global_step)
             if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
-                last_checkpoint = save_checkpoint(
-                    accelerator, config.output_dir, global_step, config.checkpoints_total_limit
-                )
+                state = {
+                    "learning_rate": config.learning_rate,
+                    "losses": losses,
+                    "max_abs_weight": max_abs_weight(model),
+                }
+                save_checkpoint(accelerator, config.output_dir, global_step, config.checkpoints_total_limit, state)
             if config.save_images_steps and global_step % config.save_images_steps == 0:
                 save_samples(global_step)
     progress.close()
 
     accelerator.wait_for_everyone()
+    metrics = {}
     if accelerator.is_main_process:
-        if not (config.save_images_steps and global_step % config.save_images_steps == 0):
-            save_samples(global_step)
         unwrapped = accelerator.unwrap_model(model)
         if ema_model is not None:
             ema_model.copy_to(unwrapped.parameters())
+        # the weights are saved first: a failing sample grid or evaluation must not cost them
         if save_fn is not None:
             save_fn(unwrapped, config.output_dir)
+        if not (config.save_images_steps and global_step % config.save_images_steps == 0):
+            save_samples(global_step)
+        if evaluate_fn is not None:
+            unwrapped.eval()
+            with torch.no_grad():
+                metrics = dict(evaluate_fn(unwrapped))
+            accelerator.log(metrics, step=global_step)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     final_loss = losses[-1] if losses else float("nan")
-    return TrainingResult(global_step=global_step, final_loss=final_loss, losses=losses, resumed_from=resume_path)
+    return TrainingResult(
+        global_step=global_step, final_loss=final_loss, losses=losses, resumed_from=resume_path, metrics=metrics
+    )
+
+
+def check_resumable(resume_path, state, config, max_train_steps):
+    """Refuse, before any work, a checkpoint this run cannot continue as asked: one past ``max_train_steps``, or
+    one trained with another learning rate (the checkpoint's LR schedule would silently override the flag)."""
+    if resume_path is None:
+        return
+    if state["global_step"] > max_train_steps:
+        raise ValueError(
+            f"--resume_from_checkpoint: {resume_path} is at step {state['global_step']}, past "
+            f"--max_train_steps={max_train_steps}; raise --max_train_steps to continue it, or resume an earlier "
+            "checkpoint"
+        )
+    trained_with = state.get("learning_rate")
+    if trained_with is not None and not math.isclose(trained_with, config.learning_rate, rel_tol=1e-12):
+        raise ValueError(
+            f"--learning_rate={config.learning_rate:g} differs from the {trained_with:g} that {resume_path} was "
+            f"trained with; the learning-rate schedule continues from the checkpoint, so pass --learning_rate "
+            f"{trained_with:g} to resume it (or start a new run in another --output_dir)"
+        )
+
+
+def non_finite_report(loss, global_step, micro_step, losses, model, output_dir):
+    """What is known when the loss stops being finite: where, the recent losses, the weights now and at each
+    checkpoint on disk (finite weights may already be diverging, so no checkpoint is called good)."""
+    checkpoints = [
+        f"{os.path.basename(path)} (max|w| = {read_training_state(path).get('max_abs_weight', float('nan')):.3g})"
+        for _, path in list_checkpoints(output_dir)
+    ]
+    recent = ", ".join(f"{value:.4g}" for value in losses[-5:])
+    return (
+        f"the loss is {loss} at step {global_step + 1} (micro-batch {micro_step}): training stopped before this "
+        f"update. Losses of the last steps: [{recent}]; the largest |weight| now is {max_abs_weight(model):.3g}. "
+        f"Checkpoints on disk: {', '.join(checkpoints) or 'none'}. A checkpoint whose max|w| grew far beyond the "
+        "earlier ones is already diverging; resume from one before the growth with a lower --learning_rate (or "
+        "--max_grad_norm, --mixed_precision no)"
+    )
+
+
+def log_image(accelerator, name, image, step):
+    """Log a PIL image to the configured trackers (tensorboard, wandb)."""
+    import numpy as np
+
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image(name, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({name: wandb.Image(image)}, step=step)

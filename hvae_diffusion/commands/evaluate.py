@@ -1,0 +1,218 @@
+"""Evaluate a trained pipeline: test bits/dim with its standard error (three terms, plot over t), the noisy
+classifier's accuracy and calibration against t, Fréchet distance and guided accuracy.
+
+    python scripts/evaluate.py --pipeline_dir runs/demo/denoiser --classifier_dir runs/demo/classifier_guided \
+        --output_dir runs/eval --bpd_estimator importance --bpd_nfe 51
+
+The bits/dim are those of the unconditional model ε(x_t, ∅) (for a class-conditional pipeline, the null label).
+``--bpd_estimator full`` evaluates every latent (N + 1 forwards per image); ``uniform``, ``stratified`` and
+``importance`` sample ``--bpd_nfe`` − 1 latents per image, unbiased, with a standard error that covers both the
+image-to-image spread and the sampling of t (docs/evaluation.md).
+
+Writes to --output_dir: ``evaluation.json``; ``elbo_denoising_terms.png`` (the denoising-matching KL of each
+evaluated latent over t); a grid per sampling setting (``grid_unconditional.png``, ``grid_cfg_<w>.png``,
+``grid_classifier_<γ>.png``); and ``feature_classifier.pt``, the separately trained classifier of clean test-split
+images whose features define the Fréchet distance and whose labels define guided accuracy (not the guidance
+classifier; trained once on the train split and cached).
+"""
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from ..elbo_estimation import BPD_ESTIMATORS
+from ..training.cli import (
+    add_data_arguments,
+    add_num_threads_argument,
+    add_overwrite_argument,
+    apply_num_threads,
+    check_output_dir,
+    load_training_data,
+)
+from ..training.data import stack_dataset
+from ..training.evaluation import (
+    classifier_accuracy,
+    elbo_report,
+    feature_frechet_distance,
+    image_grid,
+    load_or_train_feature_classifier,
+    noisy_classifier_calibration,
+    plot_denoising_terms,
+)
+from ..training.sampling import load_sampling_pipeline, sample
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_arguments(parser)
+    parser.add_argument("--pipeline_dir", required=True, help="the trained denoiser pipeline")
+    parser.add_argument("--classifier_dir", default=None, help="noisy classifier, for the classifier-guidance sweep")
+    parser.add_argument("--output_dir", required=True)
+    add_overwrite_argument(parser)
+    parser.add_argument(
+        "--guidance_scales",
+        type=float,
+        nargs="*",
+        default=[1.0, 2.0, 4.0],
+        help="the sweep of guidance_scale, for classifier-free and classifier guidance alike (empty: no sweep)",
+    )
+    parser.add_argument("--num_samples_per_class", type=int, default=20)
+    parser.add_argument("--num_unconditional_samples", type=int, default=300)
+    parser.add_argument("--num_inference_steps", type=int, default=100)
+    parser.add_argument(
+        "--bpd_estimator",
+        default="importance",
+        choices=BPD_ESTIMATORS,
+        help="how the sum over latents is evaluated: every latent (full) or sampled t (docs/evaluation.md)",
+    )
+    parser.add_argument(
+        "--bpd_nfe",
+        type=int,
+        default=51,
+        help="denoiser forwards per image for the sampled estimators, the decoder's included (not used by full)",
+    )
+    parser.add_argument("--bpd_num_samples", type=int, default=None, help="test images for the bits/dim (default all)")
+    parser.add_argument("--bpd_batch_size", type=int, default=256, help="(image, t) pairs per denoiser forward")
+    parser.add_argument(
+        "--calibration_bands", type=int, default=5, help="bands of t for the noisy classifier's accuracy and ECE"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    add_num_threads_argument(parser)
+    return parser.parse_args(argv)
+
+
+def check_arguments(args):
+    """Every numeric flag against its range, before any work."""
+    for name in ("num_samples_per_class", "num_unconditional_samples", "num_inference_steps", "bpd_batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.bpd_num_samples is not None and args.bpd_num_samples < 1:
+        raise ValueError(
+            f"--bpd_num_samples must be >= 1 (or omitted for the whole test split), got {args.bpd_num_samples}"
+        )
+    minimum = 3 if args.bpd_estimator == "stratified" else 2
+    if args.bpd_estimator != "full" and args.bpd_nfe < minimum:
+        raise ValueError(
+            f"--bpd_nfe must be >= {minimum} for --bpd_estimator {args.bpd_estimator} (forwards per image, the "
+            f"decoder's included), got {args.bpd_nfe}"
+        )
+    if args.calibration_bands < 1:
+        raise ValueError(f"--calibration_bands must be >= 1, got {args.calibration_bands}")
+    if any(scale < 0 for scale in args.guidance_scales):
+        raise ValueError(f"--guidance_scales must be >= 0, got {args.guidance_scales}")
+
+
+def format_scale(scale):
+    return f"{scale:g}"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from ..pipelines import ClassifierFreeGuidancePipeline
+    from ..scheduling_hvae import HVAEScheduler
+
+    check_arguments(args)
+    check_output_dir(args.output_dir, args.overwrite_output_dir)
+    apply_num_threads(args.num_threads)
+    started = time.time()
+    os.makedirs(args.output_dir, exist_ok=True)
+    train_dataset, test_dataset, num_classes, _, _ = load_training_data(args, need_labels=True)
+    train_samples, train_labels = stack_dataset(train_dataset)
+    test_samples, test_labels = stack_dataset(test_dataset)
+    feature_classifier = load_or_train_feature_classifier(
+        os.path.join(args.output_dir, "feature_classifier.pt"), train_samples, train_labels, num_classes, args.seed
+    )
+    report = {
+        "pipeline_dir": args.pipeline_dir,
+        "num_inference_steps": args.num_inference_steps,
+        "feature_classifier_test_accuracy": classifier_accuracy(feature_classifier, test_samples, test_labels),
+    }
+    # the Fréchet distance between real sets of the same size: the floor that sample noise alone gives
+    reference = train_samples[
+        torch.randperm(len(train_samples), generator=torch.Generator().manual_seed(0))[: len(test_samples)]
+    ]
+    report["frechet_distance_train_vs_test"] = feature_frechet_distance(feature_classifier, reference, test_samples)
+
+    # --- bits/dim of the unconditional model ε(x_t, ∅)
+    unconditional = load_sampling_pipeline(args.pipeline_dir, "none")
+    scheduler = HVAEScheduler.from_config(unconditional.scheduler.config)
+    num_latents = len(scheduler.timesteps) - 1
+    if args.bpd_estimator != "full" and args.bpd_nfe > num_latents + 1:
+        raise ValueError(f"--bpd_nfe must be <= {num_latents + 1} (every latent and the decoder), got {args.bpd_nfe}")
+    elbo = elbo_report(
+        scheduler,
+        lambda x, t: unconditional.unet.eval()(x, t, **unconditional.unconditional_kwargs(len(x))),
+        test_samples[: args.bpd_num_samples],
+        args.bpd_estimator,
+        None if args.bpd_estimator == "full" else args.bpd_nfe,
+        batch_size=args.bpd_batch_size,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    plot_denoising_terms(elbo, os.path.join(args.output_dir, "elbo_denoising_terms.png"))
+    report["elbo"] = elbo
+    print(f"test bits/dim: {elbo['summary']}", flush=True)
+
+    # --- the noisy classifier of classifier guidance: accuracy and calibration against t
+    guided = None
+    if args.classifier_dir is not None:
+        guided = load_sampling_pipeline(args.pipeline_dir, "classifier", args.classifier_dir)
+        report["classifier_calibration"] = noisy_classifier_calibration(
+            guided.classifier.eval(),
+            scheduler,
+            test_samples,
+            test_labels,
+            num_bands=args.calibration_bands,
+            generator=torch.Generator().manual_seed(args.seed),
+        )
+
+    # --- sample quality
+    def evaluate_samples(name, pipe, guidance, scale, labels, count):
+        pipe.set_progress_bar_config(desc=f"sampling {name}", leave=False)
+        samples, sample_labels = sample(
+            pipe, guidance, scale, labels, None, count, args.num_inference_steps, args.seed
+        )
+        image_grid(samples[: 10 * min(10, -(-count // 10))], num_columns=10).save(
+            os.path.join(args.output_dir, f"grid_{name}.png")
+        )
+        result = {
+            "num_samples": count,
+            "frechet_distance": feature_frechet_distance(feature_classifier, samples, test_samples),
+        }
+        if guidance != "none":
+            result["guided_accuracy"] = classifier_accuracy(
+                feature_classifier, samples, torch.as_tensor(sample_labels)
+            )
+        return result
+
+    report["unconditional"] = evaluate_samples(
+        "unconditional", unconditional, "none", 0.0, None, args.num_unconditional_samples
+    )
+    labels = list(range(num_classes))
+    count = args.num_samples_per_class * num_classes
+    cfg_pipe = load_sampling_pipeline(args.pipeline_dir, "cfg") if args.guidance_scales else None
+    if isinstance(cfg_pipe, ClassifierFreeGuidancePipeline):
+        report["cfg"] = {
+            format_scale(w): evaluate_samples(f"cfg_{format_scale(w)}", cfg_pipe, "cfg", w, labels, count)
+            for w in args.guidance_scales
+        }
+    if guided is not None and args.guidance_scales:
+        report["classifier"] = {
+            format_scale(g): evaluate_samples(f"classifier_{format_scale(g)}", guided, "classifier", g, labels, count)
+            for g in args.guidance_scales
+        }
+    report["wall_time_seconds"] = time.time() - started
+    with open(os.path.join(args.output_dir, "evaluation.json"), "w") as handle:
+        json.dump(report, handle, indent=2)
+    summary = {key: value for key, value in report.items() if key != "elbo"}
+    summary["bits_per_dim"] = elbo["bits_per_dim"]
+    summary["bits_per_dim_standard_error"] = elbo["standard_error"]
+    summary["bits_per_dim_summary"] = elbo["summary"]
+    print(json.dumps(summary, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()

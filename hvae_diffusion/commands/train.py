@@ -1,0 +1,326 @@
+"""``hvae-train``: train a diffusion HVAE denoiser (a Diffusers UNet) and save it as a pipeline.
+
+    hvae-train --output_dir runs/digits --max_train_steps 2000 --conditioning class --cond_drop_prob 0.1
+    accelerate launch --num_processes 2 --cpu scripts/train.py --output_dir runs/digits ...
+
+With no data argument it trains on scikit-learn's bundled digits (8x8, 10 classes). The output folder holds an
+``HVAEPipeline`` (``--conditioning none``) or a ``ClassifierFreeGuidancePipeline`` (class/text) in the standard
+layout, a README.md model card, sample grids under ``samples/`` and checkpoints ``checkpoint-<step>`` (the newest
+``--checkpoints_total_limit``). Every flag is checked before the first step, and the pipeline is saved before the
+final sample grid and the bits/dim evaluation.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from .. import PREDICTION_TYPES, HVAEScheduler
+from ..elbo import LOSS_WEIGHTINGS
+from ..scheduling_hvae import VARIANCE_TYPES
+from ..training.cli import (
+    add_data_arguments,
+    add_training_arguments,
+    load_training_data,
+    push_output_dir,
+    training_config_from_args,
+    warn_if_single_threaded,
+)
+from ..training.components import CONDITIONINGS, build_unet, denoiser_pipeline
+from ..training.data import stack_dataset
+from ..training.evaluation import elbo_report, image_grid
+from ..training.hub import render_model_card
+from ..training.loop import NonFiniteLossError, make_accelerator, train
+from ..training.losses import DiffusionLoss
+from ..training.sampling import DEFAULT_GUIDANCE_SCALE
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_arguments(parser)
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--pretrained_model_name_or_path",
+        default=None,
+        help="fine-tune a Diffusers UNet or the unet (and scheduler) of a pipeline folder",
+    )
+    model.add_argument("--unet_config", default=None, help="a UNet2DModel/UNet2DConditionModel config.json")
+    model.add_argument(
+        "--text_encoder_name_or_path",
+        default=None,
+        help="text conditioning: a folder with text_encoder/ and tokenizer/ (default: the pretrained pipeline's)",
+    )
+    objective = parser.add_argument_group("objective")
+    objective.add_argument(
+        "--prediction_type",
+        default=None,
+        choices=PREDICTION_TYPES,
+        help="what the model predicts (default: the pretrained scheduler's, else epsilon)",
+    )
+    objective.add_argument("--loss_weighting", default="simple", choices=LOSS_WEIGHTINGS)
+    objective.add_argument("--snr_gamma", type=float, default=5.0)
+    objective.add_argument(
+        "--variance_type",
+        default=None,
+        choices=VARIANCE_TYPES,
+        help="learned_range trains the variance with improved DDPM's hybrid loss",
+    )
+    objective.add_argument("--num_train_timesteps", type=int, default=1000)
+    objective.add_argument("--beta_schedule", default="squaredcos_cap_v2")
+    objective.add_argument("--conditioning", default="none", choices=CONDITIONINGS)
+    objective.add_argument(
+        "--cond_drop_prob",
+        type=float,
+        default=0.0,
+        help="probability of replacing the condition by the null label / empty prompt (CFG)",
+    )
+    evaluation = parser.add_argument_group("samples and evaluation")
+    evaluation.add_argument("--num_inference_steps", type=int, default=100, help="for the sample grids")
+    evaluation.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=DEFAULT_GUIDANCE_SCALE,
+        help="classifier-free guidance weight w of the class/text sample grids",
+    )
+    evaluation.add_argument(
+        "--elbo_timesteps",
+        type=int,
+        default=50,
+        help="test bits/dim for the model card from this many random latents (at least 1; see --skip_elbo)",
+    )
+    evaluation.add_argument("--skip_elbo", action="store_true", help="no test bits/dim at the end")
+    evaluation.add_argument("--elbo_num_samples", type=int, default=256)
+    add_training_arguments(parser, learning_rate=1e-3)
+    return parser.parse_args(argv)
+
+
+def make_scheduler(args):
+    """The noise scheduler: the pretrained pipeline's (checked against the flags) or a new ``HVAEScheduler``."""
+    path = args.pretrained_model_name_or_path
+    scheduler = None
+    if path is not None:
+        try:
+            scheduler = HVAEScheduler.from_pretrained(path, subfolder="scheduler")
+        except (OSError, ValueError):  # a bare UNet: the flags define a new scheduler
+            scheduler = None
+    if scheduler is not None:
+        for name in ("prediction_type", "variance_type"):
+            requested, loaded = getattr(args, name), scheduler.config[name]
+            if requested is not None and requested != loaded:
+                raise ValueError(
+                    f"--{name}={requested!r} contradicts the pretrained scheduler config in {path!r} "
+                    f"({name}={loaded!r}); drop the flag to keep {loaded!r}, or start from a UNet without its "
+                    "scheduler to change it"
+                )
+        return scheduler
+    return HVAEScheduler(
+        num_train_timesteps=args.num_train_timesteps,
+        beta_schedule=args.beta_schedule,
+        prediction_type=args.prediction_type or "epsilon",
+        variance_type=args.variance_type or "fixed_small",
+    )
+
+
+def load_text_components(args):
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    folder = args.text_encoder_name_or_path or args.pretrained_model_name_or_path
+    if folder is None:
+        raise ValueError(
+            "--conditioning text needs --text_encoder_name_or_path or a pretrained pipeline with a "
+            "text_encoder and tokenizer"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(folder, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").requires_grad_(False)
+    return text_encoder, tokenizer
+
+
+def check_arguments(args, scheduler):
+    """Every flag against every other, before any data is loaded or any step is taken."""
+    if args.cond_drop_prob > 0 and args.conditioning == "none":
+        raise ValueError("--cond_drop_prob needs --conditioning class or text")
+    if not 0 <= args.cond_drop_prob < 1:
+        raise ValueError(f"--cond_drop_prob must lie in [0, 1), got {args.cond_drop_prob}")
+    if args.snr_gamma <= 0:
+        raise ValueError(f"--snr_gamma must be > 0, got {args.snr_gamma}")
+    if args.guidance_scale < 0:
+        raise ValueError(f"--guidance_scale must be >= 0, got {args.guidance_scale}")
+    if args.elbo_timesteps < 1 or args.elbo_num_samples < 1:
+        raise ValueError(
+            f"--elbo_timesteps and --elbo_num_samples must be >= 1, got {args.elbo_timesteps} and "
+            f"{args.elbo_num_samples} (pass --skip_elbo to skip the bits/dim)"
+        )
+    try:  # the sampler's own check, as the final sample grid will run it
+        HVAEScheduler.from_config(scheduler.config).set_timesteps(args.num_inference_steps)
+    except ValueError as error:
+        raise ValueError(
+            f"--num_inference_steps={args.num_inference_steps} does not fit the noise schedule of "
+            f"{scheduler.config.num_train_timesteps} training timesteps (--num_train_timesteps): {error}"
+        ) from error
+
+
+def main(argv=None):
+    """Run ``hvae-train``; a non-finite loss exits with status 1 and a report of what is known."""
+    try:
+        return run(parse_args(argv))
+    except NonFiniteLossError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+def run(args):
+    warn_if_single_threaded()
+    scheduler = make_scheduler(args)
+    check_arguments(args, scheduler)
+    config = training_config_from_args(
+        args,
+        extra_log_config={
+            "prediction_type": scheduler.config.prediction_type,
+            "variance_type": scheduler.config.variance_type,
+            "loss_weighting": args.loss_weighting,
+        },
+    )
+    train_dataset, test_dataset, num_classes, resolution, channels = load_training_data(
+        args, need_labels=args.conditioning == "class", need_captions=args.conditioning == "text"
+    )
+    if args.conditioning != "class":
+        train_dataset.label_column = None  # unconditional and text models ignore the labels
+    learned_variance = scheduler.config.variance_type == "learned_range"
+    num_class_embeds = num_classes + 1 if args.conditioning == "class" else None
+    torch.manual_seed(args.seed)
+    unet = build_unet(
+        args.unet_config,
+        args.pretrained_model_name_or_path,
+        resolution=resolution,
+        channels=channels,
+        num_class_embeds=num_class_embeds,
+        learned_variance=learned_variance,
+    )
+    if args.conditioning == "class" and getattr(unet.config, "num_class_embeds", None) != num_class_embeds:
+        raise ValueError(
+            f"--conditioning class needs a UNet with num_class_embeds = num_classes + 1 = {num_class_embeds} (the "
+            f"last is the null label), got {getattr(unet.config, 'num_class_embeds', None)}"
+        )
+    text_encoder = tokenizer = None
+    if args.conditioning == "text":
+        text_encoder, tokenizer = load_text_components(args)
+
+    def pipeline_of(model):
+        return denoiser_pipeline(
+            model, HVAEScheduler.from_config(scheduler.config), args.conditioning, text_encoder, tokenizer
+        )
+
+    # the pipeline's prompt encoder is the one training conditions on
+    encode_prompt = pipeline_of(unet).encode_prompt if args.conditioning == "text" else None
+    loss_fn = DiffusionLoss(
+        scheduler,
+        args.loss_weighting,
+        args.snr_gamma,
+        args.cond_drop_prob,
+        null_label=num_classes if args.conditioning == "class" else None,
+    )
+
+    def sample_fn(model, step):
+        pipe = pipeline_of(model)
+        pipe.set_progress_bar_config(disable=True)
+        generator = torch.Generator().manual_seed(args.seed)
+        kwargs = {"batch_size": 20}
+        if args.conditioning == "class":
+            labels = [i % num_classes for i in range(2 * num_classes)]
+            kwargs = {"class_labels": labels, "guidance_scale": args.guidance_scale}
+        elif args.conditioning == "text":
+            prompts = [test_dataset[i]["prompt"] for i in range(min(8, len(test_dataset)))]
+            kwargs = {"prompt": prompts, "guidance_scale": args.guidance_scale}
+        images = pipe(
+            num_inference_steps=args.num_inference_steps, generator=generator, output_type="pt", **kwargs
+        ).images
+        return image_grid(images * 2 - 1, num_columns=num_classes or 10)
+
+    def save_fn(model, output_dir):
+        pipeline_of(model).save_pretrained(output_dir)
+
+    def evaluate_fn(model):
+        test_samples, _ = stack_dataset(
+            torch.utils.data.Subset(test_dataset, range(min(args.elbo_num_samples, len(test_dataset))))
+        )
+        denoiser = null_conditioned(model, num_classes if args.conditioning == "class" else None, encode_prompt)
+        report = elbo_report(
+            HVAEScheduler.from_config(scheduler.config),
+            denoiser,
+            test_samples,
+            "importance",
+            min(args.elbo_timesteps, scheduler.config.num_train_timesteps - 1) + 1,
+            generator=torch.Generator().manual_seed(0),
+        )
+        return {
+            "test_bits_per_dim": report["bits_per_dim"],
+            "test_bits_per_dim_standard_error": report["standard_error"],
+        }
+
+    accelerator = make_accelerator(config)
+    result = train(
+        config,
+        unet,
+        loss_fn,
+        train_dataset,
+        sample_fn=sample_fn,
+        save_fn=save_fn,
+        evaluate_fn=None if args.skip_elbo else evaluate_fn,
+        encode_prompt=encode_prompt,
+        accelerator=accelerator,
+    )
+    if not accelerator.is_main_process:
+        return result
+
+    summary = {
+        "global_step": result.global_step,
+        "final_loss": result.final_loss,
+        "prediction_type": scheduler.config.prediction_type,
+        "loss_weighting": args.loss_weighting,
+        "variance_type": scheduler.config.variance_type,
+        "conditioning": args.conditioning,
+        **result.metrics,
+    }
+    with open(os.path.join(args.output_dir, "training_summary.json"), "w") as handle:
+        json.dump(summary, handle, indent=2)
+    grids = sorted(os.listdir(os.path.join(args.output_dir, "samples")))
+    render_model_card(
+        args.output_dir,
+        repo_id=args.hub_model_id,
+        pipeline_class=pipeline_of(unet).__class__.__name__,
+        dataset=args.dataset_name or args.train_data_dir or "scikit-learn digits (built in)",
+        prediction_type=scheduler.config.prediction_type,
+        loss_weighting=args.loss_weighting,
+        variance_type=scheduler.config.variance_type,
+        conditioning=args.conditioning,
+        num_train_steps=result.global_step,
+        final_loss=f"{result.final_loss:.4f}",
+        bits_per_dim=(
+            f"{summary['test_bits_per_dim']:.3f} ± {summary['test_bits_per_dim_standard_error']:.3f}"
+            if "test_bits_per_dim" in summary
+            else None
+        ),
+        sample_grid=f"samples/{grids[-1]}" if grids else None,
+        fid=None,
+        guided_accuracy=None,
+        extra=None,
+    )
+    print(json.dumps(summary))
+    if args.push_to_hub:
+        push_output_dir(args)
+    return result
+
+
+def null_conditioned(unet, null_label=None, encode_prompt=None):
+    """``denoiser(x_t, t)`` for the ELBO of the unconditional model: the UNet given the null label (class
+    conditioning) or the empty prompt (text conditioning)."""
+    if null_label is not None:
+        return lambda sample, timesteps: unet(sample, timesteps, class_labels=torch.full_like(timesteps, null_label))
+    if encode_prompt is not None:
+        empty = encode_prompt([""])
+        return lambda sample, timesteps: unet(
+            sample, timesteps, encoder_hidden_states=empty.expand(sample.shape[0], -1, -1)
+        )
+    return unet
