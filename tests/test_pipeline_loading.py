@@ -13,7 +13,7 @@ from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline
 from test_pipelines import quiet, seeded, tiny_classifier, tiny_text_components, tiny_unet
 
 from hvae_diffusion import ClassifierFreeGuidancePipeline, ClassifierGuidedPipeline, HVAEPipeline, HVAEScheduler
-from hvae_diffusion.pipelines.serialization import PIPELINE_MODULE_NAME
+from hvae_diffusion.pipelines.serialization import COMPONENT_MODULE_NAME, PIPELINE_MODULE_NAME
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +52,15 @@ def test_standard_layout(saved):
         "classifier/diffusion_pytorch_model.safetensors",
         "scheduler/scheduler_config.json",
         f"{PIPELINE_MODULE_NAME}.py",
+        f"scheduler/{COMPONENT_MODULE_NAME}.py",
+        f"classifier/{COMPONENT_MODULE_NAME}.py",
     ):
         assert os.path.isfile(folder / path), path
     model_index = json.loads((folder / "model_index.json").read_text())
     assert model_index["_class_name"] == [PIPELINE_MODULE_NAME, "ClassifierGuidedPipeline"]
-    assert model_index["scheduler"] == ["hvae_diffusion.scheduling_hvae", "HVAEScheduler"]
+    assert model_index["scheduler"] == [COMPONENT_MODULE_NAME, "HVAEScheduler"]
+    assert model_index["classifier"] == [COMPONENT_MODULE_NAME, "NoisyClassifier"]
+    assert model_index["unet"] == ["diffusers", "UNet2DModel"]
     assert model_index["classifier_input"] == "noisy"
     free_index = json.loads((folders["free"] / "model_index.json").read_text())
     assert free_index["null_class_label"] == 3
