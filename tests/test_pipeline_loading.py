@@ -159,3 +159,28 @@ def test_missing_component_names_component_and_folder(saved, tmp_path, loader):
     (folder / "classifier").rmdir()
     with pytest.raises(ValueError, match=r"component 'classifier' .* folder .*broken.classifier is missing"):
         loader.from_pretrained(folder)
+
+
+@pytest.mark.parametrize(
+    "version, loader, cause",
+    [
+        ("0.37.1", lambda path, module_file, class_name=None: None, "checks trust_remote_code before"),
+        ("0.42.1", None, "has no get_class_from_dynamic_module"),
+        ("0.42.1", lambda path, file, name=None: None, "not the module_file and class_name"),
+    ],
+)
+def test_loader_hook_that_cannot_be_installed_names_the_cause(monkeypatch, version, loader, cause):
+    """Importing the package wraps a private Diffusers function; a Diffusers without it in the expected form gives an
+    ImportError naming the version, the cause and the fix, instead of pipelines that silently fail to load."""
+    import diffusers
+    from diffusers.pipelines import pipeline_loading_utils
+
+    from hvae_diffusion.pipelines.serialization import register_pipeline_classes
+
+    monkeypatch.setattr(diffusers, "__version__", version)
+    if loader is None:
+        monkeypatch.delattr(pipeline_loading_utils, "get_class_from_dynamic_module")
+    else:
+        monkeypatch.setattr(pipeline_loading_utils, "get_class_from_dynamic_module", loader)
+    with pytest.raises(ImportError, match=rf"diffusers {version}: .*{cause}.*install diffusers>=0\.38"):
+        register_pipeline_classes(HVAEPipeline)
