@@ -25,7 +25,9 @@ NOT_SOURCES = shutil.ignore_patterns(".git", ".venv*", "build", "dist", "*.egg-i
 def run(command, cwd, timeout=300):
     env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME")}
     result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
-    assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, (
+        f"{command} exited with {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    )
     return result.stdout
 
 
