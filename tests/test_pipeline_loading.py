@@ -13,7 +13,7 @@ from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline
 from test_pipelines import quiet, seeded, tiny_classifier, tiny_text_components, tiny_unet
 
 from hvae_diffusion import ClassifierFreeGuidancePipeline, ClassifierGuidedPipeline, HVAEPipeline, HVAEScheduler
-from hvae_diffusion.pipelines.serialization import PIPELINE_MODULE_NAME
+from hvae_diffusion.pipelines.serialization import COMPONENT_MODULE_NAME, PIPELINE_MODULE_NAME
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +52,15 @@ def test_standard_layout(saved):
         "classifier/diffusion_pytorch_model.safetensors",
         "scheduler/scheduler_config.json",
         f"{PIPELINE_MODULE_NAME}.py",
+        f"scheduler/{COMPONENT_MODULE_NAME}.py",
+        f"classifier/{COMPONENT_MODULE_NAME}.py",
     ):
         assert os.path.isfile(folder / path), path
     model_index = json.loads((folder / "model_index.json").read_text())
     assert model_index["_class_name"] == [PIPELINE_MODULE_NAME, "ClassifierGuidedPipeline"]
-    assert model_index["scheduler"] == ["hvae_diffusion.scheduling_hvae", "HVAEScheduler"]
+    assert model_index["scheduler"] == [COMPONENT_MODULE_NAME, "HVAEScheduler"]
+    assert model_index["classifier"] == [COMPONENT_MODULE_NAME, "NoisyClassifier"]
+    assert model_index["unet"] == ["diffusers", "UNet2DModel"]
     assert model_index["classifier_input"] == "noisy"
     free_index = json.loads((folders["free"] / "model_index.json").read_text())
     assert free_index["null_class_label"] == 3
@@ -155,3 +159,28 @@ def test_missing_component_names_component_and_folder(saved, tmp_path, loader):
     (folder / "classifier").rmdir()
     with pytest.raises(ValueError, match=r"component 'classifier' .* folder .*broken.classifier is missing"):
         loader.from_pretrained(folder)
+
+
+@pytest.mark.parametrize(
+    "version, loader, cause",
+    [
+        ("0.37.1", lambda path, module_file, class_name=None: None, "checks trust_remote_code before"),
+        ("0.42.1", None, "has no get_class_from_dynamic_module"),
+        ("0.42.1", lambda path, file, name=None: None, "not the module_file and class_name"),
+    ],
+)
+def test_loader_hook_that_cannot_be_installed_names_the_cause(monkeypatch, version, loader, cause):
+    """Importing the package wraps a private Diffusers function; a Diffusers without it in the expected form gives an
+    ImportError naming the version, the cause and the fix, instead of pipelines that silently fail to load."""
+    import diffusers
+    from diffusers.pipelines import pipeline_loading_utils
+
+    from hvae_diffusion.pipelines.serialization import register_pipeline_classes
+
+    monkeypatch.setattr(diffusers, "__version__", version)
+    if loader is None:
+        monkeypatch.delattr(pipeline_loading_utils, "get_class_from_dynamic_module")
+    else:
+        monkeypatch.setattr(pipeline_loading_utils, "get_class_from_dynamic_module", loader)
+    with pytest.raises(ImportError, match=rf"diffusers {version}: .*{cause}.*install diffusers>=0\.38"):
+        register_pipeline_classes(HVAEPipeline)

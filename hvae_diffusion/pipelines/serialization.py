@@ -1,24 +1,36 @@
-"""How a saved hvae-diffusion pipeline folder names its class, so that ``DiffusionPipeline.from_pretrained`` finds it.
+"""How a saved hvae-diffusion pipeline names its classes, so that ``DiffusionPipeline.from_pretrained`` finds them
+in a local folder and on the Hub, with or without ``trust_remote_code``.
 
-Diffusers resolves a folder's pipeline class from model_index.json's ``_class_name``: a plain name must be an
-attribute of the ``diffusers`` module; a pair ``[module_file, class_name]`` names a module file in the folder,
-which Diffusers imports only with ``trust_remote_code=True``. Components are resolved separately, by importing the
-library module named in their entry (``["hvae_diffusion.scheduling_hvae", "HVAEScheduler"]`` imports the
-installed package).
+Diffusers resolves a pipeline class from model_index.json's ``_class_name`` and each component's class from its
+``[library, class]`` entry. A library that is neither ``diffusers``, ``transformers``, ... nor a module in
+``diffusers.pipelines`` is accepted from a Hub repo only when the repo holds ``<component>/<library>.py``; a
+``_class_name`` pair ``[module, class]`` names ``<module>.py`` at the repo's root. Diffusers imports those files only
+with ``trust_remote_code=True``.
 
-So ``save_pretrained`` writes ``_class_name = ["hvae_diffusion_pipeline", "<Class>"]`` and a two-line
-``hvae_diffusion_pipeline.py`` that imports the class from the installed package: a fresh process loads the folder
-with ``trust_remote_code=True``. Once ``hvae_diffusion`` is imported, ``register_pipeline_classes`` makes Diffusers
-resolve that pair to the class directly (no remote code involved) and checks that every component's folder exists.
+So ``save_pretrained`` writes ``_class_name = ["hvae_diffusion_pipeline", "<Class>"]`` and each of the package's own
+components as ``["hvae_diffusion_component", "<Class>"]``, with a two-line module of that name (at the root and in
+the component's folder) that imports the class from the installed package:
+
+- without importing ``hvae_diffusion``, ``trust_remote_code=True`` runs those modules (they only import the package);
+- after ``import hvae_diffusion``, ``register_pipeline_classes`` has wrapped Diffusers' module loader so that these
+  two module names with one of the package's classes resolve to that class directly: no file from the folder or
+  repo is run, so no ``trust_remote_code`` is needed. Any other module goes through Diffusers' loader unchanged.
+
+The wrapped function is ``diffusers.pipelines.pipeline_loading_utils.get_class_from_dynamic_module``, the single
+place where Diffusers (0.38 and later) both downloads and trust-checks pipeline and component code. Older versions
+check trust in ``DiffusionPipeline.download`` before calling it, which is why setup.cfg requires diffusers>=0.38.
 """
 
 import functools
+import inspect
 import json
 import os
 
 PIPELINE_MODULE_NAME = "hvae_diffusion_pipeline"
+COMPONENT_MODULE_NAME = "hvae_diffusion_component"
+MINIMUM_DIFFUSERS = "0.38"
 
-_REFERENCE_MODULE = '''"""Written by hvae-diffusion: the pipeline class lives in the installed `hvae_diffusion` package."""
+_REFERENCE_MODULE = '''"""Written by hvae-diffusion: the class lives in the `hvae_diffusion` package (pip install hvae-diffusion)."""
 
 from hvae_diffusion import {class_name}  # noqa: F401
 '''
@@ -26,21 +38,41 @@ from hvae_diffusion import {class_name}  # noqa: F401
 _registered_classes: dict[str, type] = {}
 
 
-def write_pipeline_reference(save_directory, pipeline_class: type) -> None:
-    """Rewrite ``save_directory``'s model_index.json to name ``pipeline_class`` and write the module that imports it.
+def _write_reference_module(folder, module_name: str, class_name: str) -> None:
+    with open(os.path.join(folder, module_name + ".py"), "w", encoding="utf-8") as file:
+        file.write(_REFERENCE_MODULE.format(class_name=class_name))
 
-    Components keep Diffusers' own entries: ``["hvae_diffusion.scheduling_hvae", "HVAEScheduler"]`` names the
-    defining module, which Diffusers imports and searches for the base class (``SchedulerMixin``) that says how to load.
+
+def write_pipeline_reference(save_directory, pipeline_class: type) -> None:
+    """Rewrite ``save_directory``'s model_index.json to name ``pipeline_class`` and the package's own components by
+    the reference modules, and write those modules (see the module docstring).
+
+    A component class from ``hvae_diffusion`` must be exported by the package (``from hvae_diffusion import X``),
+    since that is what its reference module imports; a ``TypeError`` says so otherwise.
     """
+    import hvae_diffusion
+
     index_path = os.path.join(save_directory, "model_index.json")
     with open(index_path, encoding="utf-8") as file:
         model_index = json.load(file)
     model_index["_class_name"] = [PIPELINE_MODULE_NAME, pipeline_class.__name__]
+    _write_reference_module(save_directory, PIPELINE_MODULE_NAME, pipeline_class.__name__)
+    for name, entry in model_index.items():
+        if name.startswith("_") or not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)):
+            continue
+        library, class_name = entry
+        if library != "hvae_diffusion" and not library.startswith("hvae_diffusion."):
+            continue
+        if not isinstance(getattr(hvae_diffusion, class_name, None), type):
+            raise TypeError(
+                f"component {name!r} is a {library}.{class_name}, which `hvae_diffusion` does not export; "
+                "export it from hvae_diffusion/__init__.py so that saved pipelines can name it"
+            )
+        model_index[name] = [COMPONENT_MODULE_NAME, class_name]
+        _write_reference_module(os.path.join(save_directory, name), COMPONENT_MODULE_NAME, class_name)
     with open(index_path, "w", encoding="utf-8") as file:
         json.dump(model_index, file, indent=2, sort_keys=True)
         file.write("\n")
-    with open(os.path.join(save_directory, PIPELINE_MODULE_NAME + ".py"), "w", encoding="utf-8") as file:
-        file.write(_REFERENCE_MODULE.format(class_name=pipeline_class.__name__))
 
 
 def check_components_present(folder, config: dict) -> None:
@@ -56,37 +88,75 @@ def check_components_present(folder, config: dict) -> None:
             )
 
 
-def register_pipeline_classes(*pipeline_classes: type) -> None:
-    """Let ``DiffusionPipeline.from_pretrained`` resolve folders saved by ``write_pipeline_reference`` to these classes.
+def resolve_reference(location, module_file, class_name):
+    """The class that a reference module written by ``write_pipeline_reference`` names, or ``None`` if
+    ``module_file`` is not one of them or names a class this package does not provide.
 
-    Wraps Diffusers' ``_resolve_custom_pipeline_and_cls`` (the step that reads ``_class_name``): a pair naming
-    ``PIPELINE_MODULE_NAME`` and a registered class resolves to that class by name, which is made an attribute of
-    ``diffusers`` as Diffusers' own pipelines are. Any other folder is resolved by Diffusers as before.
+    ``location`` is a local folder or a Hub repo id; for a local pipeline folder, every component it lists must be
+    present (``check_components_present``).
+    """
+    import hvae_diffusion
+
+    module_name = os.path.basename(str(module_file or ""))
+    if module_name == PIPELINE_MODULE_NAME + ".py":
+        resolved = _registered_classes.get(class_name)
+        index_path = os.path.join(str(location), "model_index.json")
+        if resolved is not None and os.path.isfile(index_path):
+            with open(index_path, encoding="utf-8") as file:
+                check_components_present(str(location), json.load(file))
+        return resolved
+    if module_name == COMPONENT_MODULE_NAME + ".py" and class_name and not class_name.startswith("_"):
+        resolved = getattr(hvae_diffusion, class_name, None)
+        return resolved if isinstance(resolved, type) else None
+    return None
+
+
+def _loader_hook_error(reason: str):
+    import diffusers
+
+    return ImportError(
+        f"hvae_diffusion cannot register its pipelines with diffusers {diffusers.__version__}: {reason}. "
+        f"Saved hvae-diffusion pipelines load through that function; install diffusers>={MINIMUM_DIFFUSERS} "
+        "(pip install -U diffusers)."
+    )
+
+
+def register_pipeline_classes(*pipeline_classes: type) -> None:
+    """Let ``DiffusionPipeline.from_pretrained`` load folders and Hub repos saved by ``write_pipeline_reference`` as
+    these classes, without ``trust_remote_code``.
+
+    Wraps ``diffusers.pipelines.pipeline_loading_utils.get_class_from_dynamic_module`` once (see the module
+    docstring); an ``ImportError`` names the cause when the installed Diffusers does not have it in the expected form.
     """
     import diffusers
-    from diffusers.pipelines import pipeline_utils
+    from diffusers.pipelines import pipeline_loading_utils
+    from packaging import version
 
     for pipeline_class in pipeline_classes:
         _registered_classes[pipeline_class.__name__] = pipeline_class
-        setattr(diffusers, pipeline_class.__name__, pipeline_class)
 
-    original = pipeline_utils._resolve_custom_pipeline_and_cls
+    original = getattr(pipeline_loading_utils, "get_class_from_dynamic_module", None)
     if getattr(original, "_resolves_hvae_diffusion", False):
         return
+    if version.parse(diffusers.__version__).release < version.parse(MINIMUM_DIFFUSERS).release:
+        raise _loader_hook_error("it checks trust_remote_code before its module loader, which this package wraps")
+    if not callable(original):
+        raise _loader_hook_error("diffusers.pipelines.pipeline_loading_utils has no get_class_from_dynamic_module")
+    parameters = inspect.signature(original).parameters
+    if not {"module_file", "class_name"} <= set(parameters):
+        raise _loader_hook_error(
+            f"get_class_from_dynamic_module takes {list(parameters)}, not the module_file and class_name it wraps"
+        )
+
+    signature = inspect.signature(original)
 
     @functools.wraps(original)
-    def resolve(folder, config, custom_pipeline):
-        class_name = config.get("_class_name")
-        is_ours = (
-            isinstance(class_name, (list, tuple))
-            and len(class_name) == 2
-            and class_name[0] == PIPELINE_MODULE_NAME
-            and class_name[1] in _registered_classes
-        )
-        if custom_pipeline is None and is_ours:
-            check_components_present(folder, config)
-            return None, class_name[1]
-        return original(folder, config, custom_pipeline)
+    def get_class_from_dynamic_module(pretrained_model_name_or_path, *args, **kwargs):
+        bound = signature.bind_partial(pretrained_model_name_or_path, *args, **kwargs).arguments
+        resolved = resolve_reference(pretrained_model_name_or_path, bound.get("module_file"), bound.get("class_name"))
+        if resolved is not None:
+            return resolved
+        return original(pretrained_model_name_or_path, *args, **kwargs)
 
-    resolve._resolves_hvae_diffusion = True
-    pipeline_utils._resolve_custom_pipeline_and_cls = resolve
+    get_class_from_dynamic_module._resolves_hvae_diffusion = True
+    pipeline_loading_utils.get_class_from_dynamic_module = get_class_from_dynamic_module

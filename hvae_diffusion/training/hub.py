@@ -1,14 +1,20 @@
 """The model card of a trained pipeline and its upload to the Hugging Face Hub.
 
-The card is rendered from the repository's ``model_card.md`` Jinja template with ``huggingface_hub.ModelCard`` and
+The card is rendered from the package's ``templates/model_card.md`` Jinja template with ``huggingface_hub.ModelCard`` and
 written as ``README.md`` into the pipeline folder before anything is uploaded, so the local output is complete
 whether or not the upload succeeds.
 """
 
 import os
+from importlib import resources
 from pathlib import Path
 
-MODEL_CARD_TEMPLATE = Path(__file__).resolve().parents[2] / "model_card.md"
+# Package data (setup.cfg's package_data), so that it is found in any install, not only in a checkout.
+MODEL_CARD_TEMPLATE = resources.files("hvae_diffusion").joinpath("templates", "model_card.md")
+
+# Never uploaded: checkpoints (they stay beside the run), logs, and anything temporary (``checkpoint-N.tmp`` folders
+# of an interrupted save, ``.tmp*`` files and folders of atomic writes).
+UPLOAD_IGNORE_PATTERNS = ("checkpoint-*", "logs/*", "*.tmp", "*.tmp/*", ".tmp*", "*/.tmp*", "__pycache__/*")
 
 
 USAGE = {
@@ -32,7 +38,7 @@ def render_model_card(output_dir, repo_id=None, template_path=None, **fields):
     Args:
         output_dir: the saved pipeline folder.
         repo_id: the Hub repository the card will live in (for the loading snippet); the folder path otherwise.
-        template_path: a Jinja markdown template; the repository's ``model_card.md`` by default.
+        template_path: a Jinja markdown template; the package's ``templates/model_card.md`` by default.
         fields: the template's variables: ``pipeline_class``, ``dataset``, ``prediction_type``, ``loss_weighting``,
             ``variance_type``, ``conditioning``, ``num_train_steps``, ``final_loss``, ``bits_per_dim``,
             ``sample_grid`` (a file name inside ``output_dir``), ``fid``, ``guided_accuracy``, ``extra``, and
@@ -40,18 +46,22 @@ def render_model_card(output_dir, repo_id=None, template_path=None, **fields):
     """
     from huggingface_hub import ModelCard, ModelCardData
 
-    template_path = Path(template_path or MODEL_CARD_TEMPLATE)
-    if not template_path.is_file():
-        raise FileNotFoundError(f"model card template not found: {template_path} (pass template_path)")
+    if template_path is None:
+        template_text = MODEL_CARD_TEMPLATE.read_text(encoding="utf-8")
+    elif Path(template_path).is_file():
+        template_text = Path(template_path).read_text(encoding="utf-8")
+    else:
+        raise FileNotFoundError(f"template_path: no model card template at {template_path}")
     card_data = ModelCardData(
         library_name="diffusers",
         license="apache-2.0",
-        tags=["diffusers", "hvae-diffusion", "unconditional-image-generation"],
+        tags=["diffusers", "hvae-diffusion"]
+        + (["unconditional-image-generation"] if fields.get("pipeline_class") in (None, "HVAEPipeline") else []),
         datasets=[fields["dataset"]] if fields.get("dataset") and "/" in str(fields.get("dataset")) else None,
     )
     fields.setdefault("usage", USAGE.get(fields.get("pipeline_class"), USAGE["HVAEPipeline"]))
     card = ModelCard.from_template(
-        card_data, template_path=str(template_path), repo_id=repo_id or os.path.abspath(output_dir), **fields
+        card_data, template_str=template_text, repo_id=repo_id or os.path.abspath(output_dir), **fields
     )
     card.save(os.path.join(output_dir, "README.md"))
     return card
@@ -63,11 +73,11 @@ def push_to_hub(
     token=None,
     private=False,
     commit_message="Upload pipeline trained with hvae-diffusion",
-    ignore_patterns=("checkpoint-*", "logs/*", "*.tmp"),
+    ignore_patterns=UPLOAD_IGNORE_PATTERNS,
 ):
     """Create ``repo_id`` (if needed) and upload ``output_dir`` to it; return the commit URL.
 
-    Checkpoints and logs are not uploaded. On any failure raises ``HubUploadError`` whose message says the local
+    Checkpoints, logs and temporary files (``UPLOAD_IGNORE_PATTERNS``) are not uploaded. On any failure raises ``HubUploadError`` whose message says the local
     output is complete and gives the command that retries the upload.
     """
     from huggingface_hub import HfApi
@@ -88,7 +98,8 @@ def push_to_hub(
         raise HubUploadError(
             f"uploading {output_dir!r} to the Hub repo {repo_id!r} failed ({type(error).__name__}: {error}). "
             f"The local output in {output_dir!r} is complete. Retry the upload with:\n"
-            f"  hf upload {repo_id} {output_dir} . --exclude 'checkpoint-*' --exclude 'logs/*'"
+            f"  hf upload {repo_id} {output_dir} . "
+            + " ".join(f"--exclude '{pattern}'" for pattern in ignore_patterns)
             + (" --private" if private else "")
         ) from error
     return getattr(commit, "commit_url", str(commit))
