@@ -390,18 +390,14 @@ def _initial_latents(pipeline, batch_size: int, seed: int) -> tuple[torch.Tensor
 
 
 def _tile_images(images: torch.Tensor) -> np.ndarray:
-    """Images ``[B, C, H, W]`` in [−1, 1] as one near-square grid, an ``[H', W']`` or ``[H', W', 3]`` array in [0, 1]."""
-    images = ((images.detach().float().cpu() + 1) / 2).clamp(0, 1)
-    count, channels, height, width = images.shape
-    columns = math.ceil(math.sqrt(count))
-    rows = math.ceil(count / columns)
-    grid = torch.ones(channels, rows * (height + 1) + 1, columns * (width + 1) + 1)
-    for index, image in enumerate(images):
-        row, column = divmod(index, columns)
-        top, left = 1 + row * (height + 1), 1 + column * (width + 1)
-        grid[:, top : top + height, left : left + width] = image
-    grid = grid.permute(1, 2, 0).numpy()
-    return grid[:, :, 0] if channels == 1 else grid[:, :, :3]
+    """Images ``[B, C, H, W]`` in [−1, 1] as one near-square ``image_grid`` (white padding), an ``[H', W']`` or
+    ``[H', W', 3]`` array in [0, 1]."""
+    from .training.evaluation import image_grid
+
+    columns = math.ceil(math.sqrt(images.shape[0]))
+    grid = image_grid(images.detach().float().cpu(), num_columns=columns, min_cell_pixels=1, padding_value=255)
+    grid = np.asarray(grid, dtype=np.float32) / 255
+    return grid if grid.ndim == 2 else grid[:, :, :3]
 
 
 def _show_images(axes, images: torch.Tensor, title: str) -> None:

@@ -4,6 +4,7 @@ Ground truth is the library itself (the scheduler's ᾱ_t and ELBO terms, the mi
 samples from the same seed) and the exact Gaussian-mixture denoiser, whose learned-score error must be zero.
 """
 
+import numpy as np
 import PIL.Image
 import pytest
 import torch
@@ -251,3 +252,15 @@ def test_bad_input(tmp_path, mixture):
         plotting.plot_elbo_terms({}, torch.zeros(4, 2), tmp_path / "f4.png")
     with pytest.raises(ValueError, match="does not exist"):
         plotting.plot_reverse_trajectories(str(tmp_path / "missing"), tmp_path / "f2.png")
+
+
+def test_image_panels_tile_with_the_one_image_grid():
+    """Figures draw image samples with ``training.evaluation.image_grid``: a near-square grid, white padding."""
+    images = torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    grid = plotting._tile_images(images)
+    assert grid.shape == (2 * 9 + 1, 3 * 9 + 1)  # 3 columns, 2 rows of 8x8 cells and 1-pixel padding
+    for index in range(5):
+        row, column = divmod(index, 3)
+        cell = grid[1 + 9 * row : 9 + 9 * row, 1 + 9 * column : 9 + 9 * column]
+        np.testing.assert_allclose(cell, ((images[index, 0] + 1) / 2).numpy(), atol=0.5 / 255 + 1e-6)
+    assert grid[0].min() == 1.0 and grid[:, 0].min() == 1.0

@@ -237,6 +237,24 @@ def test_train_never_writes_over_a_finished_run(tmp_path):
     assert result.global_step == 2 and "test_bits_per_dim" not in json.loads(summary)
 
 
+def test_demo_and_sample_never_replace_earlier_output_before_any_work(tmp_path, monkeypatch):
+    """--quick has its own default folder; an existing folder or file needs --overwrite_output_dir."""
+    demo, sample = load_script("demo"), load_script("sample")
+    assert demo.parse_args(["--quick"]).output_dir is None  # resolved to runs/demo-quick, not runs/demo
+    finished = tmp_path / "demo"
+    finished.mkdir()
+    (finished / "demo_report.json").write_text("{}")
+    with pytest.raises(ValueError, match="--output_dir=.*already holds files.*--overwrite_output_dir"):
+        demo.main(["--quick", "--output_dir", str(finished)])
+    assert sorted(os.listdir(finished)) == ["demo_report.json"]
+    grid = tmp_path / "grid.png"
+    grid.write_bytes(b"committed")
+    missing = str(tmp_path / "no_pipeline")  # never loaded: the check comes first
+    with pytest.raises(ValueError, match="grid.png' exists; pass --overwrite_output_dir"):
+        sample.main(["--pipeline_dir", missing, "--grid", str(grid)])
+    assert grid.read_bytes() == b"committed"
+
+
 def test_report_to_defaults_to_what_is_installed(monkeypatch):
     from hvae_diffusion.training import cli
 

@@ -442,3 +442,23 @@ def test_preloaded_split_gives_the_items_decoding_gives(monkeypatch):
         torch.testing.assert_close(preloaded[index]["sample"], decoded_each_time[index]["sample"], rtol=0, atol=0)
     preloaded.label_column = None  # what scripts/train.py does for unconditional models
     assert set(preloaded[0]) == {"sample"}
+
+
+def test_sample_grids_and_evaluation_numbers_reach_the_trackers(tmp_path):
+    pytest.importorskip("tensorboard")
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run(
+        tmp_path,
+        "tracked",
+        max_train_steps=2,
+        checkpointing_steps=None,
+        report_to="tensorboard",
+        sample_fn=lambda model, step: Image.new("L", (4, 4), color=step),
+        evaluate_fn=lambda model: {"test_bits_per_dim": 1.5},
+    )
+    logs = tmp_path / "tracked" / "logs"
+    events = EventAccumulator(str(next(path.parent for path in logs.rglob("events.out.tfevents.*")))).Reload()
+    assert "samples" in events.Tags()["images"]
+    assert [event.value for event in events.Scalars("test_bits_per_dim")] == [1.5]

@@ -57,7 +57,9 @@ def main(argv=None):
     evaluation_dir = os.path.join(out, "evaluation")
     # the folder was checked (or its overwrite allowed) as a whole above
     overwrite = ["--overwrite_output_dir"] if args.overwrite_output_dir else []
-    seed = ["--seed", str(args.seed), "--num_threads", str(args.num_threads)]
+    seed = ["--seed", str(args.seed)]
+    # hvae-evaluate runs in this process with the threads set above
+    threads = ["--num_threads", str(args.num_threads)]
     scale = f"{args.guidance_scale:g}"
     timings, cpu_timings, started, cpu_started = {}, {}, time.time(), time.process_time()
 
@@ -100,6 +102,7 @@ def main(argv=None):
             "--num_inference_steps",
             str(args.num_inference_steps),
             *overwrite,
+            *threads,
             *seed,
         ],
     )
@@ -120,10 +123,16 @@ def main(argv=None):
             "--checkpointing_steps",
             "0",
             *overwrite,
+            *threads,
             *seed,
         ],
     )
-    common = ["--num_inference_steps", str(args.num_inference_steps), "--num_samples", "100", *overwrite, *seed]
+    common = [
+        *["--num_inference_steps", str(args.num_inference_steps), "--num_samples", "100"],
+        *overwrite,
+        *threads,
+        *seed,
+    ]
     stage(
         "sample",
         lambda _: [

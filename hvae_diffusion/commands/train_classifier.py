@@ -1,6 +1,6 @@
 """``hvae-train-classifier``: train a noisy classifier p_φ(y | x_t, t) for classifier guidance, on x_t ~ q(x_t | x_0) at t ~ U{0..T−1}.
 
-    hvae-train-classifier --output_dir runs/classifier --denoiser_dir runs/digits --max_train_steps 800
+    hvae-train-classifier --output_dir runs/guided --denoiser_dir runs/digits --max_train_steps 800
 
 The forward process is the denoiser's (``--denoiser_dir``: its scheduler), else a new ``HVAEScheduler``. With
 ``--denoiser_dir`` the output folder is a complete ``ClassifierGuidedPipeline`` (unet, scheduler, classifier;

@@ -67,15 +67,16 @@ def add_overwrite_argument(parser):
     )
 
 
-def check_output_dir(output_dir, overwrite_output_dir, resuming=False):
-    """Refuse, before any work, to write into a folder that already holds files, unless the run resumes there or
-    ``--overwrite_output_dir`` says so: a finished run or committed files are never replaced silently."""
+def check_output_dir(output_dir, overwrite_output_dir, resuming=None, resumable=False):
+    """Refuse, before any work, to write into a folder that already holds files, unless the run resumes there
+    (``resuming``) or ``--overwrite_output_dir`` says so: a finished run or committed files are never replaced
+    silently. ``resumable``: the program takes ``--resume_from_checkpoint`` (the message offers it)."""
     if resuming or overwrite_output_dir or not os.path.isdir(output_dir) or not os.listdir(output_dir):
         return
+    resume = "pass --resume_from_checkpoint latest to continue the run there, " if resumable else ""
     raise ValueError(
         f"--output_dir={output_dir!r} already holds files ({', '.join(sorted(os.listdir(output_dir))[:5])}, ...); "
-        "choose a new folder, pass --resume_from_checkpoint latest to continue a run there, or "
-        "--overwrite_output_dir to write over it"
+        f"choose a new folder, {resume}or pass --overwrite_output_dir to write over it"
     )
 
 
@@ -144,7 +145,7 @@ def training_config_from_args(args, **overrides):
         values["checkpoints_total_limit"] = None
     values.update(overrides)
     config = TrainingConfig(**values)
-    check_output_dir(config.output_dir, getattr(args, "overwrite_output_dir", False), config.resume_from_checkpoint)
+    check_output_dir(config.output_dir, args.overwrite_output_dir, config.resume_from_checkpoint, resumable=True)
     apply_num_threads(getattr(args, "num_threads", 0))
     return config
 

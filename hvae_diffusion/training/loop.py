@@ -587,8 +587,9 @@ def non_finite_report(loss, global_step, micro_step, losses, model, output_dir):
         f"the loss is {loss} at step {global_step + 1} (micro-batch {micro_step}): training stopped before this "
         f"update. Losses of the last steps: [{recent}]; the largest |weight| now is {max_abs_weight(model):.3g}. "
         f"Checkpoints on disk: {', '.join(checkpoints) or 'none'}. A checkpoint whose max|w| grew far beyond the "
-        "earlier ones is already diverging; resume from one before the growth with a lower --learning_rate (or "
-        "--max_grad_norm, --mixed_precision no)"
+        "earlier ones is already diverging. Resuming keeps the checkpoint's learning rate; to lower it, start a new "
+        "run from the model of a checkpoint before the growth (its model/ folder, e.g. --pretrained_model_name_or_path "
+        "<checkpoint>/model) with a lower --learning_rate, or use --max_grad_norm or --mixed_precision no"
     )
 
 
