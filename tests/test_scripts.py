@@ -177,9 +177,14 @@ def tiny_train_args(output_dir, *extra):
         ["--prediction_type", "score", "--loss_weighting", "elbo", "--use_ema", "--mixed_precision", "bf16"],
     ],
 )
+def train_result(train, argv):
+    """What ``hvae-train`` with ``argv`` returns from its run (its ``main`` returns nothing, for the exit status)."""
+    return train.run(train.parse_args(argv))
+
+
 def test_train_objectives(tmp_path, objective):
     train = load_script("train")
-    result = train.main(tiny_train_args(tmp_path / "run", *objective))
+    result = train_result(train, tiny_train_args(tmp_path / "run", *objective))
     assert result.global_step == 2 and np.isfinite(result.final_loss)
     summary = json.loads((tmp_path / "run" / "training_summary.json").read_text())
     assert summary["prediction_type"] == objective[1] and np.isfinite(summary["test_bits_per_dim"])
@@ -233,7 +238,7 @@ def test_train_never_writes_over_a_finished_run(tmp_path):
     with pytest.raises(ValueError, match="--output_dir=.*already holds files.*--overwrite_output_dir"):
         train.main(tiny_train_args(output, "--skip_elbo", "--seed", "1"))
     assert (output / "training_summary.json").read_text() == summary
-    result = train.main(tiny_train_args(output, "--skip_elbo", "--seed", "1", "--overwrite_output_dir"))
+    result = train_result(train, tiny_train_args(output, "--skip_elbo", "--seed", "1", "--overwrite_output_dir"))
     assert result.global_step == 2 and "test_bits_per_dim" not in json.loads(summary)
 
 
@@ -270,7 +275,8 @@ def test_report_to_defaults_to_what_is_installed(monkeypatch):
 
 def test_fine_tune_from_a_saved_pipeline(demo_dir, tmp_path):
     train = load_script("train")
-    result = train.main(
+    result = train_result(
+        train,
         tiny_train_args(
             tmp_path / "tuned",
             "--pretrained_model_name_or_path",
@@ -279,7 +285,7 @@ def test_fine_tune_from_a_saved_pipeline(demo_dir, tmp_path):
             "class",
             "--cond_drop_prob",
             "0.1",
-        )
+        ),
     )
     assert result.global_step == 2
     assert json.loads((tmp_path / "tuned" / "unet" / "config.json").read_text())["num_class_embeds"] == 11

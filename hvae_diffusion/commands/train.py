@@ -161,10 +161,13 @@ def check_arguments(args, scheduler):
         ) from error
 
 
-def main(argv=None):
-    """Run ``hvae-train``; a non-finite loss exits with status 1 and a report of what is known."""
+def main(argv=None) -> None:
+    """Run ``hvae-train``; a non-finite loss exits with status 1 and a report of what is known.
+
+    Returns nothing, so that the console script exits with status 0; ``run(parse_args(argv))`` returns the
+    ``TrainingResult``."""
     try:
-        return run(parse_args(argv))
+        run(parse_args(argv))
     except NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
