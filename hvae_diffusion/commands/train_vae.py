@@ -1,6 +1,6 @@
 """Train the VAE level of a latent diffusion model: a Diffusers ``AutoencoderKL`` with a discretized-Gaussian decoder.
 
-    hvae-train-vae --output_dir runs/vae --resolution 32 --max_train_steps 600 --report_to none
+    python scripts/train_vae.py --output_dir runs/vae --resolution 32 --max_train_steps 400 --report_to none
 
 The loss is −log p(x | z_0) + β KL(q(z_0 | x) ‖ N(0, I)) per pixel dimension (``--kl_weight`` β; see
 hvae_diffusion/training/vae.py), trained with the loop of ``hvae-train`` (EMA, atomic checkpoints, exact resume).
