@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, UNet2DModel, VQModel
+from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DModel, VQModel
 
 from hvae_diffusion.elbo import discretized_gaussian_log_likelihood
 from hvae_diffusion.latent_elbo import gaussian_entropy
@@ -119,8 +119,16 @@ def test_load_vae_refuses_what_is_not_a_continuous_vae(tmp_path):
     with pytest.raises(ValueError, match="is not a VAE"):
         load_vae(str(tmp_path / "unet"))
     VQModel(block_out_channels=(8,), norm_num_groups=4, num_vq_embeddings=8).save_pretrained(tmp_path / "vq")
-    with pytest.raises(ValueError, match="VQModel has no continuous posterior"):
+    with pytest.raises(ValueError, match="--vae_dir: a VQModel has no continuous posterior"):
         load_vae(str(tmp_path / "vq"))
+    tiny = AutoencoderTiny(
+        encoder_block_out_channels=(8,),
+        decoder_block_out_channels=(8,),
+        num_encoder_blocks=(1,),
+        num_decoder_blocks=(1,),
+    )
+    with pytest.raises(ValueError, match="AutoencoderTiny has no continuous posterior .*deterministic"):
+        latent_elbo_report(tiny, lambda latents: latents.sum((1, 2, 3)), _pixels(2, channels=3))
 
 
 def test_latent_scaling_is_the_std_and_mean_of_posterior_draws():

@@ -17,20 +17,29 @@ from ..latent_elbo import latent_elbo_terms, scale_latents
 from .losses import as_batch_randomness
 from .vae import decoder_log_likelihood, decoder_log_scale_of
 
+# the Diffusers autoencoders whose encoder gives no density q(z_0 | x), and why
+WITHOUT_POSTERIOR = {
+    "VQModel": "its encoder quantizes to a codebook",
+    "AutoencoderTiny": "its encoder is deterministic",
+}
+
+
+def _no_posterior_error(argument, class_name):
+    return ValueError(
+        f"{argument}: a {class_name} has no continuous posterior q(z_0 | x) ({WITHOUT_POSTERIOR[class_name]}, so the "
+        "entropy term and the diffusion ELBO of a drawn z_0 are undefined); the latent bound needs an AutoencoderKL"
+    )
+
 
 def check_continuous_vae(vae, argument="--vae_dir"):
     """Raise a ``ValueError`` unless ``vae`` has a Gaussian posterior q_φ(z_0 | x) (an ``AutoencoderKL``-like model).
 
-    A ``VQModel``'s encoder quantizes to a codebook: z_0 is a deterministic function of x with no density, so there is
-    no entropy H[q_φ(z_0 | x)] and no continuous z_0 for the diffusion ELBO; the bound does not exist for it.
+    A ``VQModel`` or ``AutoencoderTiny`` makes z_0 a deterministic function of x with no density: there is no
+    entropy H[q_φ(z_0 | x)] and no continuous z_0 to draw, so the bound does not exist for them.
     """
-    from diffusers import VQModel
-
-    if isinstance(vae, VQModel):
-        raise ValueError(
-            f"{argument}: a VQModel has no continuous posterior q(z_0 | x) (its encoder quantizes to a codebook, so "
-            "the entropy term and the diffusion ELBO of z_0 are undefined); the latent bound needs an AutoencoderKL"
-        )
+    for cls in type(vae).__mro__:
+        if cls.__name__ in WITHOUT_POSTERIOR:
+            raise _no_posterior_error(argument, cls.__name__)
     if not (
         hasattr(vae, "encode") and hasattr(vae, "decode") and hasattr(getattr(vae, "config", None), "in_channels")
     ):
@@ -40,8 +49,8 @@ def check_continuous_vae(vae, argument="--vae_dir"):
 def load_vae(vae_dir, argument="--vae_dir"):
     """The ``AutoencoderKL`` saved in ``vae_dir`` (a VAE folder, or a pipeline folder with a ``vae`` subfolder).
 
-    A folder without a VAE config, or a VAE of another class (a ``VQModel``, say), is a ``ValueError`` naming
-    ``argument`` and saying why.
+    A folder without a VAE config, or an autoencoder without a continuous posterior (a ``VQModel``, say), is a
+    ``ValueError`` naming ``argument`` and saying why.
     """
     from diffusers import AutoencoderKL
 
@@ -49,17 +58,14 @@ def load_vae(vae_dir, argument="--vae_dir"):
         folder = os.path.join(vae_dir, subfolder) if subfolder else vae_dir
         if not os.path.isfile(os.path.join(folder, "config.json")):
             continue
-        config = AutoencoderKL.load_config(folder)
-        class_name = config.get("_class_name")
-        if class_name == "VQModel":
-            from diffusers import VQModel
-
-            check_continuous_vae(VQModel.from_config(config), argument)
+        class_name = AutoencoderKL.load_config(folder).get("_class_name")
+        if class_name in WITHOUT_POSTERIOR:
+            raise _no_posterior_error(argument, class_name)
         if class_name == "AutoencoderKL":
             return AutoencoderKL.from_pretrained(folder)
     raise ValueError(
         f"{argument}={vae_dir!r} is not a VAE: no config.json of an AutoencoderKL in it or in its vae/ subfolder "
-        "(train one with hvae-train-vae)"
+        "(train one with scripts/train_vae.py)"
     )
 
 
