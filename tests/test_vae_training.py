@@ -4,6 +4,7 @@ z_0 per step, the scaling factor, loading (and refusing) VAEs, and hvae-train-va
 import json
 import math
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ from hvae_diffusion.training.vae import (
     VAEWithLikelihood,
     decoder_log_likelihood,
     decoder_log_scale_of,
+    fit_decoder_log_scale,
     posterior_prior_kl,
 )
 
@@ -91,6 +93,29 @@ def test_vae_loss_is_the_weighted_negative_elbo_per_dim_and_trains_the_scale():
     assert model.log_scale.grad is not None and float(model.log_scale.grad.abs().sum()) > 0
     with pytest.raises(ValueError, match="--kl_weight"):
         VAELoss(kl_weight=-1.0)
+
+
+class _NoisyIdentityVAE:
+    """A stand-in VAE: z_0 = x exactly, and the decoder adds Gaussian noise of a known std per channel."""
+
+    def __init__(self, noise_stds):
+        self.noise_stds = torch.tensor(noise_stds).reshape(1, -1, 1, 1)
+        self.generator = torch.Generator().manual_seed(7)
+
+    def encode(self, samples):
+        posterior = SimpleNamespace(mean=samples, std=torch.zeros_like(samples), logvar=torch.zeros_like(samples))
+        return SimpleNamespace(latent_dist=posterior)
+
+    def decode(self, latents):
+        noise = torch.randn(latents.shape, generator=self.generator)
+        return SimpleNamespace(sample=latents + self.noise_stds * noise)
+
+
+def test_fitted_decoder_log_scale_is_the_maximum_likelihood_scale():
+    """Decoder errors of std 0.05 and 0.2 (wide against the 2/255 bins): the fitted log σ is theirs, per channel."""
+    pixels = torch.randint(64, 192, (400, 2, 4, 4), generator=torch.Generator().manual_seed(0)) / 127.5 - 1
+    fitted = fit_decoder_log_scale(_NoisyIdentityVAE([0.05, 0.2]), pixels, generator=torch.Generator())
+    torch.testing.assert_close(fitted, torch.tensor([math.log(0.05), math.log(0.2)]), atol=0.06, rtol=0)
 
 
 def test_log_scale_and_scaling_factor_save_and_load_with_the_vae_folder(tmp_path):

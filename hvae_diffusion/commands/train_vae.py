@@ -4,8 +4,8 @@
 
 The loss is −log p(x | z_0) + β KL(q(z_0 | x) ‖ N(0, I)) per pixel dimension (``--kl_weight`` β; see
 hvae_diffusion/training/vae.py), trained with the loop of ``hvae-train`` (EMA, atomic checkpoints, exact resume).
-The output folder is a standard ``AutoencoderKL`` folder whose config also holds the decoder's learned per-channel
-log-scale (``decoder_log_scale``) and the ``scaling_factor`` and ``shift_factor`` of the training latents, plus a
+The output folder is a standard ``AutoencoderKL`` folder whose config also holds the decoder's per-channel
+log-scale (``decoder_log_scale``, refitted by maximum likelihood on the training images at the end) and the ``scaling_factor`` and ``shift_factor`` of the training latents, plus a
 README.md model card, reconstruction grids under ``samples/`` and ``training_summary.json``. docs/latent.md has more.
 """
 
@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-DEFAULT_BLOCK_OUT_CHANNELS = (32, 64, 64)
+DEFAULT_BLOCK_OUT_CHANNELS = (16, 32, 32)
 
 CARD_TEMPLATE = """---
 {{ card_data }}
@@ -124,7 +124,7 @@ def main(argv=None):
     from ..training.evaluation import image_grid
     from ..training.latents import encode_posteriors, latent_scaling
     from ..training.loop import make_accelerator, train
-    from ..training.vae import VAELoss, VAEWithLikelihood, vae_report
+    from ..training.vae import VAELoss, VAEWithLikelihood, fit_decoder_log_scale, vae_report
 
     args = parse_args(argv)
     warn_if_single_threaded()
@@ -149,6 +149,9 @@ def main(argv=None):
 
     def save_fn(model, output_dir):
         train_samples, _ = stack_dataset(train_dataset)
+        model.log_scale.data = fit_decoder_log_scale(
+            model.vae, train_samples, generator=torch.Generator().manual_seed(args.seed)
+        ).to(model.log_scale)
         with torch.no_grad():
             scaling_factor, shift_factor = latent_scaling(*encode_posteriors(model.vae, train_samples))
         model.export_vae(scaling_factor=scaling_factor, shift_factor=shift_factor).save_pretrained(output_dir)

@@ -145,7 +145,8 @@ def draw_latents(posterior_parameters, randomness, scaling_factor=1.0, shift_fac
 
 
 class LatentDiffusionLoss:
-    """A diffusion loss (``losses.DiffusionLoss``) on a fresh, scaled z_0 per step from a ``LatentDataset`` batch.
+    """A per-batch loss (``losses.DiffusionLoss``, or ``losses.NoisyClassifierLoss`` for a latent classifier) on a
+    fresh, scaled z_0 per step from a ``LatentDataset`` batch.
 
     z_0's noise is drawn first from the step's randomness, so runs stay exactly reproducible and resumable.
     """
