@@ -179,6 +179,17 @@ def test_each_step_draws_a_fresh_scaled_latent_from_the_cached_posterior():
     torch.testing.assert_close(latents.std(0).flatten(), torch.tensor([0.4, 1.2]), atol=0.03, rtol=0)
 
 
+def test_dataset_is_encoded_once_into_each_images_posterior():
+    vae = _tiny_vae()
+    pixels = _pixels(5)
+    dataset = LatentDataset.encode(vae, [{"sample": p, "class_labels": i} for i, p in enumerate(pixels)], batch_size=2)
+    with torch.no_grad():
+        posterior = vae.encode(pixels).latent_dist
+    torch.testing.assert_close(dataset.means, posterior.mean)
+    torch.testing.assert_close(dataset.stds, posterior.std)
+    assert len(dataset) == 5 and [dataset[i]["class_labels"] for i in range(5)] == [0, 1, 2, 3, 4]
+
+
 def test_latent_diffusion_loss_feeds_the_drawn_latents_and_is_reproducible():
     seen = []
 
