@@ -1,0 +1,4 @@
+#!/usr/bin/env python
+from hvae_diffusion.commands.train_vae import main
+
+main()
