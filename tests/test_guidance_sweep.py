@@ -79,7 +79,6 @@ def test_sweep_equals_direct_calls_with_clipping_set_and_restores_the_scheduler(
         assert pipeline.scheduler is schedulers[name] and pipeline.scheduler.config.clip_sample is False
     for entry in results:
         direct = build_pipelines(clip_sample=entry["clip_sample"])[entry["guidance"]]
-        scale = "guidance_scale" if entry["guidance"] == "classifier-free" else "classifier_scale"
         generator = torch.Generator().manual_seed(0)
         samples = torch.cat(
             [
@@ -88,7 +87,7 @@ def test_sweep_equals_direct_calls_with_clipping_set_and_restores_the_scheduler(
                     num_inference_steps=10,
                     generator=generator,
                     output_type="latent",
-                    **{scale: 2.0},
+                    guidance_scale=2.0,
                 ).images
                 for start in range(0, len(labels), 16)
             ]

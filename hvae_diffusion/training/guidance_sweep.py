@@ -5,7 +5,6 @@ not the guidance classifier) labels y. Sweeping it over ``guidance_scale`` shows
 exact model and a calibrated p(y | x_t), scale 1 samples p(x | y) for both kinds of guidance.
 """
 
-import inspect
 
 import torch
 from matplotlib.figure import Figure
@@ -16,19 +15,13 @@ from ..plotting import _save
 
 
 def _guided_call(pipeline, class_labels, guidance_scale, num_inference_steps, generator):
-    """The pipeline's raw samples for ``class_labels`` at ``guidance_scale``.
-
-    ``ClassifierGuidedPipeline`` names its scale ``classifier_scale`` until it takes ``guidance_scale`` like the
-    classifier-free pipeline; this is the one place that knows.
-    """
-    parameters = inspect.signature(pipeline.__call__).parameters
-    scale_name = "guidance_scale" if "guidance_scale" in parameters else "classifier_scale"
+    """The pipeline's raw samples for ``class_labels`` at ``guidance_scale`` (both pipelines name it so)."""
     output = pipeline(
         class_labels=class_labels,
+        guidance_scale=guidance_scale,
         num_inference_steps=num_inference_steps,
         generator=generator,
         output_type="latent",
-        **{scale_name: guidance_scale},
     )
     return output.images
 
