@@ -5,7 +5,6 @@ not the guidance classifier) labels y. Sweeping it over ``guidance_scale`` shows
 exact model and a calibrated p(y | x_t), scale 1 samples p(x | y) for both kinds of guidance.
 """
 
-
 import torch
 from matplotlib.figure import Figure
 
