@@ -1,6 +1,6 @@
 """The fixed encoder of the hierarchical VAE: noise schedules, q(x_t | x_0) and the posterior q(x_{t-1} | x_t, x_0).
 
-Notation (see ``THEORY.md``): α_t is the per-step signal kept, β_t = 1 − α_t, ᾱ_t = Π_{s≤t} α_s and
+Notation (see docs/theory.md): α_t is the per-step signal kept, β_t = 1 − α_t, ᾱ_t = Π_{s≤t} α_s and
 SNR(t) = ᾱ_t / (1 − ᾱ_t). As in Diffusers, timesteps are indexed 0..T−1 and ``alphas_cumprod[t]`` is ᾱ at index t;
 the "previous" ᾱ of the first latent is 1 (x_0 is the data).
 

@@ -10,6 +10,7 @@ from hvae_diffusion.elbo import (
     bits_per_dim,
     denoising_matching_kl,
     discretized_gaussian_log_likelihood,
+    elbo_terms,
     gaussian_log_likelihood,
     loss_weight,
     normal_kl,
@@ -247,7 +248,7 @@ def test_elbo_terms_average_to_the_closed_form_and_bound_the_log_likelihood(vari
         denoiser = ExactMixtureDenoiser(mixture.means, mixture.stds, alphas_cumprod=scheduler.alphas_cumprod)
         generator = torch.Generator().manual_seed(num_train_timesteps)
         original, _ = mixture.sample(num_samples, generator=generator)
-        elbo = scheduler.elbo_terms(denoiser, original, generator=generator, discrete=False).elbo
+        elbo = elbo_terms(scheduler, denoiser, original, generator=generator, discrete=False).elbo
         gap = mixture.log_prob(original) - elbo
         standard_error = float(gap.std()) / math.sqrt(num_samples)
         assert float(gap.mean()) > -3 * standard_error, (num_train_timesteps, float(gap.mean()), standard_error)
@@ -286,7 +287,7 @@ def test_denoising_kls_of_the_optimal_denoiser_are_exact(single_thread):
     denoiser = ExactMixtureDenoiser(mixture.means, mixture.stds, alphas_cumprod=scheduler.alphas_cumprod)
     generator = torch.Generator().manual_seed(0)
     original, _ = mixture.sample(20_000, generator=generator)
-    terms = scheduler.elbo_terms(denoiser, original, generator=generator, discrete=False)
+    terms = elbo_terms(scheduler, denoiser, original, generator=generator, discrete=False)
 
     timesteps = terms.timesteps
     assert timesteps.tolist() == list(range(19, 0, -1))
@@ -305,16 +306,16 @@ def test_timestep_subset_estimate_is_unbiased(single_thread):
     denoiser = ExactMixtureDenoiser(mixture.means, mixture.stds, alphas_cumprod=scheduler.alphas_cumprod)
     generator = torch.Generator().manual_seed(1)
     original, _ = mixture.sample(64, generator=generator)
-    full = scheduler.elbo_terms(denoiser, original, generator=generator, discrete=False)
+    full = elbo_terms(scheduler, denoiser, original, generator=generator, discrete=False)
     full_total = torch.stack(
         [
-            scheduler.elbo_terms(denoiser, original, generator=generator, discrete=False).denoising_matching_total
+            elbo_terms(scheduler, denoiser, original, generator=generator, discrete=False).denoising_matching_total
             for _ in range(10)
         ]
     ).mean(0)
     estimates = []
     for _ in range(200):
-        terms = scheduler.elbo_terms(denoiser, original, generator=generator, discrete=False, num_timesteps=3)
+        terms = elbo_terms(scheduler, denoiser, original, generator=generator, discrete=False, num_timesteps=3)
         assert terms.denoising_matching.shape == (64, 3) and terms.denoising_scale == 19 / 3
         estimates.append(terms.denoising_matching_total.mean())
     estimates = torch.stack(estimates)
@@ -322,7 +323,7 @@ def test_timestep_subset_estimate_is_unbiased(single_thread):
     assert abs(float(estimates.mean()) - float(full_total.mean())) < 4 * standard_error + 0.01
     assert full.denoising_scale == 1.0 and full.denoising_matching.shape == (64, 19)
     with pytest.raises(ValueError, match="num_timesteps"):
-        scheduler.elbo_terms(denoiser, original, num_timesteps=20)
+        elbo_terms(scheduler, denoiser, original, num_timesteps=20)
 
 
 def test_elbo_terms_of_8_bit_data(generator):
@@ -331,7 +332,7 @@ def test_elbo_terms_of_8_bit_data(generator):
     scheduler.set_timesteps(25)
     pixels = torch.randint(0, 256, (4, 1, 4, 4), generator=generator).double() / 127.5 - 1
     denoiser = ExactMixtureDenoiser(torch.zeros(1, 16), 0.5, alphas_cumprod=scheduler.alphas_cumprod)
-    terms = scheduler.elbo_terms(denoiser, pixels, generator=generator)
+    terms = elbo_terms(scheduler, denoiser, pixels, generator=generator)
     assert terms.denoising_matching.shape == (4, 24) and terms.num_dims == 16
     assert bool(terms.reconstruction.le(0).all())  # a probability of a discrete outcome
     parts = terms.reconstruction - terms.prior_matching - terms.denoising_matching.sum(1)
@@ -355,7 +356,7 @@ def test_learned_range_elbo_at_its_ends_equals_the_fixed_variances(variance_outp
     results = []
     for variance_type, model in (("learned_range", learned_denoiser), (fixed_type, denoiser)):
         scheduler = HVAEScheduler(**schedule, variance_type=variance_type)
-        results.append(scheduler.elbo_terms(model, pixels, generator=torch.Generator().manual_seed(3)))
+        results.append(elbo_terms(scheduler, model, pixels, generator=torch.Generator().manual_seed(3)))
     learned, fixed = results
     torch.testing.assert_close(learned.denoising_matching, fixed.denoising_matching)
     torch.testing.assert_close(learned.reconstruction, fixed.reconstruction)
@@ -371,7 +372,7 @@ def test_elbo_of_a_respaced_chain_bounds_the_log_likelihood(variance_type, singl
     denoiser = ExactMixtureDenoiser(mixture.means, mixture.stds, alphas_cumprod=scheduler.alphas_cumprod)
     generator = torch.Generator().manual_seed(0)
     original, _ = mixture.sample(2000, generator=generator)
-    terms = scheduler.elbo_terms(denoiser, original, generator=generator, discrete=False)
+    terms = elbo_terms(scheduler, denoiser, original, generator=generator, discrete=False)
     assert terms.timesteps.tolist() == scheduler.timesteps[:-1].tolist()
     gap = mixture.log_prob(original) - terms.elbo
     assert float(gap.mean()) > -3 * float(gap.std()) / math.sqrt(len(gap))

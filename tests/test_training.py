@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hvae_diffusion import HVAEScheduler
-from hvae_diffusion.elbo import denoising_matching_kl, discretized_gaussian_log_likelihood
+from hvae_diffusion.elbo import denoising_matching_kl, discretized_gaussian_log_likelihood, elbo_terms
 from hvae_diffusion.forward_process import broadcast_to
 from hvae_diffusion.models import MLPDenoiser
 from hvae_diffusion.training.components import default_unet_config, unconditional_unet
@@ -342,7 +342,7 @@ def test_elbo_report_agrees_with_elbo_terms():
     samples = (torch.randint(0, 256, (6, 1, 2, 2), generator=torch.Generator().manual_seed(0)).float() / 127.5) - 1
     denoiser = lambda x, t: torch.zeros_like(x)  # noqa: E731
     report = elbo_report(scheduler, denoiser, samples, batch_size=3, generator=torch.Generator().manual_seed(0))
-    terms = scheduler.elbo_terms(denoiser, samples[:3], generator=torch.Generator().manual_seed(0))
+    terms = elbo_terms(scheduler, denoiser, samples[:3], generator=torch.Generator().manual_seed(0))
     first_batch = float(terms.bits_per_dim.mean())
     assert report["num_timesteps_evaluated"] == 19 and len(report["denoising_by_timestep"]["timesteps"]) == 19
     parts = report["reconstruction"] + report["prior_matching"] + report["denoising_matching"]

@@ -10,13 +10,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..elbo import elbo_terms
 from .data import tensor_to_uint8
 
 # ---------------------------------------------------------------------------------------------- the ELBO
 
 
 def elbo_report(scheduler, denoiser, samples, batch_size=64, num_timesteps=None, generator=None):
-    """The test-set ELBO in bits/dim with its three terms, from ``HVAEScheduler.elbo_terms`` batch by batch.
+    """The test-set ELBO in bits/dim with its three terms, from ``elbo.elbo_terms`` batch by batch.
 
     With ``num_timesteps`` each batch evaluates an independent uniform subset of that many denoising latents (an
     unbiased estimate of the full sum); the standard error is then that of the batch estimates, so it covers both
@@ -24,7 +25,7 @@ def elbo_report(scheduler, denoiser, samples, batch_size=64, num_timesteps=None,
 
     Args:
         scheduler: an ``HVAEScheduler`` with the chain to evaluate (``set_timesteps`` or the full training chain).
-        denoiser: ``denoiser(x_t, timesteps)`` returning the model output (see ``HVAEScheduler.elbo_terms``).
+        denoiser: ``denoiser(x_t, timesteps)`` returning the model output (see ``elbo.elbo_terms``).
         samples: x_0, ``[N, C, H, W]`` in [−1, 1], 8-bit values (the reconstruction term is discretized).
 
     Returns:
@@ -42,7 +43,7 @@ def elbo_report(scheduler, denoiser, samples, batch_size=64, num_timesteps=None,
     kl_sum, kl_count = {}, {}
     for start in range(0, samples.shape[0], batch_size):
         batch = samples[start : start + batch_size]
-        terms = scheduler.elbo_terms(denoiser, batch, generator=generator, num_timesteps=num_timesteps)
+        terms = elbo_terms(scheduler, denoiser, batch, generator=generator, num_timesteps=num_timesteps)
         batch_bits = terms.bits_per_dim
         batch_estimates.append(float(batch_bits.mean()))
         totals["bits_per_dim"] += float(batch_bits.sum())
