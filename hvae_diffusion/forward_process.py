@@ -184,5 +184,7 @@ def learned_range_log_variance(variance_fraction, min_log_variance, max_log_vari
     ``variance_fraction`` is the model's extra output, nominally in [−1, 1]; ``min_log_variance`` is log σ_q²
     (clipped away from −∞ at the first latent) and ``max_log_variance`` is log β_t, both broadcastable to it.
     """
-    fraction = (variance_fraction + 1) / 2
-    return fraction * max_log_variance + (1 - fraction) * min_log_variance
+    # The same interpolation as one multiply-add in the output: (max + min)/2 + output · (max − min)/2.
+    half_range = (max_log_variance - min_log_variance) / 2
+    midpoint = (max_log_variance + min_log_variance) / 2
+    return variance_fraction * half_range + midpoint

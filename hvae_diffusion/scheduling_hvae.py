@@ -231,6 +231,9 @@ class HVAEScheduler(DDPMScheduler):
         x0_from_sample = convert_prediction(zeros, ones, alphas_cumprod_t, prediction_type, "sample")
         x0_from_output = convert_prediction(ones, zeros, alphas_cumprod_t, prediction_type, "sample")
 
+        # ``step`` reads the (frozen) config through these: a config lookup costs more than a small step's arithmetic.
+        self._clip_range = self.config.clip_sample_range if self.config.clip_sample else None
+        self._thresholding = self.config.thresholding
         self._chain_alphas_cumprod = alphas_cumprod_t
         self._chain_prev_alphas_cumprod = prev_alphas_cumprod
         self._chain_min_log_variance = min_log_variance
@@ -344,14 +347,13 @@ class HVAEScheduler(DDPMScheduler):
         index = self._step_index if self._step_index is not None else self._begin_index
         if index is None or index >= len(self._chain_timesteps):
             return self.index_for_timestep(timestep)
-        if not isinstance(timestep, torch.Tensor) or timestep.device.type == "cpu":
-            if (
-                isinstance(timestep, torch.Tensor)
-                and timestep.numel() != 1
-                or timestep != self._chain_timesteps[index]
-            ):
+        if isinstance(timestep, torch.Tensor):
+            if timestep.device.type != "cpu":
+                return index
+            if timestep.numel() != 1:
                 return self.index_for_timestep(timestep)
-        return index
+            timestep = timestep.item()  # a Python comparison costs a tenth of a tensor one
+        return index if timestep == self._chain_timesteps[index] else self.index_for_timestep(timestep)
 
     def previous_timestep(self, timestep) -> int:
         """The timestep of the next latent of the chain (−1 after the last one, where x_0 comes out)."""
@@ -364,7 +366,7 @@ class HVAEScheduler(DDPMScheduler):
         if not isinstance(model_output, torch.Tensor) or not isinstance(sample, torch.Tensor):
             raise TypeError("model_output and sample must be torch.Tensor")
         prediction, variance_output = split_learned_variance(model_output, sample)
-        variance_type = self.config.variance_type
+        variance_type = self.variance_type
         learned = variance_type in LEARNED_VARIANCE_TYPES
         if prediction.shape != sample.shape or (learned and variance_output is None):
             channels = f"2C = {2 * sample.shape[1]}" if learned else f"C = {sample.shape[1]} or 2C"
@@ -377,9 +379,16 @@ class HVAEScheduler(DDPMScheduler):
 
     def _learned_log_variance(self, variance_output, min_log_variance, max_log_variance):
         """log Σ_θ from the variance channels: the variance itself for "learned" (as DDPMScheduler reads it)."""
-        if self.config.variance_type == "learned":
+        if self.variance_type == "learned":
             return variance_output.log()
         return learned_range_log_variance(variance_output, min_log_variance, max_log_variance)
+
+    def _learned_noise_std(self, variance_output, min_log_variance: float, max_log_variance: float):
+        """√Σ_θ of one step from the variance channels, in as few passes as the equation allows."""
+        if self.variance_type == "learned":
+            return variance_output.sqrt()
+        # learned_range's log Σ is linear in the two bounds: halving them gives ½ log Σ = log √Σ directly.
+        return learned_range_log_variance(variance_output, 0.5 * min_log_variance, 0.5 * max_log_variance).exp_()
 
     def step(
         self,
@@ -431,10 +440,10 @@ class HVAEScheduler(DDPMScheduler):
                 )
             if variance_output is not None and not _is_finite(variance_output):
                 raise ValueError("the variance channels of model_output contain NaN or inf")
-        if self.config.thresholding:
+        if self._thresholding:
             predicted_x0 = self._threshold_sample(predicted_x0)
-        elif self.config.clip_sample:
-            predicted_x0 = predicted_x0.clamp_(-self.config.clip_sample_range, self.config.clip_sample_range)
+        elif self._clip_range is not None:
+            predicted_x0 = predicted_x0.clamp_(-self._clip_range, self._clip_range)
         prev_sample = torch.mul(predicted_x0, x0_coefficient).add_(sample, alpha=sample_coefficient)
 
         if index < len(self._step_coefficients) - 1:
@@ -443,10 +452,11 @@ class HVAEScheduler(DDPMScheduler):
             if variance_output is None:
                 prev_sample = prev_sample.add_(noise, alpha=noise_std)
             else:
-                log_variance = self._learned_log_variance(variance_output, min_log_variance, max_log_variance)
-                prev_sample = prev_sample.add_(log_variance.mul_(0.5).exp_().mul_(noise))
+                noise_std = self._learned_noise_std(variance_output, min_log_variance, max_log_variance)
+                prev_sample = prev_sample.addcmul_(noise_std, noise)
         # The chain keeps the sample's dtype, whatever precision the model answered in.
-        prev_sample, predicted_x0 = prev_sample.to(sample.dtype), predicted_x0.to(sample.dtype)
+        if prev_sample.dtype != sample.dtype:
+            prev_sample, predicted_x0 = prev_sample.to(sample.dtype), predicted_x0.to(sample.dtype)
         self._step_index = index + 1
 
         if not return_dict:
