@@ -151,7 +151,7 @@ def loss_weight(
       variance Σ_t = exp(``model_log_variance``). Without ``model_log_variance``, Σ_t = σ_q² and
       Σ_1 = exp(``first_latent_log_variance``) at the first latent, where σ_q² = 0. A learned variance is unknown
       when the weight is drawn; ``HVAEScheduler`` then weighs with σ_q², the KL-optimal variance when x̂_0 = x_0
-      (docs/theory.md, "Loss weights").
+      (docs/theory.md, section 6).
     - ``"simple"``: the DDPM objective, a uniform MSE on ε, whatever the model predicts: λ_t = SNR(t).
     - ``"min_snr"``: Min-SNR-γ (Hang et al. 2023): λ_t = min(SNR(t), γ) with γ = ``snr_gamma``.
 
@@ -263,7 +263,7 @@ def elbo_terms(
             (with ``generator``); the total is then an unbiased estimate scaled by ``denoising_scale``.
         decoder_variance: ``"model"`` (the scheduler's Σ at the last latent) or ``"improved_ddpm"``, improved DDPM's
             convention for "fixed_large"/"fixed_large_log": the decoder uses the posterior variance σ_q² of the
-            latent before the last instead of β_1 (docs/theory.md, "Conventions"); other variance types are
+            latent before the last instead of β_1 (docs/theory.md, section 5, "Conventions"); other variance types are
             unaffected.
     """
     if decoder_variance not in DECODER_VARIANCES:
