@@ -16,7 +16,10 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler
 from diffusers.configuration_utils import register_to_config
-from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
+
+# Diffusers' pipeline loader imports a component's module and looks up the loadable base classes there by name, so
+# SchedulerMixin must be importable from this module for saved pipelines to load.
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin  # noqa: F401
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -32,6 +35,7 @@ from .forward_process import (
     q_sample,
     rescale_zero_terminal_snr,
     signal_to_noise_ratio,
+    step_alphas,
 )
 from .parameterization import (
     PREDICTION_TYPES,
@@ -220,7 +224,7 @@ class HVAEScheduler(DDPMScheduler):
         prev_alphas_cumprod = torch.where(previous >= 0, self.alphas_cumprod[previous.clamp(min=0)], 1.0)
         x0_coefficient, sample_coefficient = posterior_mean_coefficients(alphas_cumprod_t, prev_alphas_cumprod)
         variance_small = posterior_variance(alphas_cumprod_t, prev_alphas_cumprod)
-        step_betas = 1 - alphas_cumprod_t / prev_alphas_cumprod
+        step_betas = 1 - step_alphas(alphas_cumprod_t, prev_alphas_cumprod)
         # σ_q² of the last step is 0; as in improved DDPM, its log uses the step before (or β when there is none).
         clip_value = variance_small[-2] if len(timesteps) > 1 else step_betas[-1]
         min_log_variance = torch.where(variance_small > 0, variance_small, clip_value).log()
