@@ -531,3 +531,8 @@ def test_diffusion_loss_keeps_float64_where_float32_saturates():
 
     half_loss, _ = loss_fn(_FixedOutput(output.bfloat16()), {"sample": pixels.bfloat16()}, None)
     assert half_loss.dtype == torch.float32
+
+
+def test_diffusion_loss_rejects_an_untrainable_learned_variance():
+    with pytest.raises(ValueError, match="learned_range"):
+        DiffusionLoss(HVAEScheduler(variance_type="learned"))

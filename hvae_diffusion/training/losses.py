@@ -16,7 +16,6 @@ from ..elbo import (
 )
 from ..forward_process import broadcast_to
 from ..parameterization import split_learned_variance
-from ..scheduling_hvae import LEARNED_VARIANCE_TYPES
 
 
 class BatchRandomness:
@@ -110,7 +109,7 @@ class DiffusionLoss:
 
     The loss is computed in the inputs' precision (float64 stays float64), half types in float32 (``elbo.loss_dtype``).
 
-    With a learned variance (``variance_type`` "learned_range" or "learned") the model outputs 2C channels and the loss is improved DDPM's hybrid
+    With ``variance_type="learned_range"`` the model outputs 2C channels and the loss is improved DDPM's hybrid
     L_simple + λ L_vlb: L_vlb is ``vlb_weight`` × the ELBO term of the sampled latent in bits/dim computed with the
     mean prediction detached, so the ELBO trains only the variance and the weighted MSE only the mean.
     ``vlb_weight`` defaults to T / 1000 (λ = 0.001 on the sum of T terms, as in improved DDPM).
@@ -136,7 +135,12 @@ class DiffusionLoss:
         self.snr_gamma = snr_gamma
         self.cond_drop_prob = cond_drop_prob
         self.null_label = null_label
-        self.learned_variance = scheduler.config.variance_type in LEARNED_VARIANCE_TYPES
+        if scheduler.config.variance_type == "learned":
+            raise ValueError(
+                "--variance_type learned reads the model's variance channels as Σ itself (as DDPMScheduler does), which "
+                "an unconstrained network output does not keep positive; train with learned_range"
+            )
+        self.learned_variance = scheduler.config.variance_type == "learned_range"
         num_train_timesteps = scheduler.config.num_train_timesteps
         self.vlb_weight = num_train_timesteps / 1000.0 if vlb_weight is None else vlb_weight
 
