@@ -448,16 +448,17 @@ class HVAEScheduler(DDPMScheduler):
             predicted_x0 = self._threshold_sample(predicted_x0)
         elif self._clip_range is not None:
             predicted_x0 = predicted_x0.clamp_(-self._clip_range, self._clip_range)
-        prev_sample = torch.mul(predicted_x0, x0_coefficient).add_(sample, alpha=sample_coefficient)
-
-        if index < len(self._step_coefficients) - 1:
+        if index == len(self._step_coefficients) - 1:
+            prev_sample = torch.mul(predicted_x0, x0_coefficient).add_(sample, alpha=sample_coefficient)
+        else:
             # Drawn in the sample's dtype, so a seed gives the same noise whatever precision the model answers in.
             noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
             if variance_output is None:
-                prev_sample = prev_sample.add_(noise, alpha=noise_std)
+                noise = noise.mul_(noise_std)
             else:
-                noise_std = self._learned_noise_std(variance_output, min_log_variance, max_log_variance)
-                prev_sample = prev_sample.addcmul_(noise_std, noise)
+                noise = noise.mul_(self._learned_noise_std(variance_output, min_log_variance, max_log_variance))
+            # x_{t'} = √Σ z + c_0 x̂_0 + c_t x_t, accumulated in the noise's buffer: one allocation fewer.
+            prev_sample = noise.add_(predicted_x0, alpha=x0_coefficient).add_(sample, alpha=sample_coefficient)
         # The chain keeps the sample's dtype, whatever precision the model answered in.
         if prev_sample.dtype != sample.dtype:
             prev_sample, predicted_x0 = prev_sample.to(sample.dtype), predicted_x0.to(sample.dtype)
