@@ -460,7 +460,7 @@ class HVAEScheduler(DDPMScheduler):
             # x_{t'} = √Σ z + c_0 x̂_0 + c_t x_t, accumulated in the noise's buffer: one allocation fewer.
             prev_sample = noise.add_(predicted_x0, alpha=x0_coefficient).add_(sample, alpha=sample_coefficient)
         # The chain keeps the sample's dtype, whatever precision the model answered in.
-        if prev_sample.dtype != sample.dtype:
+        if predicted_x0.dtype != sample.dtype:
             prev_sample, predicted_x0 = prev_sample.to(sample.dtype), predicted_x0.to(sample.dtype)
         self._step_index = index + 1
 
