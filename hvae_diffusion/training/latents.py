@@ -13,6 +13,7 @@ import os
 import numpy as np
 import torch
 
+from ..elbo import elbo_terms
 from ..latent_elbo import latent_elbo_terms, scale_latents
 from .losses import as_batch_randomness
 from .vae import decoder_log_likelihood, decoder_log_scale_of
@@ -169,8 +170,8 @@ def diffusion_elbo_of(scheduler, denoiser, generator=None, num_timesteps=None):
     """
 
     def diffusion_elbo(latents):
-        terms = scheduler.elbo_terms(
-            denoiser, latents, generator=generator, discrete=False, num_timesteps=num_timesteps
+        terms = elbo_terms(
+            scheduler, denoiser, latents, generator=generator, discrete=False, num_timesteps=num_timesteps
         )
         return terms.elbo
 
