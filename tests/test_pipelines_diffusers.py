@@ -3,6 +3,8 @@ class-conditional DiT ``transformer`` with learned σ) and ``StableDiffusionPipe
 ``UNet2DConditionModel`` with a CLIP text encoder), from the same tiny components and seed, and loads the folders those
 pipelines save."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -19,6 +21,7 @@ from diffusers import (
 from test_pipelines import quiet, seeded, tiny_clip
 
 from hvae_diffusion import ClassifierFreeGuidancePipeline, HVAEPipeline, HVAEScheduler
+from hvae_diffusion.pipelines.sampling import null_class_label, num_class_labels
 
 TOLERANCE = dict(atol=1e-4, rtol=0)
 SCHEDULERS = {
@@ -232,3 +235,13 @@ def test_exactly_one_denoiser():
         ClassifierFreeGuidancePipeline(None, scheduler)
     with pytest.raises(ValueError, match="pass exactly one denoiser"):
         HVAEPipeline(tiny_sd_unet(), scheduler, transformer=transformer)
+
+
+def test_class_labels_from_the_denoiser_config():
+    assert (num_class_labels(tiny_dit().config), null_class_label(tiny_dit().config)) == (1001, 1000)
+    assert (num_class_labels(tiny_sd_unet().config), null_class_label(tiny_sd_unet().config)) == (None, None)
+    unet_config = SimpleNamespace(num_class_embeds=4)
+    assert (num_class_labels(unet_config), null_class_label(unet_config)) == (4, 3)
+    # in a Transformer2DModel with norm_type="ada_norm", num_embeds_ada_norm counts timesteps, not classes
+    timestep_config = SimpleNamespace(num_embeds_ada_norm=1000, norm_type="ada_norm")
+    assert (num_class_labels(timestep_config), null_class_label(timestep_config)) == (None, None)
