@@ -236,8 +236,6 @@ class HVAEScheduler(DDPMScheduler):
         x0_from_output = convert_prediction(ones, zeros, alphas_cumprod_t, prediction_type, "sample")
 
         # ``step`` reads the (frozen) config through these: a config lookup costs more than a small step's arithmetic.
-        self._clip_range = self.config.clip_sample_range if self.config.clip_sample else None
-        self._thresholding = self.config.thresholding
         self._chain_alphas_cumprod = alphas_cumprod_t
         self._chain_prev_alphas_cumprod = prev_alphas_cumprod
         self._chain_min_log_variance = min_log_variance
@@ -444,10 +442,12 @@ class HVAEScheduler(DDPMScheduler):
                 )
             if variance_output is not None and not _is_finite(variance_output):
                 raise ValueError("the variance channels of model_output contain NaN or inf")
-        if self._thresholding:
+        # Read per step, not per chain: guided pipelines clip x̂_0 themselves and switch clipping off around `step`.
+        if self.config.thresholding:
             predicted_x0 = self._threshold_sample(predicted_x0)
-        elif self._clip_range is not None:
-            predicted_x0 = predicted_x0.clamp_(-self._clip_range, self._clip_range)
+        elif self.config.clip_sample:
+            clip_range = self.config.clip_sample_range
+            predicted_x0 = predicted_x0.clamp_(-clip_range, clip_range)
         if index == len(self._step_coefficients) - 1:
             prev_sample = torch.mul(predicted_x0, x0_coefficient).add_(sample, alpha=sample_coefficient)
         else:
