@@ -10,7 +10,6 @@ the same ``run`` functions in one process.
 
 import argparse
 import contextlib
-import copy
 import datetime
 import json
 import os
@@ -41,14 +40,15 @@ class Settings:
     quick: bool
     output_dir: str
 
-    def prepare(self, model):
+    def prepare(self, model, cast=True):
         """The model as every benchmark runs it: on the device, in the dtype and memory format, compiled if asked.
 
-        A float32 model is not re-cast (Diffusers warns on every cast). ``torch.compile`` wraps the module the way
+        A float32 model is not re-cast (Diffusers warns on every cast); nor is a model being trained (``cast=False``:
+        training runs in low precision through autocast, never with low-precision weights). ``torch.compile`` wraps the module the way
         Diffusers' docs do (``pipe.unet = torch.compile(pipe.unet)``), so a pipeline holds the compiled module.
         """
         model = model.to(self.device)
-        if self.dtype != torch.float32:
+        if cast and self.dtype != torch.float32:
             model = model.to(self.dtype)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -322,8 +322,3 @@ def make_classifier(settings: Settings, num_classes=10):
 def quiet(pipeline):
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
-
-
-def uncompiled(model):
-    """A fresh copy of the module under a ``torch.compile`` wrapper (or of the module itself)."""
-    return copy.deepcopy(getattr(model, "_orig_mod", model))
