@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Latent sampling against Diffusers' own latent pipelines on the same tiny components (target ≤ 1.02×).
 
-``ClassifierFreeGuidancePipeline.from_pipe`` of a ``DiTPipeline`` (class labels, a learned-sigma transformer, DDIM)
-and of a ``StableDiffusionPipeline`` (prompts, a UNet2DConditionModel, a CLIP text encoder, DDIM): the same
+``ClassifierFreeGuidancePipeline`` built from the components of a ``DiTPipeline`` (class labels, a learned-sigma
+transformer, DDIM) and of a ``StableDiffusionPipeline`` (prompts, a UNet2DConditionModel, a CLIP text encoder, DDIM): the same
 components, seed and guidance scale, timed side by side. Also counts the VAE decoder's forwards in one call: it
 must run once per call (one batch of samples), never once per step.
 
@@ -111,7 +111,8 @@ def stable_diffusion_pipeline(settings, directory):
 def run(settings, report):
     from hvae_diffusion import ClassifierFreeGuidancePipeline
 
-    if "vae" not in inspect.signature(ClassifierFreeGuidancePipeline.__init__).parameters:
+    parameters = inspect.signature(ClassifierFreeGuidancePipeline.__init__).parameters
+    if "vae" not in parameters:
         report.note("latent", "skipped", reason="ClassifierFreeGuidancePipeline takes no vae in this version")
         return
     batch, steps = (2, 3) if settings.quick else (8, 50)
@@ -121,7 +122,8 @@ def run(settings, report):
             "StableDiffusionPipeline": (stable_diffusion_pipeline(settings, directory), {"prompt": ["a cat"] * batch}),
         }
         for name, (reference, inputs) in references.items():
-            ours = quiet(ClassifierFreeGuidancePipeline.from_pipe(reference))
+            shared = {name: component for name, component in reference.components.items() if name in parameters}
+            ours = quiet(ClassifierFreeGuidancePipeline(**{"unet": None, **shared}))
             calls = {
                 pipeline: lambda pipeline=pipeline: pipeline(
                     **inputs,

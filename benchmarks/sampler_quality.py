@@ -140,22 +140,25 @@ def main(argv=None):
         for steps in args.steps:
             cell_started = time.perf_counter()
             row = {"sampler": name, "steps": steps}
-            for kind, pipeline, kwargs in (
-                ("unconditional", unconditional, {"batch_size": count}),
-                ("guided", guided, {"class_labels": labels, "guidance_scale": args.guidance_scale}),
-            ):
-                pipeline.scheduler = make_scheduler(name, config)
-                images = pipeline(
-                    num_inference_steps=steps,
-                    latents=x_T,
-                    generator=torch.Generator().manual_seed(args.seed + 1),
-                    output_type="pt",
-                    **kwargs,
-                ).images
-                images = images * 2 - 1
-                row[f"{kind}_frechet_distance"] = feature_frechet_distance(classifier, images, test_images)
-                if kind == "guided":
-                    row["guided_accuracy"] = classifier_accuracy(classifier, images, torch.as_tensor(labels))
+            try:  # a sampler that fails in this pipeline is a finding of the table, not the end of the run
+                for kind, pipeline, kwargs in (
+                    ("unconditional", unconditional, {"batch_size": count}),
+                    ("guided", guided, {"class_labels": labels, "guidance_scale": args.guidance_scale}),
+                ):
+                    pipeline.scheduler = make_scheduler(name, config)
+                    images = pipeline(
+                        num_inference_steps=steps,
+                        latents=x_T,
+                        generator=torch.Generator().manual_seed(args.seed + 1),
+                        output_type="pt",
+                        **kwargs,
+                    ).images
+                    images = images * 2 - 1
+                    row[f"{kind}_frechet_distance"] = feature_frechet_distance(classifier, images, test_images)
+                    if kind == "guided":
+                        row["guided_accuracy"] = classifier_accuracy(classifier, images, torch.as_tensor(labels))
+            except Exception as error:
+                row["error"] = f"{type(error).__name__}: {error}"
             row["seconds"] = time.perf_counter() - cell_started
             result["rows"].append(row)
             print(json.dumps(row), flush=True)
@@ -175,12 +178,15 @@ def markdown(result) -> str:
         shown = []
         for s in steps:
             row = cells.get((sampler, s))
-            shown.append(
-                ""
-                if row is None
-                else f"{row['unconditional_frechet_distance']:.1f} / "
-                f"{row['guided_frechet_distance']:.1f} / {row['guided_accuracy']:.2f}"
-            )
+            if row is None:
+                shown.append("")
+            elif "error" in row:
+                shown.append(f"fails: {row['error'].split(':')[0]}")
+            else:
+                shown.append(
+                    f"{row['unconditional_frechet_distance']:.1f} / {row['guided_frechet_distance']:.1f} / "
+                    f"{row['guided_accuracy']:.2f}"
+                )
         lines.append(f"| {sampler} | " + " | ".join(shown) + " |")
     return "\n".join(lines) + "\n"
 
@@ -207,7 +213,7 @@ def plot(result, path):
     floor = result["frechet_distance_floor"]["mean"]
     for axis, (key, title) in zip(axes, panels):
         for index, sampler in enumerate(dict.fromkeys(row["sampler"] for row in result["rows"])):
-            rows = [row for row in result["rows"] if row["sampler"] == sampler]
+            rows = [row for row in result["rows"] if row["sampler"] == sampler and "error" not in row]
             style = "o-" if index < 5 else "s--"
             axis.plot([row["steps"] for row in rows], [row[key] for row in rows], style, label=sampler, markersize=4)
         if key != "guided_accuracy":
