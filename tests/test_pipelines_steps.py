@@ -37,7 +37,7 @@ def base_config(**kwargs):
     return config
 
 
-def diffusers_loop(unet, scheduler, num_inference_steps, shape, seed):
+def diffusers_loop(unet, scheduler, num_inference_steps, shape, seed, **step_kwargs):
     """Diffusers' own sampling loop (as in StableDiffusionPipeline): timesteps, then x_T, then step."""
     generator = seeded(seed)
     scheduler.set_timesteps(num_inference_steps)
@@ -46,7 +46,7 @@ def diffusers_loop(unet, scheduler, num_inference_steps, shape, seed):
         model_input = scheduler.scale_model_input(latents, t)
         with torch.no_grad():
             noise_pred = unet(model_input, t).sample
-        latents = scheduler.step(noise_pred, t, latents, generator=generator).prev_sample
+        latents = scheduler.step(noise_pred, t, latents, generator=generator, **step_kwargs).prev_sample
     return latents
 
 
@@ -59,19 +59,24 @@ SCHEDULERS = [
 ]
 
 
+@pytest.mark.parametrize("clip_sample", [True, False])
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
 @pytest.mark.parametrize("scheduler_class, extra", SCHEDULERS)
-def test_two_calls_match_diffusers_loop(scheduler_class, extra, spacing):
-    """Timesteps are set before x_T is scaled by init_noise_sigma, on the scheduler that steps, at every call."""
+def test_two_calls_match_diffusers_loop(scheduler_class, extra, spacing, clip_sample):
+    """Timesteps are set before x_T is scaled by init_noise_sigma, on the scheduler that steps, at every call.
+
+    With the HVAE config's default clip_sample=True, DDIM clips as published (the clipped x̂_0's ε) and schedulers
+    without a clip_sample option (Euler, DPM-Solver) ignore the key their config inherited, as in Diffusers."""
     unet = tiny_unet()
-    config = base_config(timestep_spacing=spacing, **extra)
+    config = base_config(timestep_spacing=spacing, clip_sample=clip_sample, **extra)
+    step_kwargs = {"use_clipped_model_output": True} if scheduler_class is DDIMScheduler else {}
     pipeline = quiet(HVAEPipeline(unet, scheduler_class.from_config(config)))
     for num_inference_steps, seed in ((10, 0), (3, 1)):
         samples = pipeline(
             batch_size=2, num_inference_steps=num_inference_steps, generator=seeded(seed), output_type="latent"
         ).images
         reference_scheduler = scheduler_class.from_config(config)
-        expected = diffusers_loop(unet, reference_scheduler, num_inference_steps, (2, 1, 8, 8), seed)
+        expected = diffusers_loop(unet, reference_scheduler, num_inference_steps, (2, 1, 8, 8), seed, **step_kwargs)
         torch.testing.assert_close(samples, expected, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(pipeline.scheduler.timesteps, reference_scheduler.timesteps)
         assert pipeline.num_timesteps == len(reference_scheduler.timesteps)

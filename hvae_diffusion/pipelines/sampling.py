@@ -81,18 +81,27 @@ def chain_alphas_cumprod(scheduler, timesteps: torch.Tensor) -> list[float]:
     return alphas_cumprod.tolist()
 
 
+def _config_option(scheduler, name: str):
+    """The scheduler's setting ``name``, or None when its class has no such option. A config built from another
+    scheduler's (``DPMSolverMultistepScheduler.from_config(hvae.config)``) carries that scheduler's ``clip_sample``,
+    which the new class never applies; the pipeline must not apply it either."""
+    if name not in inspect.signature(type(scheduler).__init__).parameters:
+        return None
+    return scheduler.config.get(name)
+
+
 def clips(scheduler) -> bool:
-    """Whether the scheduler's config asks for x̂_0 to be clipped or dynamically thresholded."""
-    return bool(getattr(scheduler.config, "thresholding", False) or getattr(scheduler.config, "clip_sample", False))
+    """Whether the scheduler clips or dynamically thresholds x̂_0 (its class has the option and its config sets it)."""
+    return bool(_config_option(scheduler, "thresholding") or _config_option(scheduler, "clip_sample"))
 
 
 def clip_original_sample(original_sample: torch.Tensor, scheduler) -> torch.Tensor:
     """x̂_0 clipped to [−r, r] (``clip_sample``, r = ``clip_sample_range``) or dynamically thresholded
     (``thresholding``, the scheduler's own ``_threshold_sample``), as the scheduler's config asks; differentiable
     (``clamp`` passes no gradient to clipped elements)."""
-    if getattr(scheduler.config, "thresholding", False):
+    if _config_option(scheduler, "thresholding"):
         return scheduler._threshold_sample(original_sample)
-    if getattr(scheduler.config, "clip_sample", False):
+    if _config_option(scheduler, "clip_sample"):
         clip_range = scheduler.config.clip_sample_range
         return original_sample.clamp(-clip_range, clip_range)
     return original_sample
