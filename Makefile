@@ -43,7 +43,7 @@ test-oldest-diffusers: $(OLDEST_VENV)/.installed
 	HF_HUB_OFFLINE=1 $(OLDEST_VENV)/bin/python -m pytest -q $(LOADING_TESTS)
 
 # The demo on the built-in digits: trains, samples with three kinds of guidance and evaluates (docs/training.md).
-DEMO_DIR ?= demo_output
+DEMO_DIR ?= runs/demo
 demo: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(PYTHON) scripts/demo.py --output_dir $(DEMO_DIR)
 
