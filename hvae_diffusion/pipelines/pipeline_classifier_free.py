@@ -6,7 +6,7 @@ import torch
 from diffusers.utils import replace_example_docstring
 
 from ..guidance import check_guidance_scale, classifier_free_guidance, rescale_guided_prediction
-from ..parameterization import convert_prediction, split_learned_variance
+from ..parameterization import split_learned_variance
 from . import sampling
 from .sampling import HVAESamplingPipeline, check_batch_size, labels_tensor
 
@@ -340,19 +340,17 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
                     eta=eta,
                 )
                 if callback_on_step_end is not None:
-                    pred_original_sample = convert_prediction(
-                        prediction, model_input, alphas_cumprod[i], prediction_type, "sample"
-                    )
                     callback_outputs = self.call_callback(
                         callback_on_step_end,
                         i,
                         t,
                         tensor_inputs,
-                        {
-                            "latents": latents,
-                            "pred_original_sample": pred_original_sample,
-                            condition_input: conditions,
-                        },
+                        latents,
+                        prediction,
+                        prediction_type,
+                        model_input,
+                        alphas_cumprod[i],
+                        **{condition_input: conditions},
                     )
                     latents = callback_outputs.pop("latents", latents)
                     conditions = callback_outputs.pop(condition_input, conditions)

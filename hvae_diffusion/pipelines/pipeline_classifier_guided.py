@@ -239,15 +239,16 @@ class ClassifierGuidedPipeline(HVAESamplingPipeline):
                     eta=eta,
                 )
                 if callback_on_step_end is not None:
-                    pred_original_sample = convert_prediction(
-                        prediction, model_input, alphas_cumprod[i], prediction_type, "sample"
-                    )
                     callback_outputs = self.call_callback(
                         callback_on_step_end,
                         i,
                         t,
                         tensor_inputs,
-                        {"latents": latents, "pred_original_sample": pred_original_sample},
+                        latents,
+                        prediction,
+                        prediction_type,
+                        model_input,
+                        alphas_cumprod[i],
                     )
                     latents = callback_outputs.pop("latents", latents)
                 if self.progress_due(i, len(timesteps), num_warmup_steps, self.scheduler.order):

@@ -3,7 +3,7 @@
 import torch
 from diffusers.utils import replace_example_docstring
 
-from ..parameterization import convert_prediction, split_learned_variance
+from ..parameterization import split_learned_variance
 from .sampling import HVAESamplingPipeline
 
 EXAMPLE_DOC_STRING = """
@@ -128,15 +128,16 @@ class HVAEPipeline(HVAESamplingPipeline):
                     eta=eta,
                 )
                 if callback_on_step_end is not None:
-                    pred_original_sample = convert_prediction(
-                        prediction, model_input, alphas_cumprod[i], prediction_type, "sample"
-                    )
                     callback_outputs = self.call_callback(
                         callback_on_step_end,
                         i,
                         t,
                         tensor_inputs,
-                        {"latents": latents, "pred_original_sample": pred_original_sample},
+                        latents,
+                        prediction,
+                        prediction_type,
+                        model_input,
+                        alphas_cumprod[i],
                     )
                     latents = callback_outputs.pop("latents", latents)
                 if self.progress_due(i, len(timesteps), num_warmup_steps, self.scheduler.order):

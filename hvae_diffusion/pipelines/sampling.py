@@ -369,9 +369,30 @@ class HVAESamplingPipeline(DiffusionPipeline):
         with clipping_disabled(self.scheduler):
             return self.scheduler.step(model_output, timestep, latents, return_dict=False, **kwargs)[0]
 
-    def call_callback(self, callback_on_step_end, step_index, timestep, tensor_inputs, tensors: dict) -> dict:
+    def call_callback(
+        self,
+        callback_on_step_end,
+        step_index,
+        timestep,
+        tensor_inputs,
+        latents,
+        prediction,
+        prediction_type: str,
+        model_input,
+        alphas_cumprod_t: float,
+        **other_tensors,
+    ) -> dict:
         """Diffusers' ``callback(pipeline, step_index, timestep, callback_kwargs)``; it must return a dict (of the
-        tensors it replaces: ``"latents"``, and for classifier-free guidance the conditions)."""
+        tensors it replaces: ``"latents"``, and for classifier-free guidance the conditions).
+
+        ``callback_kwargs`` holds the ``tensor_inputs`` it asks for among ``latents`` (x_{t'} after the step),
+        ``pred_original_sample`` (the step's x̂_0, converted from ``prediction`` only when asked for) and
+        ``other_tensors``."""
+        tensors = {"latents": latents, **other_tensors}
+        if "pred_original_sample" in tensor_inputs:
+            tensors["pred_original_sample"] = convert_prediction(
+                prediction, model_input, alphas_cumprod_t, prediction_type, "sample"
+            )
         callback_kwargs = {name: tensors[name] for name in tensor_inputs}
         outputs = callback_on_step_end(self, step_index, timestep, callback_kwargs)
         if not isinstance(outputs, dict):
