@@ -1,4 +1,4 @@
-#!/usr/bin/env python
 from hvae_diffusion.commands.train_vae import main
 
-main()
+if __name__ == "__main__":
+    main()

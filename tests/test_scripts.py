@@ -37,7 +37,7 @@ def run_script(name, *args, timeout=600):
     return result
 
 
-COMMANDS = ["train", "train_classifier", "sample", "evaluate", "demo", "toy2d"]
+COMMANDS = ["train", "train_classifier", "train_vae", "sample", "evaluate", "demo", "toy2d"]
 
 
 @pytest.mark.parametrize("name", COMMANDS)
@@ -53,7 +53,8 @@ def test_every_command_has_help_and_the_shared_flags(name, capsys):
 
 @pytest.mark.parametrize("name", COMMANDS)
 def test_scripts_are_wrappers_and_entry_points_name_the_commands(name):
-    """scripts/<name>.py only runs hvae_diffusion.commands.<name>.main; setup.cfg names the same function."""
+    """scripts/<name>.py only runs hvae_diffusion.commands.<name>.main; setup.cfg's hvae-<name> runs it through
+    ``<name>_cli``, which returns None (a console script exits with status 1 on any other return value)."""
     with open(os.path.join(SCRIPTS, f"{name}.py")) as handle:
         lines = [line for line in handle.read().splitlines() if line.strip()]
     assert lines == [f"from hvae_diffusion.commands.{name} import main", 'if __name__ == "__main__":', "    main()"]
@@ -61,8 +62,11 @@ def test_scripts_are_wrappers_and_entry_points_name_the_commands(name):
 
     config = configparser.ConfigParser()
     config.read(os.path.join(ROOT, "setup.cfg"))
-    entry = f"hvae-{name.replace('_', '-')} = hvae_diffusion.commands.{name}:main"
+    entry = f"hvae-{name.replace('_', '-')} = hvae_diffusion.commands:{name}_cli"
     assert entry in config["options.entry_points"]["console_scripts"]
+    from hvae_diffusion import commands
+
+    assert getattr(commands, f"{name}_cli").__name__ == f"{name}_cli" and name in commands.PROGRAMS
 
 
 @pytest.fixture(scope="module")
@@ -465,3 +469,47 @@ def test_text_conditioning_with_prompt_dropout(tmp_path):
     assert pipe.text_encoder is not None and pipe.unet.config.cross_attention_dim == 16
     images, labels = sample.sample(pipe, "cfg", 2.0, None, ["a digit one"], 2, 3, seed=0)
     assert images.shape == (2, 1, 8, 8) and labels.tolist() == [-1, -1]
+
+
+def test_evaluate_clipping_sweep_plots_both_guidances_with_clipping_on_and_off(demo_dir, tmp_path):
+    """The guidance-sweep figure's data: every (guidance, clip_sample, scale) once, scale 0 included; with
+    balanced labels an accuracy is a multiple of 1 / number of samples."""
+    evaluate = load_script("evaluate")
+    output_dir = tmp_path / "sweep"
+    report = evaluate.main(
+        [
+            "--pipeline_dir",
+            str(demo_dir / "denoiser"),
+            "--classifier_dir",
+            str(demo_dir / "classifier_guided"),
+            "--output_dir",
+            str(output_dir),
+            "--num_inference_steps",
+            "3",
+            "--guidance_scales",
+            "2",
+            "--num_samples_per_class",
+            "1",
+            "--num_unconditional_samples",
+            "4",
+            "--bpd_nfe",
+            "3",
+            "--bpd_num_samples",
+            "4",
+            "--clipping_sweep",
+        ]
+    )
+    settings = {
+        (entry["guidance"], entry["clip_sample"], entry["guidance_scale"]) for entry in report["guidance_sweep"]
+    }
+    assert settings == {
+        (guidance, clip, scale)
+        for guidance in ("classifier-free", "classifier")
+        for clip in (True, False)
+        for scale in (0.0, 2.0)
+    }
+    assert len(report["guidance_sweep"]) == len(settings)
+    for entry in report["guidance_sweep"]:
+        assert entry["num_samples"] == 10
+        assert round(entry["accuracy"] * 10) == pytest.approx(entry["accuracy"] * 10)
+    assert (output_dir / "guidance_sweep.png").is_file()

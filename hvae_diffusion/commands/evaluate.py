@@ -11,7 +11,8 @@ image-to-image spread and the sampling of t (docs/evaluation.md).
 
 Writes to --output_dir: ``evaluation.json``; ``elbo_denoising_terms.png`` (the denoising-matching KL of each
 evaluated latent over t); a grid per sampling setting (``grid_unconditional.png``, ``grid_cfg_<w>.png``,
-``grid_classifier_<γ>.png``); and ``feature_classifier.pt``, the separately trained classifier of clean test-split
+``grid_classifier_<γ>.png``); with ``--clipping_sweep``, ``guidance_sweep.png`` (guided accuracy against
+guidance_scale for both kinds of guidance, clip_sample on and off); and ``feature_classifier.pt``, the separately trained classifier of clean test-split
 images whose features define the Fréchet distance and whose labels define guided accuracy (not the guidance
 classifier; trained once on the train split and cached).
 """
@@ -42,6 +43,7 @@ from ..training.evaluation import (
     noisy_classifier_calibration,
     plot_denoising_terms,
 )
+from ..training.guidance_sweep import guided_accuracy_sweep, plot_guidance_sweep
 from ..training.sampling import load_sampling_pipeline, sample
 
 
@@ -79,6 +81,12 @@ def parse_args(argv=None):
     parser.add_argument(
         "--calibration_bands", type=int, default=5, help="bands of t for the noisy classifier's accuracy and ECE"
     )
+    parser.add_argument(
+        "--clipping_sweep",
+        action="store_true",
+        help="also sweep guided accuracy over guidance_scale 0 and --guidance_scales for both kinds of guidance, "
+        "with clip_sample on and off (guidance_sweep.png)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     add_num_threads_argument(parser)
     return parser.parse_args(argv)
@@ -111,7 +119,7 @@ def format_scale(scale):
 
 def main(argv=None):
     args = parse_args(argv)
-    from ..pipelines import ClassifierFreeGuidancePipeline
+    from ..pipelines import ClassifierFreeGuidancePipeline, ClassifierGuidedPipeline
     from ..scheduling_hvae import HVAEScheduler
 
     check_arguments(args)
@@ -203,6 +211,25 @@ def main(argv=None):
             format_scale(g): evaluate_samples(f"classifier_{format_scale(g)}", guided, "classifier", g, labels, count)
             for g in args.guidance_scales
         }
+    if args.clipping_sweep:
+        swept = {"classifier-free": cfg_pipe, "classifier": guided}
+        swept = {
+            name: pipe
+            for name, pipe in swept.items()
+            if isinstance(pipe, (ClassifierFreeGuidancePipeline, ClassifierGuidedPipeline))
+        }
+        if swept:
+            report["guidance_sweep"] = guided_accuracy_sweep(
+                swept,
+                feature_classifier,
+                [0.0, *args.guidance_scales],
+                labels * args.num_samples_per_class,
+                num_inference_steps=args.num_inference_steps,
+                seed=args.seed,
+            )
+            plot_guidance_sweep(
+                report["guidance_sweep"], os.path.join(args.output_dir, "guidance_sweep.png"), chance=1 / num_classes
+            )
     report["wall_time_seconds"] = time.time() - started
     with open(os.path.join(args.output_dir, "evaluation.json"), "w") as handle:
         json.dump(report, handle, indent=2)
