@@ -113,14 +113,8 @@ def main(argv=None):
     guided = ClassifierFreeGuidancePipeline.from_pretrained(args.pipeline_dir)
     guided.set_progress_bar_config(disable=True)
     null_label = guided.config.null_class_label
-    unet = guided.unet
-    try:  # until the pipelines call a class-conditional unet with its null label themselves (branch "pipelines")
-        from hvae_diffusion.training.components import unconditional_unet
-
-        unet = unconditional_unet(unet, null_label)
-    except ImportError:
-        pass
-    unconditional = HVAEPipeline(unet=unet, scheduler=guided.scheduler)
+    # HVAEPipeline calls a class-conditional unet with its null label: this samples p(x)
+    unconditional = HVAEPipeline(unet=guided.unet, scheduler=guided.scheduler)
     unconditional.set_progress_bar_config(disable=True)
     config = guided.scheduler.config
     shape = (count, guided.unet.config.in_channels, guided.unet.config.sample_size, guided.unet.config.sample_size)
