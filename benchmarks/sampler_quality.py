@@ -207,7 +207,7 @@ def markdown(result) -> str:
         for s in steps:
             row = cells.get((sampler, s))
             if row is None:
-                shown.append("")
+                shown.append("not run")
             elif "error" in row:
                 shown.append(f"fails: {row['error'].split(':')[0]}")
             else:
