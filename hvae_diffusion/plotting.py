@@ -647,7 +647,9 @@ def plot_denoising_grid(
         t = int(timesteps[pick])
         _show_images(axes_grid[0, column], samples[column].clamp(-1, 1), f"x_t, t = {t}")
         _show_images(axes_grid[1, column], predicted_original_samples[column].clamp(-1, 1), f"x̂_0(x_t), t = {t}")
-    figure.suptitle("One sampling run: the latent x_t (top) and the model's estimate x̂_0 = E[x_0 | x_t] (bottom)")
+    figure.suptitle(
+        "One sampling run: the latent x_t (top) and the estimate x̂_0 of E[x_0 | x_t] its step used (bottom)"
+    )
     _save(figure, path)
     return {
         "timesteps": timesteps[picks],
