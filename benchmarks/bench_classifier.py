@@ -8,8 +8,6 @@ noisy-classifier mode must not differentiate through the UNet.
     python benchmarks/bench_classifier.py [--quick] [--device cuda]
 """
 
-import inspect
-
 import torch
 from benchmarking_utils import main_for, make_classifier, make_unet, quiet, time_interleaved, unet_shape
 
@@ -21,9 +19,6 @@ def run(settings, report):
     unet = make_unet(settings)
     classifier = make_classifier(settings)
     pipeline = quiet(ClassifierGuidedPipeline(unet=unet, scheduler=HVAEScheduler(), classifier=classifier))
-    # the scale's name before and after the pipelines adopt guidance_scale everywhere
-    parameters = inspect.signature(pipeline.__call__).parameters
-    scale_name = "guidance_scale" if "guidance_scale" in parameters else "classifier_scale"
     steps = 4 if settings.quick else 50
     labels = torch.arange(batch, device=settings.device) % 10
     latents = settings.randn(batch, channels, sample_size, sample_size)
@@ -45,7 +40,7 @@ def run(settings, report):
             generator=settings.generator(),
             latents=latents,
             output_type="latent",
-            **{scale_name: 2.0},
+            guidance_scale=2.0,
         )
 
     seconds = time_interleaved({"pipeline": guided, "ideal": ideal}, settings)

@@ -50,6 +50,8 @@ def run(settings, report):
             learned = variance_type.startswith("learned")
             output_shape = (shape[0], 2 * shape[1], *shape[2:]) if learned else shape
             model_output = 0.1 * settings.randn(*output_shape, seed=1)
+            if variance_type == "learned":  # its variance channels are Σ itself, which must be positive
+                model_output[:, shape[1] :].exp_().mul_(0.01)
             config = dict(num_train_timesteps=num_steps, prediction_type=prediction_type, variance_type=variance_type)
             hvae = HVAEScheduler(**config)
             hvae.set_timesteps(num_steps, device=settings.device)

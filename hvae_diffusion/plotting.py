@@ -355,26 +355,25 @@ def load_pipeline(pipeline):
         if not os.path.isdir(pipeline):
             raise ValueError(f"pipeline folder {os.fspath(pipeline)!r} does not exist")
         return DiffusionPipeline.from_pretrained(pipeline)
-    if not callable(pipeline) or not hasattr(pipeline, "unet"):
+    if not callable(pipeline) or not hasattr(pipeline, "denoiser"):
         raise TypeError(
-            f"pipeline must be a pipeline with a unet or a saved pipeline folder, got {type(pipeline).__name__}"
+            "pipeline must be one of this package's pipelines (with a denoiser, its unet or transformer) or a saved "
+            f"pipeline folder, got {type(pipeline).__name__}"
         )
     return pipeline
 
 
-def _is_vector_pipeline(pipeline) -> bool:
-    return getattr(pipeline.unet.config, "sample_size", None) is None
-
-
-class _LatentRecorder:
-    """A ``callback_on_step_end`` that keeps a copy of the latents after every step (on the CPU)."""
+class _StepRecorder:
+    """A ``callback_on_step_end`` that keeps a CPU copy of each tensor it is given (``callback_kwargs``) every step:
+    ``recorder.tensors["latents"]`` is the list of latents after each step."""
 
     def __init__(self):
-        self.latents = []
+        self.tensors = {}
 
     def __call__(self, pipeline, step_index, timestep, callback_kwargs):
-        self.latents.append(callback_kwargs["latents"].detach().cpu().clone())
-        return callback_kwargs
+        for name, tensor in callback_kwargs.items():
+            self.tensors.setdefault(name, []).append(tensor.detach().cpu().clone())
+        return {}
 
 
 def _initial_latents(pipeline, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Generator]:
@@ -384,9 +383,8 @@ def _initial_latents(pipeline, batch_size: int, seed: int) -> tuple[torch.Tensor
     from .pipelines.sampling import sample_shape
 
     generator = torch.Generator().manual_seed(seed)
-    latents = randn_tensor(
-        sample_shape(pipeline.unet.config, batch_size), generator=generator, dtype=pipeline.unet.dtype
-    )
+    denoiser = pipeline.denoiser
+    latents = randn_tensor(sample_shape(denoiser.config, batch_size), generator=generator, dtype=denoiser.dtype)
     return latents, generator
 
 
@@ -430,7 +428,8 @@ def plot_reverse_trajectories(
     ``reference_samples``; right, the whole batch at a few steps of the chain.
 
     Args:
-        pipeline: a pipeline of a 2-D vector model (``unet.config.sample_size`` None, ``in_channels`` 2), or its folder.
+        pipeline: a pipeline of a 2-D vector model (``denoiser.config.sample_size`` None, ``in_channels`` 2), or its
+            folder.
         num_samples, num_inference_steps, seed: the sampling run (x_T and every step's noise from ``seed``).
         reference_samples: data ``[N, 2]`` drawn in grey behind the samples (optional).
         call_kwargs: extra arguments of the pipeline call (for example ``class_labels``).
@@ -439,10 +438,10 @@ def plot_reverse_trajectories(
         "samples" [N, 2] (the pipeline's output)}``.
     """
     pipeline = load_pipeline(pipeline)
-    if not _is_vector_pipeline(pipeline) or pipeline.unet.config.in_channels != 2:
-        raise ValueError("pipeline must sample 2-D vectors (unet.config.sample_size None and in_channels 2)")
+    if not pipeline.is_vector_model or pipeline.denoiser.config.in_channels != 2:
+        raise ValueError("pipeline must sample 2-D vectors (denoiser.config.sample_size None and in_channels 2)")
     latents, generator = _initial_latents(pipeline, num_samples, seed)
-    recorder = _LatentRecorder()
+    recorder = _StepRecorder()
     samples = pipeline(
         batch_size=num_samples,
         num_inference_steps=num_inference_steps,
@@ -452,7 +451,7 @@ def plot_reverse_trajectories(
         callback_on_step_end=recorder,
         **(call_kwargs or {}),
     ).images
-    trajectories = torch.stack([latents.cpu()] + recorder.latents).float()
+    trajectories = torch.stack([latents.cpu()] + recorder.tensors["latents"]).float()
     timesteps = pipeline.scheduler.timesteps.cpu()
 
     figure = Figure(figsize=(13, 5.2))
@@ -537,26 +536,16 @@ def plot_guidance(
     """
     rows = []
     if classifier_pipeline is not None:
-        rows.append(
-            (
-                "classifier_guidance",
-                load_pipeline(classifier_pipeline),
-                "guidance_scale",
-                "γ",
-                list(classifier_scales),
-            )
-        )
+        rows.append(("classifier_guidance", load_pipeline(classifier_pipeline), "γ", list(classifier_scales)))
     if cfg_pipeline is not None:
-        rows.append(
-            ("classifier_free_guidance", load_pipeline(cfg_pipeline), "guidance_scale", "w", list(guidance_scales))
-        )
+        rows.append(("classifier_free_guidance", load_pipeline(cfg_pipeline), "w", list(guidance_scales)))
     if not rows:
         raise ValueError("give a classifier_pipeline, a cfg_pipeline or both")
     if any(not scales for *_, scales in rows):
         raise ValueError("classifier_scales and guidance_scales must be non-empty")
 
     result = {}
-    for name, pipeline, argument, _, scales in rows:
+    for name, pipeline, _, scales in rows:
         result[name] = {}
         for scale in scales:
             latents, generator = _initial_latents(pipeline, num_samples, seed)
@@ -567,13 +556,13 @@ def plot_guidance(
                 latents=latents,
                 num_inference_steps=num_inference_steps,
                 output_type="latent",
-                **{argument: scale},
+                guidance_scale=scale,
             ).images.cpu()
 
     columns = max(len(scales) for *_, scales in rows)
     figure = Figure(figsize=(3.0 * columns, 3.2 * len(rows)))
     axes_grid = figure.subplots(len(rows), columns, squeeze=False)
-    for row, (name, pipeline, argument, symbol, scales) in enumerate(rows):
+    for row, (name, pipeline, symbol, scales) in enumerate(rows):
         kind = "classifier guidance" if name == "classifier_guidance" else "classifier-free guidance"
         for column in range(columns):
             axes = axes_grid[row, column]
@@ -582,7 +571,7 @@ def plot_guidance(
                 continue
             samples = result[name][scales[column]]
             title = f"{kind}, {symbol} = {scales[column]:g}"
-            if _is_vector_pipeline(pipeline):
+            if pipeline.is_vector_model:
                 if reference_samples is not None:
                     _data_background(axes, reference_samples)
                 axes.scatter(samples[:, 0], samples[:, 1], s=2, alpha=0.6, color=_CLASS_COLORS[class_label % 10])
@@ -605,34 +594,36 @@ def plot_denoising_grid(
     batch_size: int = 4,
     seed: int = 0,
     class_labels=None,
+    call_kwargs: dict | None = None,
 ) -> dict:
     """Figure 6: x_t and the predicted x̂_0 at several steps of one sampling run of an image pipeline.
 
-    The run records the latents after every step (``callback_on_step_end``); at ``num_shown`` steps of the chain
-    x̂_0 = E[x_0 | x_t] is the UNet's output at (x_t, t) converted to "sample" with
-    ``parameterization.convert_prediction`` and the scheduler's ᾱ_t (Tweedie's formula for ε and score models).
+    The pipeline's ``callback_on_step_end`` records, at every step, the latents after it and the step's own x̂_0
+    (``pred_original_sample``: E[x_0 | x_t] from the model output the step used, guided and clipped as the pipeline
+    does); ``num_shown`` evenly spaced steps of the chain are drawn.
 
     Args:
-        pipeline: an image pipeline (``HVAEPipeline`` and alike; any UNet with ``sample_size`` set) or its folder.
+        pipeline: an image pipeline (``HVAEPipeline`` and alike; a denoiser with ``sample_size`` set) or its folder.
         num_inference_steps, batch_size, seed: the sampling run.
         num_shown: how many steps of the chain to show (evenly spaced, from x_T to the last step).
-        class_labels: for a class-conditional UNet: passed to the pipeline and to the UNet for x̂_0.
+        class_labels: for a class-conditional pipeline: passed to the pipeline.
+        call_kwargs: extra arguments of the pipeline call (for example ``guidance_scale``).
     Returns:
         ``{"timesteps" [num_shown], "samples" [num_shown, B, C, H, W] (x_t), "predicted_original_samples"
         [num_shown, B, C, H, W] (x̂_0), "final" [B, C, H, W] (the pipeline's output, ``output_type="latent"``)}``.
     """
-    from .parameterization import convert_prediction
-
     pipeline = load_pipeline(pipeline)
-    if _is_vector_pipeline(pipeline):
-        raise ValueError("plot_denoising_grid needs an image pipeline (unet.config.sample_size set)")
+    if pipeline.is_vector_model:
+        raise ValueError("plot_denoising_grid needs an image pipeline (denoiser.config.sample_size set)")
     if isinstance(num_shown, bool) or not isinstance(num_shown, int) or not 2 <= num_shown <= num_inference_steps:
         raise ValueError(
             f"num_shown must be an int in [2, num_inference_steps={num_inference_steps}], got {num_shown!r}"
         )
     latents, generator = _initial_latents(pipeline, batch_size, seed)
-    recorder = _LatentRecorder()
-    call_kwargs = {} if class_labels is None else {"class_labels": class_labels}
+    recorder = _StepRecorder()
+    call_kwargs = dict(call_kwargs or {})
+    if class_labels is not None:
+        call_kwargs["class_labels"] = class_labels
     final = pipeline(
         batch_size=batch_size,
         num_inference_steps=num_inference_steps,
@@ -640,28 +631,15 @@ def plot_denoising_grid(
         latents=latents,
         output_type="latent",
         callback_on_step_end=recorder,
+        callback_on_step_end_tensor_inputs=["latents", "pred_original_sample"],
         **call_kwargs,
     ).images.cpu()
-    # the chain's x_t: x_T, then the latents after each step but the last (which is x_0, not a latent)
-    chain_samples = [latents.cpu()] + recorder.latents[:-1]
+    # step k's x_t is x_T, then the latents after step k - 1 (the last step's latents are x_0, not shown as x_t)
+    chain_samples = [latents.cpu()] + recorder.tensors["latents"][:-1]
     timesteps = pipeline.scheduler.timesteps.cpu()
     picks = np.linspace(0, len(timesteps) - 1, num_shown).round().astype(int)
-
-    unet = pipeline.unet
-    prediction_type = pipeline.scheduler.config.prediction_type
-    labels = None if class_labels is None else torch.as_tensor(class_labels).reshape(-1).expand(batch_size)
-    shown_samples, predicted = [], []
-    for pick in picks:
-        sample = chain_samples[pick].to(unet.device, unet.dtype)
-        timestep = timesteps[pick]
-        with torch.no_grad():
-            unet_kwargs = {} if labels is None else {"class_labels": labels.to(unet.device)}
-            output = unet(sample, timestep.to(unet.device), **unet_kwargs).sample[:, : sample.shape[1]]
-        alphas_cumprod_t = float(pipeline.scheduler.alphas_cumprod[int(timestep)])
-        predicted.append(convert_prediction(output, sample, alphas_cumprod_t, prediction_type, "sample").cpu())
-        shown_samples.append(sample.cpu())
-    samples = torch.stack(shown_samples)
-    predicted_original_samples = torch.stack(predicted)
+    samples = torch.stack([chain_samples[pick] for pick in picks])
+    predicted_original_samples = torch.stack([recorder.tensors["pred_original_sample"][pick] for pick in picks])
 
     figure = Figure(figsize=(2.1 * num_shown, 4.6))
     axes_grid = figure.subplots(2, num_shown, squeeze=False)
@@ -669,7 +647,9 @@ def plot_denoising_grid(
         t = int(timesteps[pick])
         _show_images(axes_grid[0, column], samples[column].clamp(-1, 1), f"x_t, t = {t}")
         _show_images(axes_grid[1, column], predicted_original_samples[column].clamp(-1, 1), f"x̂_0(x_t), t = {t}")
-    figure.suptitle("One sampling run: the latent x_t (top) and the model's estimate x̂_0 = E[x_0 | x_t] (bottom)")
+    figure.suptitle(
+        "One sampling run: the latent x_t (top) and the estimate x̂_0 of E[x_0 | x_t] its step used (bottom)"
+    )
     _save(figure, path)
     return {
         "timesteps": timesteps[picks],

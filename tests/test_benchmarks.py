@@ -154,6 +154,23 @@ def test_sampler_quality_quick(tmp_path):
     assert table[0] == "| sampler | 2 steps | 3 steps |" and len(table) == 4
     assert (output_dir / "sampler_quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    completed = run_script(
+        "sampler_quality.py",
+        *("--pipeline_dir", str(tmp_path / "pipeline"), "--output_dir", str(output_dir), "--append"),
+        *("--samplers", "dpmpp_2m", "ddim", "--steps", "3", "--num_samples", "4"),
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    appended = json.loads((output_dir / "sampler_quality.json").read_text())
+    assert appended["rows"][:3] == result["rows"][:3]  # kept; dpmpp_2m at 3 steps measured again
+    assert [(row["sampler"], row["steps"]) for row in appended["rows"][3:]] == [("dpmpp_2m", 3), ("ddim", 3)]
+    completed = run_script(
+        "sampler_quality.py",
+        *("--pipeline_dir", str(tmp_path / "pipeline"), "--output_dir", str(output_dir), "--append"),
+        *("--steps", "3", "--num_samples", "5"),
+        timeout=120,
+    )
+    assert completed.returncode == 2 and "--append: --num_samples 5 differs" in completed.stderr
+
 
 def test_sampler_quality_rejects_bad_arguments(tmp_path):
     completed = run_script("sampler_quality.py", "--pipeline_dir", str(tmp_path), "--num_samples", "1", timeout=120)

@@ -138,6 +138,26 @@ def test_text_pipeline_round_trip(tmp_path):
     torch.testing.assert_close(run(loaded), run(pipeline))
 
 
+def test_unexported_component_keeps_its_module_and_loads_from_a_folder(tmp_path):
+    """docs/pipelines.md saves pipelines of hvae_diffusion.testing's exact denoiser, which the package does not
+    export: its model_index.json entry keeps the module path, and the folder loads and samples the same."""
+    from hvae_diffusion.testing import ExactMixtureDenoiser
+
+    scheduler = HVAEScheduler(num_train_timesteps=20, clip_sample=False)
+    unet = ExactMixtureDenoiser(
+        [[-1.0, 0.0], [1.0, 0.0]], 0.3, alphas_cumprod=scheduler.alphas_cumprod.tolist(), in_channels=2
+    )
+    pipeline = quiet(HVAEPipeline(unet, scheduler))
+    pipeline.save_pretrained(tmp_path)
+    model_index = json.loads((tmp_path / "model_index.json").read_text())
+    assert model_index["unet"] == ["hvae_diffusion.testing", "ExactMixtureDenoiser"]
+    assert model_index["scheduler"] == [COMPONENT_MODULE_NAME, "HVAEScheduler"]
+    loaded = quiet(DiffusionPipeline.from_pretrained(tmp_path))
+    assert type(loaded.unet) is ExactMixtureDenoiser
+    run = lambda p: p(batch_size=3, num_inference_steps=4, generator=seeded()).images  # noqa: E731
+    torch.testing.assert_close(run(loaded), run(pipeline))
+
+
 def test_ddpm_pipeline_folder_loads_and_samples(tmp_path):
     unet = tiny_unet()
     ddpm = quiet(DDPMPipeline(unet, DDPMScheduler(num_train_timesteps=5)))

@@ -240,6 +240,55 @@ def test_denoising_grid_from_a_saved_tiny_unet_pipeline(tmp_path, single_thread)
         torch.testing.assert_close(predicted, expected)
 
 
+def test_denoising_grid_shows_the_pipelines_own_x0_estimates(tmp_path, single_thread):
+    """x̂_0 in the grid is the one each step used (``pred_original_sample`` of the callback): guided and clipped, not
+    the conditional UNet's output recomputed."""
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=4,
+        num_class_embeds=11,
+    )
+    scheduler = HVAEScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_start=0.01, beta_end=0.5, clip_sample=True)
+    pipeline = ClassifierFreeGuidancePipeline(unet=unet, scheduler=scheduler, null_class_label=10)
+    pipeline.set_progress_bar_config(disable=True)
+    result = plotting.plot_denoising_grid(
+        pipeline,
+        tmp_path / "f6.png",
+        num_inference_steps=5,
+        num_shown=5,
+        batch_size=2,
+        seed=1,
+        class_labels=3,
+        call_kwargs={"guidance_scale": 4.0},
+    )
+    assert_png(tmp_path / "f6.png")
+    recorded = []
+
+    def record(pipeline, step_index, timestep, callback_kwargs):
+        recorded.append(callback_kwargs["pred_original_sample"].clone())
+        return {}
+
+    pipeline(
+        class_labels=3,
+        batch_size=2,
+        guidance_scale=4.0,
+        num_inference_steps=5,
+        generator=torch.Generator().manual_seed(1),
+        output_type="latent",
+        callback_on_step_end=record,
+        callback_on_step_end_tensor_inputs=["latents", "pred_original_sample"],
+    )
+    torch.testing.assert_close(result["predicted_original_samples"], torch.stack(recorded), rtol=0, atol=0)
+    assert result["predicted_original_samples"].abs().max() <= 1  # clipped as the pipeline clips
+
+
 def test_bad_input(tmp_path, mixture):
     with pytest.raises(ValueError, match="path"):
         plotting.plot_forward_process(torch.zeros(4, 2), tmp_path / "f1.jpg", toy_scheduler(), timesteps=(0,))
