@@ -82,6 +82,32 @@ def test_two_calls_match_diffusers_loop(scheduler_class, extra, spacing, clip_sa
         assert pipeline.num_timesteps == len(reference_scheduler.timesteps)
 
 
+@pytest.mark.parametrize("num_inference_steps", [5, 20])
+def test_karras_sigmas_on_a_capped_cosine_schedule_step_through_repeated_timesteps(num_inference_steps):
+    """Karras σ on the demo's schedule (cosine, leading) map several σ to timestep 998. The pipeline tells the
+    scheduler the chain starts at its first step (set_begin_index(0)); looking the first timestep up by value would
+    land on its second occurrence and step past the end of the σ table."""
+    unet = tiny_unet()
+    config = base_config(beta_schedule="squaredcos_cap_v2", timestep_spacing="leading", use_karras_sigmas=True)
+    scheduler = DPMSolverMultistepScheduler.from_config(config)
+    scheduler.set_timesteps(num_inference_steps)
+    assert len(set(scheduler.timesteps.tolist())) < len(scheduler.timesteps)  # the case: a repeated timestep
+    pipeline = quiet(HVAEPipeline(unet, scheduler))
+    samples = pipeline(
+        batch_size=2, num_inference_steps=num_inference_steps, generator=seeded(0), output_type="latent"
+    ).images
+    reference = DPMSolverMultistepScheduler.from_config(config)
+    generator = seeded(0)
+    reference.set_timesteps(num_inference_steps)
+    reference.set_begin_index(0)
+    expected = randn_tensor((2, 1, 8, 8), generator=generator) * reference.init_noise_sigma
+    for t in reference.timesteps:
+        with torch.no_grad():
+            noise_pred = unet(reference.scale_model_input(expected, t), t).sample
+        expected = reference.step(noise_pred, t, expected, generator=generator).prev_sample
+    torch.testing.assert_close(samples, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_euler_leading_starts_at_the_sigma_of_its_own_timesteps():
     """The measured case: 10 leading steps start at σ = 60.8 (not 157), then 3 steps at σ = 9.5 (not 60.8)."""
     scheduler = EulerDiscreteScheduler.from_config(base_config(timestep_spacing="leading"))

@@ -321,6 +321,10 @@ class HVAESamplingPipeline(DiffusionPipeline):
         """Set the timesteps of ``self.scheduler`` (the scheduler that steps) and return them with ᾱ_t of each."""
         self._prediction_types = prediction_types(self.config.prediction_type, self.scheduler)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
+        # The chain starts at its first timestep: say so instead of letting the scheduler look it up by value, which
+        # lands on the wrong step where a schedule repeats a timestep (Karras σ on a capped cosine schedule).
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(0)
         timesteps = self.scheduler.timesteps
         self._num_timesteps = len(timesteps)
         return timesteps, chain_alphas_cumprod(self.scheduler, timesteps)
