@@ -34,8 +34,8 @@ from ..training.latents import (
     LatentDataset,
     LatentDiffusionLoss,
     check_latent_setting,
-    draw_latents,
     load_vae,
+    scaled_latents_of,
     vae_downsampling_factor,
 )
 from ..training.loop import NonFiniteLossError, make_accelerator, train
@@ -120,8 +120,7 @@ def run(args):
         scaling = (vae.config.scaling_factor, getattr(vae.config, "shift_factor", None))
         train_dataset = LatentDataset.encode(vae, train_dataset)
         loss_fn = LatentDiffusionLoss(loss_fn, *scaling)
-        test_posteriors = LatentDataset.encode(vae, test_dataset).posterior_parameters
-        test_samples = draw_latents(test_posteriors, torch.Generator().manual_seed(args.seed), *scaling)
+        test_samples = scaled_latents_of(vae, test_samples, torch.Generator().manual_seed(args.seed))
     torch.manual_seed(args.seed)
     if args.classifier_config is not None:
         with open(args.classifier_config) as handle:

@@ -145,6 +145,16 @@ def draw_latents(posterior_parameters, randomness, scaling_factor=1.0, shift_fac
     return scale_latents(mean + std * noise, scaling_factor, shift_factor)
 
 
+def scaled_latents_of(vae, samples, generator=None):
+    """One fresh y = (z_0 − shift)·s per image, z_0 ~ q_φ(z_0 | x), scaled as ``vae.config`` says: test inputs for
+    models trained on latents (a noisy classifier's accuracy, say)."""
+    means, stds = encode_posteriors(vae, samples)
+    config = vae.config
+    return draw_latents(
+        torch.cat([means, stds], dim=1), generator, config.scaling_factor, getattr(config, "shift_factor", None)
+    )
+
+
 class LatentDiffusionLoss:
     """A per-batch loss (``losses.DiffusionLoss``, or ``losses.NoisyClassifierLoss`` for a latent classifier) on a
     fresh, scaled z_0 per step from a ``LatentDataset`` batch.
