@@ -12,11 +12,18 @@ import math
 from dataclasses import dataclass
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
-from .forward_process import signal_to_noise_ratio
+from .forward_process import (
+    broadcast_to,
+    posterior_mean_coefficients,
+    posterior_variance,
+    signal_to_noise_ratio,
+)
 from .parameterization import check_prediction_type
 
 LOSS_WEIGHTINGS = ("simple", "elbo", "min_snr")
+DECODER_VARIANCES = ("model", "improved_ddpm")
 
 
 def _sum_per_sample(values: torch.Tensor) -> torch.Tensor:
@@ -111,6 +118,20 @@ def x0_error_jacobian_squared(prediction_type: str, alphas_cumprod_t):
     }[prediction_type]
 
 
+def denoising_x0_weight(alphas_cumprod_t, prev_alphas_cumprod, model_log_variance) -> torch.Tensor:
+    """λ_t, the weight of ‖x̂_0 − x_0‖² in the denoising-matching KL when p_θ's variance is Σ_t = e^model_log_variance.
+
+    With c_t the x_0 weight of the posterior mean (``forward_process.posterior_mean_coefficients``),
+    KL(q(x_{t−1} | x_t, x_0) ‖ p_θ(x_{t−1} | x_t)) = c_t² ‖x̂_0 − x_0‖² / 2Σ_t + ½ D [log Σ_t − log σ_q² + σ_q²/Σ_t − 1],
+    and the second part does not depend on the mean, so λ_t = c_t² / 2Σ_t. With Σ_t = σ_q² ("fixed_small") this is
+    ½ (SNR(t−1) − SNR(t)); with Σ_t = β_t ("fixed_large") it is that times σ_q²/β_t. At the first latent
+    (ᾱ_{t−1} = 1, c = 1) the same λ = 1/2Σ_1 makes the Gaussian reconstruction −log N(x_0; x̂_0, Σ_1) up to its
+    constant.
+    """
+    x0_coefficient, _ = posterior_mean_coefficients(alphas_cumprod_t, prev_alphas_cumprod)
+    return 0.5 * x0_coefficient**2 * torch.exp(-model_log_variance)
+
+
 def loss_weight(
     prediction_type: str,
     weighting: str,
@@ -118,21 +139,25 @@ def loss_weight(
     prev_alphas_cumprod: torch.Tensor,
     snr_gamma: float = 5.0,
     first_latent_log_variance: torch.Tensor | None = None,
+    model_log_variance: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-timestep weight w_t so that w_t ‖prediction − target‖² (summed over dimensions) is the chosen objective.
 
     Each weighting fixes a weight λ_t on the x_0 error ‖x̂_0 − x_0‖², then ``x0_error_jacobian_squared`` carries it
     to the model's own parameterization:
 
-    - ``"elbo"``: λ_t = ½ (SNR(t−1) − SNR(t)), which makes w_t ‖·‖² exactly the denoising-matching KL
-      ‖μ_θ − μ_q‖² / 2σ_q². In ε terms that is (1/2σ_q²) (1 − α_t)² / ((1 − ᾱ_t) α_t), in score terms
-      (1/2σ_q²) (1 − α_t)² / α_t (the table in THEORY.md). For the first latent (ᾱ_{t−1} = 1) the term is the
-      reconstruction −log N(x_0; x̂_0, σ_1²), so λ = 1 / 2σ_1² with σ_1² = exp(``first_latent_log_variance``).
+    - ``"elbo"``: λ_t of ``denoising_x0_weight``, which makes w_t ‖·‖² the denoising-matching KL minus its part free
+      of the mean (the reconstruction −log N(x_0; x̂_0, Σ_1) up to a constant at the first latent), for p_θ's
+      variance Σ_t = exp(``model_log_variance``). Without ``model_log_variance``, Σ_t = σ_q² and
+      Σ_1 = exp(``first_latent_log_variance``) at the first latent, where σ_q² = 0. A learned variance is unknown
+      when the weight is drawn; ``HVAEScheduler`` then weighs with σ_q², the KL-optimal variance when x̂_0 = x_0
+      (docs/theory.md, section 6).
     - ``"simple"``: the DDPM objective, a uniform MSE on ε, whatever the model predicts: λ_t = SNR(t).
     - ``"min_snr"``: Min-SNR-γ (Hang et al. 2023): λ_t = min(SNR(t), γ) with γ = ``snr_gamma``.
 
     Args:
         alphas_cumprod_t, prev_alphas_cumprod: ᾱ_t and ᾱ_{t−1} (1 for the first latent), float tensors ``[B]``.
+        model_log_variance: log Σ_t of p_θ, ``[B]``.
     """
     if weighting not in LOSS_WEIGHTINGS:
         raise ValueError(f"weighting must be one of {LOSS_WEIGHTINGS}, got {weighting!r}")
@@ -146,21 +171,34 @@ def loss_weight(
     elif weighting == "min_snr":
         x0_weight = snr.clamp(max=snr_gamma)
     else:
-        is_first_latent = prev_alphas_cumprod >= 1
-        safe_prev = torch.where(is_first_latent, alphas_cumprod_t, prev_alphas_cumprod)
-        x0_weight = 0.5 * (signal_to_noise_ratio(safe_prev) - snr)
-        if bool(is_first_latent.any()):
-            if first_latent_log_variance is None:
+        if model_log_variance is None:
+            is_first_latent = prev_alphas_cumprod >= 1
+            if bool(is_first_latent.any()) and first_latent_log_variance is None:
                 raise ValueError("first_latent_log_variance is required for elbo weighting at the first latent")
-            first_weight = 0.5 * torch.exp(-torch.as_tensor(first_latent_log_variance, dtype=torch.float64))
-            x0_weight = torch.where(is_first_latent, first_weight.to(x0_weight.device), x0_weight)
+            first = torch.as_tensor(0.0 if first_latent_log_variance is None else first_latent_log_variance)
+            model_log_variance = torch.where(
+                is_first_latent,
+                first.to(alphas_cumprod_t.device, torch.float64),
+                posterior_variance(alphas_cumprod_t, prev_alphas_cumprod).log(),
+            )
+        model_log_variance = torch.as_tensor(model_log_variance, dtype=torch.float64, device=alphas_cumprod_t.device)
+        x0_weight = denoising_x0_weight(alphas_cumprod_t, prev_alphas_cumprod, model_log_variance)
     return x0_weight * x0_error_jacobian_squared(prediction_type, alphas_cumprod_t)
 
 
+def loss_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The precision a loss is computed and returned in: the inputs' promoted dtype, float32 for half types."""
+    dtype = torch.float32
+    for tensor in tensors:
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype
+
+
 def weighted_mse(prediction, target, weight) -> torch.Tensor:
-    """Per-sample w_t Σ_i (prediction_i − target_i)², computed in float32 or wider."""
-    squared_error = _sum_per_sample((prediction.float() - target.float()) ** 2)
-    return torch.as_tensor(weight, device=squared_error.device).to(squared_error.dtype) * squared_error
+    """Per-sample w_t Σ_i (prediction_i − target_i)², in ``loss_dtype`` of the prediction and target."""
+    dtype = loss_dtype(prediction, target)
+    squared_error = _sum_per_sample((prediction.to(dtype) - target.to(dtype)) ** 2)
+    return torch.as_tensor(weight, device=squared_error.device).to(dtype) * squared_error
 
 
 @dataclass
@@ -198,3 +236,85 @@ class ELBOTerms:
     def bits_per_dim(self) -> torch.Tensor:
         """−ELBO / (D ln 2) per sample."""
         return bits_per_dim(-self.elbo, self.num_dims)
+
+
+def elbo_terms(
+    scheduler,
+    denoiser,
+    original_samples: torch.Tensor,
+    generator: torch.Generator | None = None,
+    discrete: bool = True,
+    num_timesteps: int | None = None,
+    decoder_variance: str = "model",
+) -> ELBOTerms:
+    """The three ELBO terms of a batch of data for the chain ``scheduler.timesteps``, one denoiser call per latent.
+
+    For each latent t (with previous latent t'), x_t ~ q(x_t | x_0) is drawn once and the term is
+    KL(q(x_{t'} | x_t, x_0) ‖ p_θ(x_{t'} | x_t)); the last latent gives the reconstruction
+    log p_θ(x_0 | x_1), discretized to 8 bits when ``discrete`` (data in [−1, 1]) and a Gaussian density
+    otherwise; the prior term uses the first (noisiest) latent.
+
+    Args:
+        scheduler: an ``HVAEScheduler``; its chain and ``variance_type`` define p_θ.
+        denoiser: ``denoiser(x_t, timesteps)`` returning the model output (a tensor or an object with ``.sample``,
+            like a Diffusers UNet), called under ``torch.no_grad``.
+        original_samples: x_0, ``[B, ...]``.
+        num_timesteps: evaluate only this many denoising-matching latents, drawn uniformly without replacement
+            (with ``generator``); the total is then an unbiased estimate scaled by ``denoising_scale``.
+        decoder_variance: ``"model"`` (the scheduler's Σ at the last latent) or ``"improved_ddpm"``, improved DDPM's
+            convention for "fixed_large"/"fixed_large_log": the decoder uses the posterior variance σ_q² of the
+            latent before the last instead of β_1 (docs/theory.md, section 5, "Conventions"); other variance types are
+            unaffected.
+    """
+    if decoder_variance not in DECODER_VARIANCES:
+        raise ValueError(f"decoder_variance must be one of {DECODER_VARIANCES}, got {decoder_variance!r}")
+    chain = scheduler.timesteps.cpu()
+    denoising_chain = chain[:-1]
+    scale = 1.0
+    if num_timesteps is not None:
+        if not 1 <= num_timesteps <= len(denoising_chain):
+            raise ValueError(f"num_timesteps must be between 1 and {len(denoising_chain)}, got {num_timesteps}")
+        pick = torch.randperm(len(denoising_chain), generator=generator)[:num_timesteps].sort().values
+        denoising_chain = denoising_chain[pick]
+        scale = len(chain[:-1]) / num_timesteps
+    batch_size = original_samples.shape[0]
+    device, dtype = original_samples.device, original_samples.dtype
+
+    def evaluate(timestep):
+        timesteps = torch.full((batch_size,), int(timestep), dtype=torch.long, device=device)
+        noise = randn_tensor(original_samples.shape, generator=generator, device=device, dtype=dtype)
+        sample = scheduler.add_noise(original_samples, noise, timesteps)
+        with torch.no_grad():
+            output = denoiser(sample, timesteps)
+        output = getattr(output, "sample", output)
+        mean, log_variance, _ = scheduler.predicted_mean_log_variance(output, sample, timesteps)
+        return sample, timesteps, mean, broadcast_to(log_variance.to(dtype), sample)
+
+    kls = []
+    for timestep in denoising_chain.tolist():
+        sample, timesteps, model_mean, model_log_variance = evaluate(timestep)
+        true_mean, true_variance = scheduler.posterior_mean_variance(original_samples, sample, timesteps)
+        true_log_variance = broadcast_to(true_variance.log().to(dtype), sample)
+        kls.append(denoising_matching_kl(true_mean, true_log_variance, model_mean, model_log_variance))
+
+    _, _, decoder_mean, decoder_log_variance = evaluate(chain[-1])
+    large = scheduler.config.variance_type in ("fixed_large", "fixed_large_log")
+    if decoder_variance == "improved_ddpm" and large and len(chain) > 1:
+        alphas_cumprod = scheduler.alphas_cumprod
+        improved = posterior_variance(alphas_cumprod[chain[-2]], alphas_cumprod[chain[-1]]).log()
+        decoder_log_variance = torch.full_like(decoder_log_variance, float(improved))
+    if discrete:
+        reconstruction = discretized_gaussian_log_likelihood(
+            original_samples, decoder_mean, 0.5 * decoder_log_variance
+        )
+    else:
+        reconstruction = gaussian_log_likelihood(original_samples, decoder_mean, decoder_log_variance)
+    prior = prior_matching_kl(original_samples, scheduler.alphas_cumprod[int(chain[0])])
+    return ELBOTerms(
+        reconstruction=reconstruction,
+        prior_matching=prior,
+        denoising_matching=torch.stack(kls, dim=1) if kls else original_samples.new_zeros(batch_size, 0),
+        timesteps=denoising_chain,
+        denoising_scale=scale,
+        num_dims=math.prod(original_samples.shape[1:]),
+    )

@@ -1,6 +1,6 @@
 """The fixed encoder of the hierarchical VAE: noise schedules, q(x_t | x_0) and the posterior q(x_{t-1} | x_t, x_0).
 
-Notation (see ``THEORY.md``): α_t is the per-step signal kept, β_t = 1 − α_t, ᾱ_t = Π_{s≤t} α_s and
+Notation (see docs/theory.md): α_t is the per-step signal kept, β_t = 1 − α_t, ᾱ_t = Π_{s≤t} α_s and
 SNR(t) = ᾱ_t / (1 − ᾱ_t). As in Diffusers, timesteps are indexed 0..T−1 and ``alphas_cumprod[t]`` is ᾱ at index t;
 the "previous" ᾱ of the first latent is 1 (x_0 is the data).
 
@@ -184,5 +184,7 @@ def learned_range_log_variance(variance_fraction, min_log_variance, max_log_vari
     ``variance_fraction`` is the model's extra output, nominally in [−1, 1]; ``min_log_variance`` is log σ_q²
     (clipped away from −∞ at the first latent) and ``max_log_variance`` is log β_t, both broadcastable to it.
     """
-    fraction = (variance_fraction + 1) / 2
-    return fraction * max_log_variance + (1 - fraction) * min_log_variance
+    # The same interpolation as one multiply-add in the output: (max + min)/2 + output · (max − min)/2.
+    half_range = (max_log_variance - min_log_variance) / 2
+    midpoint = (max_log_variance + min_log_variance) / 2
+    return variance_fraction * half_range + midpoint

@@ -2,7 +2,7 @@
 
 One function per figure. Each writes a PNG to ``path`` and returns the numbers it plotted (tensors or numpy arrays
 in a dict), so a test can check that they are the library's: the plotted ᾱ_t is the scheduler's, the exact score is
-``GaussianMixture.score``, the ELBO terms are ``HVAEScheduler.elbo_terms``, the samples are the pipelines'.
+``GaussianMixture.score``, the ELBO terms are ``elbo.elbo_terms``, the samples are the pipelines'.
 
 Matplotlib is used through ``matplotlib.figure.Figure`` only (never ``pyplot``), so the PNGs are rendered with the
 Agg canvas, no display is needed and no global state is touched.
@@ -23,6 +23,7 @@ import torch
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 
+from .elbo import elbo_terms
 from .forward_process import BETA_SCHEDULES, signal_to_noise_ratio
 
 _CLASS_COLORS = (
@@ -273,7 +274,7 @@ def plot_score_field(
 
 
 def plot_elbo_terms(models, original_samples, path, seed: int = 0, discrete: bool = False) -> dict:
-    """Figure 4: the ELBO's three terms for trained denoisers, side by side (``HVAEScheduler.elbo_terms``).
+    """Figure 4: the ELBO's three terms for trained denoisers, side by side (``elbo.elbo_terms``).
 
     Left: the denoising-matching term KL(q(x_{t−1} | x_t, x_0) ‖ p_θ(x_{t−1} | x_t)) per t (batch mean, nats).
     Right: −reconstruction E[−log p_θ(x_0 | x_1)], the prior-matching KL(q(x_T | x_0) ‖ N(0, I)), the summed
@@ -295,8 +296,8 @@ def plot_elbo_terms(models, original_samples, path, seed: int = 0, discrete: boo
     original_samples = torch.as_tensor(original_samples)
     result = {}
     for label, (denoiser, scheduler) in models.items():
-        terms = scheduler.elbo_terms(
-            denoiser, original_samples, generator=torch.Generator().manual_seed(seed), discrete=discrete
+        terms = elbo_terms(
+            scheduler, denoiser, original_samples, generator=torch.Generator().manual_seed(seed), discrete=discrete
         )
         result[label] = {
             "terms": terms,

@@ -1,22 +1,29 @@
 """HVAEScheduler: ancestral sampling of the diffusion hierarchical VAE, as a Diffusers scheduler.
 
-The scheduler is a thin layer over the pure functions of ``forward_process``, ``parameterization`` and ``elbo``:
-it owns the noise schedule and the chain of latents being sampled, precomputes each step's coefficients once in
-float64, and exposes the HVAE quantities (q(x_t | x_0), the posterior, p_θ(x_{t−1} | x_t), the ELBO terms) to
-pipelines and training code.
+It is Diffusers' ``DDPMScheduler``, whose ``step`` already is the HVAE's p_θ(x_{t'} | x_t) (including α = ᾱ_t / ᾱ_{t'}
+between the kept latents of a respaced chain), plus what the HVAE view adds: the "score" parameterization, float64
+schedule tables, each step's coefficients precomputed once per chain, a check for non-finite input, and the HVAE
+quantities (q(x_t | x_0), the posterior q(x_{t'} | x_t, x_0), p_θ(x_{t'} | x_t) and the loss weights) that ``elbo``
+and the training code read. The timestep spacings, dynamic thresholding, ``scale_model_input`` and ``__len__`` are
+DDPMScheduler's own, inherited.
 """
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
+from diffusers import DDPMScheduler
+from diffusers.configuration_utils import register_to_config
+
+# Diffusers' pipeline loader imports a component's module and looks up the loadable base classes there by name, so
+# SchedulerMixin must be importable from this module for saved pipelines to load.
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin  # noqa: F401
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from . import elbo as elbo_terms_module
+from . import elbo
 from .forward_process import (
     BETA_SCHEDULES,
     alphas_cumprod_from_betas,
@@ -28,10 +35,18 @@ from .forward_process import (
     q_sample,
     rescale_zero_terminal_snr,
     signal_to_noise_ratio,
+    step_alphas,
 )
-from .parameterization import PREDICTION_TYPES, convert_prediction, training_target, velocity
+from .parameterization import (
+    PREDICTION_TYPES,
+    convert_prediction,
+    split_learned_variance,
+    training_target,
+    velocity,
+)
 
-VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
+LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 
@@ -50,48 +65,62 @@ class HVAESchedulerOutput(BaseOutput):
     pred_original_sample: torch.Tensor | None = None
 
 
-def _step_noise(like: torch.Tensor, generator) -> torch.Tensor:
-    """Standard normal noise shaped like ``like``, drawn as ``randn_tensor`` draws it (same numbers).
-
-    One generator on ``like``'s device (or none) calls ``torch.randn`` directly: ``randn_tensor``'s checks cost a
-    few microseconds a step, a visible share of a step at small shapes.
-    """
-    if generator is None or (isinstance(generator, torch.Generator) and generator.device.type == like.device.type):
-        return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
-    return randn_tensor(like.shape, generator=generator, device=like.device, dtype=like.dtype)
-
-
 def _check_choice(name, value, allowed):
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
-class HVAEScheduler(SchedulerMixin, ConfigMixin):
+def _check_bool(name, value):
+    # A config edited by hand can hold the string "false", which is truthy.
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
+
+
+def _check_number(name, value, low=None, high=None):
+    """``value`` must be a real number, in (low, high] when bounds are given."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value) or (low is not None and not value > low) or (high is not None and value > high):
+        raise ValueError(f"{name} must be a finite number in ({low}, {high}], got {value!r}")
+
+
+def _check_int(name, value, minimum):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be ≥ {minimum}, got {value}")
+
+
+def _is_finite(values: torch.Tensor) -> bool:
+    """Whether every element is finite, at the cost of one summation in the common case.
+
+    The float32 sum is the cheapest reduction (an ``isfinite(...).all()`` costs 20× more on the CPU), but it
+    overflows for large finite values, so a non-finite sum is confirmed elementwise before the answer is no.
+    """
+    return math.isfinite(torch.sum(values, dtype=torch.float32).item()) or bool(torch.isfinite(values).all())
+
+
+class HVAEScheduler(DDPMScheduler):
     """Ancestral sampler of the diffusion HVAE with the fixed encoder q(x_t | x_{t−1}) = N(√α_t x_{t−1}, (1 − α_t) I).
 
     Each ``step`` draws x_{t'} ~ p_θ(x_{t'} | x_t) = N(μ_θ, Σ), where μ_θ is the posterior mean μ_q with the model's
-    x̂_0 in place of x_0 and t' is the previous timestep of the chain. On a subsequence of timesteps the step's α is
-    ᾱ_t / ᾱ_{t'}, so sampling with fewer steps is the exact HVAE with fewer latents.
+    x̂_0 in place of x_0 and t' is the previous timestep of the chain (α = ᾱ_t / ᾱ_{t'} between kept latents, as in
+    ``DDPMScheduler``). Its samples equal DDPMScheduler's from the same seed; the last step returns the decoder's mean
+    (DDPMScheduler adds noise there whenever t > 0, as at the end of a "trailing" chain).
 
-    The constructor takes the same arguments as Diffusers' ``DDPMScheduler`` (and the same defaults, so it is a
-    drop-in replacement); its config loads into ``DDIMScheduler``, ``DPMSolverMultistepScheduler``,
-    ``EulerDiscreteScheduler`` and the other Karras schedulers, and theirs into it. To give explicit per-step
-    alphas use ``HVAEScheduler.from_alphas``: they are stored as ``trained_betas`` = 1 − α, which every
-    Diffusers scheduler understands.
+    The constructor takes DDPMScheduler's arguments with its defaults, so configs load either way and into
+    ``DDIMScheduler``, ``DPMSolverMultistepScheduler``, ``EulerDiscreteScheduler`` and the other Karras schedulers.
+    To give explicit per-step alphas use ``HVAEScheduler.from_alphas``: they are stored as ``trained_betas`` = 1 − α,
+    which every Diffusers scheduler understands. What differs from DDPMScheduler:
 
-    Args:
-        num_train_timesteps: T, the number of latents.
-        beta_start, beta_end, beta_schedule: a named schedule, one of "linear", "scaled_linear",
-            "squaredcos_cap_v2", "sigmoid" (see ``forward_process.make_betas``).
-        trained_betas: explicit β_1..β_T in (0, 1]; overrides the named schedule.
-        variance_type: Σ of p_θ: "fixed_small" (σ_q², the posterior variance), "fixed_large" (β_t) or
-            "learned_range" (the model outputs 2C channels, the last C interpolate between the two in log space).
-        clip_sample, clip_sample_range: clamp x̂_0 to [−range, range].
-        prediction_type: what the model outputs: "epsilon", "sample", "v_prediction" or "score" (∇log p(x_t)).
-        thresholding, dynamic_thresholding_ratio, sample_max_value: Imagen's dynamic thresholding of x̂_0.
-        timestep_spacing: "leading", "trailing" or "linspace", as in Diffusers.
-        steps_offset: added to "leading" timesteps.
-        rescale_betas_zero_snr: rescale the schedule so that SNR(T) = 0 (Lin et al. 2023).
+    - ``prediction_type`` may also be "score" (∇log p(x_t)).
+    - ``betas``, ``alphas`` and ``alphas_cumprod`` are float64 (1 − ᾱ_t near t = 0 loses digits in float32).
+    - ``variance_type`` "fixed_large_log" is β_t, like "fixed_large" (Glide's max_log); DDPMScheduler's ``step``
+      takes the square root of log β_t there, which is NaN. "learned" reads the variance channels as Σ itself, as
+      DDPMScheduler does. A model with 2C output channels may be sampled with a fixed variance: the variance channels
+      are then ignored.
+    - Non-finite model output or sample raises a ``ValueError`` on the CPU; ``prev_sample`` and
+      ``pred_original_sample`` keep the sample's dtype whatever the model output's.
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
@@ -116,9 +145,20 @@ class HVAEScheduler(SchedulerMixin, ConfigMixin):
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
     ):
+        _check_int("num_train_timesteps", num_train_timesteps, 1)
+        _check_int("steps_offset", steps_offset, 0)
         _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
         _check_choice("variance_type", variance_type, VARIANCE_TYPES)
         _check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+        for name, value in (
+            ("clip_sample", clip_sample),
+            ("thresholding", thresholding),
+            ("rescale_betas_zero_snr", rescale_betas_zero_snr),
+        ):
+            _check_bool(name, value)
+        _check_number("dynamic_thresholding_ratio", dynamic_thresholding_ratio, 0, 1)
+        _check_number("clip_sample_range", clip_sample_range, 0)
+        _check_number("sample_max_value", sample_max_value, 0)
         if trained_betas is not None:
             betas = torch.as_tensor(np.asarray(trained_betas, dtype=np.float64))
             if betas.ndim != 1 or betas.shape[0] != num_train_timesteps:
@@ -130,10 +170,18 @@ class HVAEScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError("trained_betas must lie in (0, 1] (equivalently alphas in [0, 1))")
         else:
             _check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
+            _check_number("beta_start", beta_start)
+            _check_number("beta_end", beta_end)
             betas = make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end)
+            if not bool(((betas > 0) & (betas <= 1)).all()):
+                raise ValueError(
+                    f"beta_start={beta_start} and beta_end={beta_end} give betas outside (0, 1] for "
+                    f"beta_schedule={beta_schedule!r} (min {float(betas.min()):.3g}, max {float(betas.max()):.3g})"
+                )
         if rescale_betas_zero_snr:
             betas = rescale_zero_terminal_snr(betas)
 
+        # DDPMScheduler's attributes with float64 tables; its __init__ would build float32 ones, so it is not called.
         self.betas = betas
         self.alphas = 1.0 - betas
         self.alphas_cumprod = alphas_cumprod_from_betas(betas)
@@ -143,9 +191,12 @@ class HVAEScheduler(SchedulerMixin, ConfigMixin):
             # stays usable.
             self.alphas_cumprod[-1] = 2**-24
         self.init_noise_sigma = 1.0
-        self.num_inference_steps = None
         self.custom_timesteps = False
-        self._set_chain(np.arange(num_train_timesteps)[::-1].copy())
+        self.num_inference_steps = None
+        self.variance_type = variance_type
+        self._begin_index = None
+        self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1)
+        self._set_chain(self.timesteps)
 
     @classmethod
     def from_alphas(cls, alphas, **kwargs) -> "HVAEScheduler":
@@ -157,24 +208,23 @@ class HVAEScheduler(SchedulerMixin, ConfigMixin):
 
     # ------------------------------------------------------------------ the chain of latents being sampled
 
-    def _set_chain(self, timesteps: np.ndarray) -> None:
+    def _set_chain(self, timesteps: torch.Tensor) -> None:
         """Precompute, once per chain, every per-step coefficient that ``step`` needs (float64, then to floats)."""
-        timesteps = np.asarray(timesteps, dtype=np.int64)
-        self.timesteps = torch.from_numpy(timesteps)
-        self._index_of_timestep = {int(t): i for i, t in enumerate(timesteps)}
-        # the same map as a table over all train timesteps (−1 off the chain), for whole batches at once
+        timesteps = timesteps.cpu().long()
+        # Host copies: ``step`` and the batch lookups read them without a device sync.
+        self._chain_timesteps = timesteps.tolist()
+        self._index_of_timestep = {t: i for i, t in enumerate(self._chain_timesteps)}
         self._chain_index_table = torch.full((self.config.num_train_timesteps,), -1, dtype=torch.long)
-        self._chain_index_table[torch.from_numpy(timesteps)] = torch.arange(len(timesteps))
-        previous = np.append(timesteps[1:], -1)
-        self._previous_timesteps = previous
+        self._chain_index_table[timesteps] = torch.arange(len(timesteps))
+        previous = torch.cat([timesteps[1:], torch.tensor([-1])])
+        self._previous_timesteps = previous.tolist()
+        self._step_index = None
 
-        alphas_cumprod_t = self.alphas_cumprod[torch.from_numpy(timesteps)]
-        prev_alphas_cumprod = torch.where(
-            torch.from_numpy(previous) >= 0, self.alphas_cumprod[torch.from_numpy(previous).clamp(min=0)], 1.0
-        )
+        alphas_cumprod_t = self.alphas_cumprod[timesteps]
+        prev_alphas_cumprod = torch.where(previous >= 0, self.alphas_cumprod[previous.clamp(min=0)], 1.0)
         x0_coefficient, sample_coefficient = posterior_mean_coefficients(alphas_cumprod_t, prev_alphas_cumprod)
         variance_small = posterior_variance(alphas_cumprod_t, prev_alphas_cumprod)
-        step_betas = 1 - alphas_cumprod_t / prev_alphas_cumprod
+        step_betas = 1 - step_alphas(alphas_cumprod_t, prev_alphas_cumprod)
         # σ_q² of the last step is 0; as in improved DDPM, its log uses the step before (or β when there is none).
         clip_value = variance_small[-2] if len(timesteps) > 1 else step_betas[-1]
         min_log_variance = torch.where(variance_small > 0, variance_small, clip_value).log()
@@ -185,6 +235,7 @@ class HVAEScheduler(SchedulerMixin, ConfigMixin):
         x0_from_sample = convert_prediction(zeros, ones, alphas_cumprod_t, prediction_type, "sample")
         x0_from_output = convert_prediction(ones, zeros, alphas_cumprod_t, prediction_type, "sample")
 
+        # ``step`` reads the (frozen) config through these: a config lookup costs more than a small step's arithmetic.
         self._chain_alphas_cumprod = alphas_cumprod_t
         self._chain_prev_alphas_cumprod = prev_alphas_cumprod
         self._chain_min_log_variance = min_log_variance
@@ -192,7 +243,8 @@ class HVAEScheduler(SchedulerMixin, ConfigMixin):
         # log Σ of the fixed variance types at every latent, the decoder p_θ(x_0 | x_t) included: "fixed_large" is
         # β_t throughout (Bayes-optimal for data broad compared with √β_t, so the ELBO of continuous data tightens to
         # log p(x_0) as T grows); "fixed_small" uses the clipped σ_q² (improved DDPM), suited to data on a grid.
-        large = self.config.variance_type == "fixed_large"
+        # The learned types use σ_q² here, for the loss weights (see ``elbo.loss_weight``).
+        large = self.config.variance_type.startswith("fixed_large")
         self._chain_fixed_log_variance = self._chain_max_log_variance if large else min_log_variance
         fixed_variance = step_betas if large else variance_small
         self._step_coefficients = [
@@ -214,10 +266,10 @@ class HVAEScheduler(SchedulerMixin, ConfigMixin):
         device: str | torch.device | None = None,
         timesteps: list[int] | None = None,
     ) -> None:
-        """Choose the latents to sample: ``num_inference_steps`` spaced by ``timestep_spacing``, or explicit ``timesteps``.
+        """DDPMScheduler's ``set_timesteps``, with errors that name the argument, then the chain's coefficients.
 
         Args:
-            num_inference_steps: how many latents, 1 ≤ n ≤ ``num_train_timesteps``.
+            num_inference_steps: how many latents, 1 ≤ n ≤ ``num_train_timesteps``, spaced by ``timestep_spacing``.
             device: where ``self.timesteps`` lives.
             timesteps: strictly descending timesteps in [0, ``num_train_timesteps``).
         """
@@ -232,7 +284,7 @@ class HVAEScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError(f"timesteps must be strictly descending, got {timesteps.tolist()}")
             if timesteps[0] >= num_train_timesteps or timesteps[-1] < 0:
                 raise ValueError(f"timesteps must lie in [0, {num_train_timesteps}), got {timesteps.tolist()}")
-            self.custom_timesteps = True
+            super().set_timesteps(device=device, timesteps=timesteps.tolist())
             self.num_inference_steps = len(timesteps)
         else:
             if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
@@ -242,38 +294,41 @@ class HVAEScheduler(SchedulerMixin, ConfigMixin):
                     f"num_inference_steps must be between 1 and num_train_timesteps={num_train_timesteps}, "
                     f"got {num_inference_steps}"
                 )
-            timesteps = self._spaced_timesteps(int(num_inference_steps))
-            self.custom_timesteps = False
-            self.num_inference_steps = int(num_inference_steps)
-        self._set_chain(timesteps)
-        self.timesteps = self.timesteps.to(device)
+            super().set_timesteps(int(num_inference_steps), device=device)
+            if int(self.timesteps[0]) >= num_train_timesteps:
+                raise ValueError(
+                    f"steps_offset={self.config.steps_offset} pushes the first timestep past num_train_timesteps"
+                )
+        self._begin_index = None
+        self._set_chain(self.timesteps)
 
-    def _spaced_timesteps(self, num_inference_steps: int) -> np.ndarray:
-        """Diffusers' three spacings (Lin et al. 2023, Table 2)."""
-        num_train_timesteps = self.config.num_train_timesteps
-        spacing = self.config.timestep_spacing
-        if spacing == "linspace":
-            timesteps = np.linspace(0, num_train_timesteps - 1, num_inference_steps).round()[::-1]
-        elif spacing == "leading":
-            step_ratio = num_train_timesteps // num_inference_steps
-            timesteps = (np.arange(num_inference_steps) * step_ratio).round()[::-1] + self.config.steps_offset
-        else:
-            step_ratio = num_train_timesteps / num_inference_steps
-            timesteps = np.round(np.arange(num_train_timesteps, 0, -step_ratio)) - 1
-        timesteps = timesteps.astype(np.int64)
-        if timesteps[0] >= num_train_timesteps:
-            raise ValueError(
-                f"steps_offset={self.config.steps_offset} pushes the first timestep past num_train_timesteps"
-            )
-        return timesteps.copy()
+    # Diffusers' step-index convention (as in EulerDiscreteScheduler): a counter set by the first ``step`` (or by
+    # ``set_begin_index``) and advanced by each step, so a timestep on an accelerator is never read back to the host.
 
-    def _chain_index(self, timestep) -> int:
+    @property
+    def step_index(self) -> int | None:
+        """The chain position of the next ``step``; ``None`` before the first step of a chain."""
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        """The chain position of the first step, when a pipeline set it with ``set_begin_index``."""
+        return self._begin_index
+
+    # Copied from diffusers.schedulers.scheduling_dpmsolver_multistep.DPMSolverMultistepScheduler.set_begin_index
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """
+        Sets the begin index for the scheduler. This function should be run from pipeline before the inference.
+
+        Args:
+            begin_index (`int`, defaults to `0`):
+                The begin index for the scheduler.
+        """
+        self._begin_index = begin_index
+
+    def index_for_timestep(self, timestep) -> int:
         """Position of ``timestep`` in the chain; a ``ValueError`` if it is not one of ``self.timesteps``."""
         if isinstance(timestep, torch.Tensor):
-            if timestep.ndim == 0 and timestep._base is self.timesteps:
-                # An element of self.timesteps, as a pipeline's loop hands it over: its position is its storage
-                # offset, read on the host, so a CUDA timestep costs no device-to-host sync per step.
-                return (timestep.storage_offset() - self.timesteps.storage_offset()) // self.timesteps.stride(0)
             if timestep.numel() != 1:
                 raise ValueError(f"timestep must be a single value, got shape {tuple(timestep.shape)}")
             timestep = timestep.item()
@@ -284,62 +339,58 @@ class HVAEScheduler(SchedulerMixin, ConfigMixin):
             )
         return index
 
+    def _current_index(self, timestep) -> int:
+        """The step index of ``timestep``: the counter, checked against ``timestep`` when that costs no device sync.
+
+        A Python number or a CPU tensor that disagrees with the counter (a chain stepped again, or a step at another
+        of its timesteps) is looked up afresh; an accelerator tensor is trusted to follow the counter, as Diffusers'
+        schedulers trust it.
+        """
+        index = self._step_index if self._step_index is not None else self._begin_index
+        if index is None or index >= len(self._chain_timesteps):
+            return self.index_for_timestep(timestep)
+        if isinstance(timestep, torch.Tensor):
+            if timestep.device.type != "cpu":
+                return index
+            if timestep.numel() != 1:
+                return self.index_for_timestep(timestep)
+            timestep = timestep.item()  # a Python comparison costs a tenth of a tensor one
+        return index if timestep == self._chain_timesteps[index] else self.index_for_timestep(timestep)
+
     def previous_timestep(self, timestep) -> int:
         """The timestep of the next latent of the chain (−1 after the last one, where x_0 comes out)."""
-        return int(self._previous_timesteps[self._chain_index(timestep)])
-
-    def scale_model_input(self, sample: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
-        """The HVAE's latents need no input scaling: returns ``sample`` unchanged (for scheduler interchangeability)."""
-        return sample
-
-    def __len__(self) -> int:
-        return self.config.num_train_timesteps
+        return self._previous_timesteps[self.index_for_timestep(timestep)]
 
     # ------------------------------------------------------------------ sampling
 
     def _split_model_output(self, model_output: torch.Tensor, sample: torch.Tensor):
-        """Check the model output's shape and split off the variance channels of "learned_range"."""
+        """(prediction, variance channels or None), with a ``ValueError`` unless the shapes fit ``variance_type``."""
         if not isinstance(model_output, torch.Tensor) or not isinstance(sample, torch.Tensor):
             raise TypeError("model_output and sample must be torch.Tensor")
-        learned = self.config.variance_type == "learned_range"
-        expected = (sample.shape[0], 2 * sample.shape[1], *sample.shape[2:]) if learned else tuple(sample.shape)
-        if tuple(model_output.shape) != expected:
-            why = " (learned_range needs 2C channels: the prediction, then the variance)" if learned else ""
+        prediction, variance_output = split_learned_variance(model_output, sample)
+        variance_type = self.variance_type
+        learned = variance_type in LEARNED_VARIANCE_TYPES
+        if prediction.shape != sample.shape or (learned and variance_output is None):
+            channels = f"2C = {2 * sample.shape[1]}" if learned else f"C = {sample.shape[1]} or 2C"
+            why = f" ({variance_type} needs 2C channels: the prediction, then the variance)" if learned else ""
             raise ValueError(
-                f"model_output must have shape {expected} for sample of shape {tuple(sample.shape)}{why}, "
+                f"model_output must have the sample's shape {tuple(sample.shape)} with {channels} channels{why}, "
                 f"got {tuple(model_output.shape)}"
             )
-        if learned:
-            return model_output.chunk(2, dim=1)
-        return model_output, None
+        return prediction, (variance_output if learned else None)
 
-    @staticmethod
-    def _check_finite(model_output: torch.Tensor) -> None:
-        # Only on the CPU: on an accelerator the check would sync the host every step; pipelines check the
-        # final sample there instead.
-        # A Python float test of the float32 sum: a third of the cost of a tensor isfinite at small shapes.
-        if model_output.device.type == "cpu" and not math.isfinite(
-            torch.sum(model_output, dtype=torch.float32).item()
-        ):
-            raise ValueError("model_output contains NaN or inf; the model diverged or received bad input")
+    def _learned_log_variance(self, variance_output, min_log_variance, max_log_variance):
+        """log Σ_θ from the variance channels: the variance itself for "learned" (as DDPMScheduler reads it)."""
+        if self.variance_type == "learned":
+            return variance_output.log()
+        return learned_range_log_variance(variance_output, min_log_variance, max_log_variance)
 
-    def _threshold_sample(self, sample: torch.Tensor) -> torch.Tensor:
-        """Imagen's dynamic thresholding: clamp x̂_0 to [−s, s] and divide by s, s the per-sample quantile of |x̂_0|."""
-        dtype = sample.dtype
-        # quantile needs float32 or float64; half types are upcast
-        flat = sample.reshape(sample.shape[0], -1)
-        flat = flat if dtype in (torch.float32, torch.float64) else flat.float()
-        s = torch.quantile(flat.abs(), self.config.dynamic_thresholding_ratio, dim=1)
-        s = s.clamp(min=1, max=self.config.sample_max_value).unsqueeze(1)
-        return (flat.clamp(-s, s) / s).reshape(sample.shape).to(dtype)
-
-    def _clip_or_threshold(self, predicted_x0: torch.Tensor) -> torch.Tensor:
-        """Clip or threshold x̂_0 as configured; clipping is in place (``step`` hands over a tensor of its own)."""
-        if self.config.thresholding:
-            return self._threshold_sample(predicted_x0)
-        if self.config.clip_sample:
-            return predicted_x0.clamp_(-self.config.clip_sample_range, self.config.clip_sample_range)
-        return predicted_x0
+    def _learned_noise_std(self, variance_output, min_log_variance: float, max_log_variance: float):
+        """√Σ_θ of one step from the variance channels, in as few passes as the equation allows."""
+        if self.variance_type == "learned":
+            return variance_output.sqrt()
+        # learned_range's log Σ is linear in the two bounds: halving them gives ½ log Σ = log √Σ directly.
+        return learned_range_log_variance(variance_output, 0.5 * min_log_variance, 0.5 * max_log_variance).exp_()
 
     def step(
         self,
@@ -356,14 +407,13 @@ class HVAEScheduler(SchedulerMixin, ConfigMixin):
         the chosen variance is added except at the last step, which returns the mean.
 
         Args:
-            model_output: the model's prediction, shape ``[B, C, ...]`` (``[B, 2C, ...]`` for "learned_range").
+            model_output: the model's prediction, shape ``[B, C, ...]`` (``[B, 2C, ...]`` for a learned variance).
             timestep: the current timestep, one of ``self.timesteps``.
             sample: x_t, shape ``[B, C, ...]``.
             generator: for the noise; a list gives one generator per sample.
         """
-        index = self._chain_index(timestep)
-        model_output, variance_output = self._split_model_output(model_output, sample)
-        self._check_finite(model_output)
+        index = self._current_index(timestep)
+        prediction, variance_output = self._split_model_output(model_output, sample)
         (
             x0_from_sample,
             x0_from_output,
@@ -378,20 +428,41 @@ class HVAEScheduler(SchedulerMixin, ConfigMixin):
         # as out-of-place arithmetic, with no allocation beyond x̂_0, x_{t'} and the noise (at large shapes a fresh
         # allocation costs more than the arithmetic).
         predicted_x0 = sample * x0_from_sample
-        if predicted_x0.dtype == model_output.dtype:
-            predicted_x0 = predicted_x0.add_(model_output, alpha=x0_from_output)
+        if predicted_x0.dtype == prediction.dtype:
+            predicted_x0 = predicted_x0.add_(prediction, alpha=x0_from_output)
         else:
-            predicted_x0 = predicted_x0.add(model_output, alpha=x0_from_output)
-        predicted_x0 = self._clip_or_threshold(predicted_x0)
-        prev_sample = torch.mul(predicted_x0, x0_coefficient).add_(sample, alpha=sample_coefficient)
-
-        if index < len(self._step_coefficients) - 1:
-            noise = _step_noise(model_output, generator)
+            predicted_x0 = predicted_x0.add(prediction, alpha=x0_from_output)
+        # Only on the CPU: on an accelerator the check would sync the host every step; pipelines check the final
+        # sample there. x̂_0 before clipping is non-finite wherever the model output or x_t is (all four
+        # conversions weigh both by non-zero factors), so one check covers both.
+        if sample.device.type == "cpu":
+            if not _is_finite(predicted_x0):
+                raise ValueError(
+                    "model_output or sample contains NaN or inf; the model diverged or received bad input"
+                )
+            if variance_output is not None and not _is_finite(variance_output):
+                raise ValueError("the variance channels of model_output contain NaN or inf")
+        # Read per step, not per chain: guided pipelines clip x̂_0 themselves and switch clipping off around `step`.
+        if self.config.thresholding:
+            predicted_x0 = self._threshold_sample(predicted_x0)
+        elif self.config.clip_sample:
+            clip_range = self.config.clip_sample_range
+            predicted_x0 = predicted_x0.clamp_(-clip_range, clip_range)
+        if index == len(self._step_coefficients) - 1:
+            prev_sample = torch.mul(predicted_x0, x0_coefficient).add_(sample, alpha=sample_coefficient)
+        else:
+            # Drawn in the sample's dtype, so a seed gives the same noise whatever precision the model answers in.
+            noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
             if variance_output is None:
-                prev_sample = prev_sample.add_(noise, alpha=noise_std)
+                noise = noise.mul_(noise_std)
             else:
-                log_variance = learned_range_log_variance(variance_output, min_log_variance, max_log_variance)
-                prev_sample = prev_sample.add_(log_variance.mul_(0.5).exp_().mul_(noise))
+                noise = noise.mul_(self._learned_noise_std(variance_output, min_log_variance, max_log_variance))
+            # x_{t'} = √Σ z + c_0 x̂_0 + c_t x_t, accumulated in the noise's buffer: one allocation fewer.
+            prev_sample = noise.add_(predicted_x0, alpha=x0_coefficient).add_(sample, alpha=sample_coefficient)
+        # The chain keeps the sample's dtype, whatever precision the model answered in.
+        if predicted_x0.dtype != sample.dtype:
+            prev_sample, predicted_x0 = prev_sample.to(sample.dtype), predicted_x0.to(sample.dtype)
+        self._step_index = index + 1
 
         if not return_dict:
             return (prev_sample, predicted_x0)
@@ -425,15 +496,15 @@ class HVAEScheduler(SchedulerMixin, ConfigMixin):
         )
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε, a draw from q(x_t | x_0), per sample (``timesteps`` of shape ``[B]``)."""
-        alphas_cumprod_t = self._alphas_cumprod_at(timesteps, original_samples).to(original_samples.dtype)
-        return q_sample(original_samples, noise, alphas_cumprod_t)
+        """x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε, a draw from q(x_t | x_0), per sample (``timesteps`` of shape ``[B]``).
 
-    q_sample = add_noise
+        DDPMScheduler's, with the roots taken in float64 before the cast to the sample's dtype.
+        """
+        return q_sample(original_samples, noise, self._alphas_cumprod_at(timesteps, original_samples))
 
     def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """The v-prediction target v = √ᾱ_t ε − √(1 − ᾱ_t) x_0 (``sample`` is x_0, as in Diffusers)."""
-        return velocity(sample, noise, self._alphas_cumprod_at(timesteps, sample).to(sample.dtype))
+        return velocity(sample, noise, self._alphas_cumprod_at(timesteps, sample))
 
     def snr(self, timesteps) -> torch.Tensor:
         """SNR(t) = ᾱ_t / (1 − ᾱ_t), float64, one per timestep."""
@@ -449,18 +520,19 @@ class HVAEScheduler(SchedulerMixin, ConfigMixin):
     def loss_weights(self, timesteps, weighting: str = "simple", snr_gamma: float = 5.0) -> torch.Tensor:
         """Per-sample weights w_t of ‖output − target‖² (summed over dims) for ``elbo.loss_weight``'s weightings.
 
-        With ``"elbo"`` the weighted loss is the denoising-matching KL of each latent (the reconstruction term for
-        the first), so its sum over the chain is the negative ELBO up to the prior term and constants.
+        With ``"elbo"`` the weighted loss is the μ-dependent part of the denoising-matching KL of each latent under
+        this scheduler's Σ (the reconstruction term for the first), so its sum over the chain is the negative ELBO up
+        to terms free of the mean. The learned variance types weigh with Σ = σ_q² (see ``elbo.loss_weight``).
         """
         timesteps = torch.as_tensor(timesteps)
         alphas_cumprod_t, prev_alphas_cumprod, indices = self._chain_pairs(timesteps, timesteps)
-        return elbo_terms_module.loss_weight(
+        return elbo.loss_weight(
             self.config.prediction_type,
             weighting,
             alphas_cumprod_t,
             prev_alphas_cumprod,
             snr_gamma=snr_gamma,
-            first_latent_log_variance=self._chain_fixed_log_variance[indices],
+            model_log_variance=self._chain_fixed_log_variance[indices],
         ).to(timesteps.device)
 
     def convert_model_output(self, model_output, sample, timesteps, to_type: str) -> torch.Tensor:
@@ -487,8 +559,9 @@ class HVAEScheduler(SchedulerMixin, ConfigMixin):
         """μ_θ, log Σ_θ and x̂_0 of the model's p_θ(x_{t'} | x_t) for a batch (x̂_0 not clipped).
 
         Returns ``(mean, log_variance, predicted_x0)``: ``log_variance`` has shape ``[B]`` for fixed variances
-        (β_t for "fixed_large"; σ_q² for "fixed_small", at the last latent, where σ_q² = 0, the σ_q² of the latent
-        before it, as in improved DDPM) and the sample's shape for "learned_range".
+        (β_t for "fixed_large" and "fixed_large_log"; σ_q² for "fixed_small" and "fixed_small_log", at the last latent,
+        where σ_q² = 0, the σ_q² of the latent before it, as in improved DDPM) and the sample's shape for the learned
+        types.
         """
         prediction, variance_output = self._split_model_output(model_output, sample)
         alphas_cumprod_t, _, indices = self._chain_pairs(timesteps, sample)
@@ -499,81 +572,9 @@ class HVAEScheduler(SchedulerMixin, ConfigMixin):
         if variance_output is not None:
             min_log_variance = self._chain_min_log_variance[indices].to(sample.device, sample.dtype)
             max_log_variance = self._chain_max_log_variance[indices].to(sample.device, sample.dtype)
-            log_variance = learned_range_log_variance(
+            log_variance = self._learned_log_variance(
                 variance_output, broadcast_to(min_log_variance, sample), broadcast_to(max_log_variance, sample)
             )
         else:
             log_variance = self._chain_fixed_log_variance[indices].to(sample.device)
         return mean, log_variance, predicted_x0
-
-    def elbo_terms(
-        self,
-        denoiser,
-        original_samples: torch.Tensor,
-        generator: torch.Generator | None = None,
-        discrete: bool = True,
-        num_timesteps: int | None = None,
-    ) -> "elbo_terms_module.ELBOTerms":
-        """The three ELBO terms of a batch of data for the chain ``self.timesteps``, one denoiser call per latent.
-
-        For each latent t (with previous latent t'), x_t ~ q(x_t | x_0) is drawn once and the term is
-        KL(q(x_{t'} | x_t, x_0) ‖ p_θ(x_{t'} | x_t)); the last latent gives the reconstruction
-        log p_θ(x_0 | x_1), discretized to 8 bits when ``discrete`` (data in [−1, 1]) and a Gaussian density
-        otherwise; the prior term uses the first (noisiest) latent.
-
-        Args:
-            denoiser: ``denoiser(x_t, timesteps)`` returning the model output (a tensor or an object with ``.sample``,
-                like a Diffusers UNet), called under ``torch.no_grad``.
-            original_samples: x_0, ``[B, ...]``.
-            num_timesteps: evaluate only this many denoising-matching latents, drawn uniformly without replacement
-                (with ``generator``); the total is then an unbiased estimate scaled by ``denoising_scale``.
-        """
-        chain = self.timesteps.cpu()
-        denoising_chain = chain[:-1]
-        scale = 1.0
-        if num_timesteps is not None:
-            if not 1 <= num_timesteps <= len(denoising_chain):
-                raise ValueError(f"num_timesteps must be between 1 and {len(denoising_chain)}, got {num_timesteps}")
-            pick = torch.randperm(len(denoising_chain), generator=generator)[:num_timesteps].sort().values
-            denoising_chain = denoising_chain[pick]
-            scale = len(chain[:-1]) / num_timesteps
-        batch_size = original_samples.shape[0]
-        device, dtype = original_samples.device, original_samples.dtype
-
-        def evaluate(timestep):
-            timesteps = torch.full((batch_size,), int(timestep), dtype=torch.long, device=device)
-            noise = randn_tensor(original_samples.shape, generator=generator, device=device, dtype=dtype)
-            sample = self.add_noise(original_samples, noise, timesteps)
-            with torch.no_grad():
-                output = denoiser(sample, timesteps)
-            output = getattr(output, "sample", output)
-            mean, log_variance, _ = self.predicted_mean_log_variance(output, sample, timesteps)
-            return sample, timesteps, mean, broadcast_to(log_variance.to(dtype), sample)
-
-        kls = []
-        for timestep in denoising_chain.tolist():
-            sample, timesteps, model_mean, model_log_variance = evaluate(timestep)
-            true_mean, true_variance = self.posterior_mean_variance(original_samples, sample, timesteps)
-            true_log_variance = broadcast_to(true_variance.log().to(dtype), sample)
-            kls.append(
-                elbo_terms_module.denoising_matching_kl(true_mean, true_log_variance, model_mean, model_log_variance)
-            )
-
-        _, _, decoder_mean, decoder_log_variance = evaluate(chain[-1])
-        if discrete:
-            reconstruction = elbo_terms_module.discretized_gaussian_log_likelihood(
-                original_samples, decoder_mean, 0.5 * decoder_log_variance
-            )
-        else:
-            reconstruction = elbo_terms_module.gaussian_log_likelihood(
-                original_samples, decoder_mean, decoder_log_variance
-            )
-        prior = elbo_terms_module.prior_matching_kl(original_samples, self.alphas_cumprod[int(chain[0])])
-        return elbo_terms_module.ELBOTerms(
-            reconstruction=reconstruction,
-            prior_matching=prior,
-            denoising_matching=torch.stack(kls, dim=1) if kls else original_samples.new_zeros(batch_size, 0),
-            timesteps=denoising_chain,
-            denoising_scale=scale,
-            num_dims=math.prod(original_samples.shape[1:]),
-        )

@@ -10,7 +10,9 @@ from hvae_diffusion.elbo import (
     bits_per_dim,
     denoising_matching_kl,
     discretized_gaussian_log_likelihood,
+    elbo_terms,
     gaussian_log_likelihood,
+    loss_dtype,
     loss_weight,
     normal_kl,
     prior_matching_kl,
@@ -30,7 +32,9 @@ from hvae_diffusion.parameterization import (
     posterior_mean_from_prediction,
     training_target,
 )
+from hvae_diffusion.scheduling_hvae import VARIANCE_TYPES
 from hvae_diffusion.testing import ExactMixtureDenoiser, GaussianMixture
+from hvae_diffusion.training.losses import DiffusionLoss
 
 ALPHAS_CUMPROD = alphas_cumprod_from_betas(make_betas("linear", 1000))
 
@@ -247,7 +251,7 @@ def test_elbo_terms_average_to_the_closed_form_and_bound_the_log_likelihood(vari
         denoiser = ExactMixtureDenoiser(mixture.means, mixture.stds, alphas_cumprod=scheduler.alphas_cumprod)
         generator = torch.Generator().manual_seed(num_train_timesteps)
         original, _ = mixture.sample(num_samples, generator=generator)
-        elbo = scheduler.elbo_terms(denoiser, original, generator=generator, discrete=False).elbo
+        elbo = elbo_terms(scheduler, denoiser, original, generator=generator, discrete=False).elbo
         gap = mixture.log_prob(original) - elbo
         standard_error = float(gap.std()) / math.sqrt(num_samples)
         assert float(gap.mean()) > -3 * standard_error, (num_train_timesteps, float(gap.mean()), standard_error)
@@ -286,7 +290,7 @@ def test_denoising_kls_of_the_optimal_denoiser_are_exact(single_thread):
     denoiser = ExactMixtureDenoiser(mixture.means, mixture.stds, alphas_cumprod=scheduler.alphas_cumprod)
     generator = torch.Generator().manual_seed(0)
     original, _ = mixture.sample(20_000, generator=generator)
-    terms = scheduler.elbo_terms(denoiser, original, generator=generator, discrete=False)
+    terms = elbo_terms(scheduler, denoiser, original, generator=generator, discrete=False)
 
     timesteps = terms.timesteps
     assert timesteps.tolist() == list(range(19, 0, -1))
@@ -305,16 +309,16 @@ def test_timestep_subset_estimate_is_unbiased(single_thread):
     denoiser = ExactMixtureDenoiser(mixture.means, mixture.stds, alphas_cumprod=scheduler.alphas_cumprod)
     generator = torch.Generator().manual_seed(1)
     original, _ = mixture.sample(64, generator=generator)
-    full = scheduler.elbo_terms(denoiser, original, generator=generator, discrete=False)
+    full = elbo_terms(scheduler, denoiser, original, generator=generator, discrete=False)
     full_total = torch.stack(
         [
-            scheduler.elbo_terms(denoiser, original, generator=generator, discrete=False).denoising_matching_total
+            elbo_terms(scheduler, denoiser, original, generator=generator, discrete=False).denoising_matching_total
             for _ in range(10)
         ]
     ).mean(0)
     estimates = []
     for _ in range(200):
-        terms = scheduler.elbo_terms(denoiser, original, generator=generator, discrete=False, num_timesteps=3)
+        terms = elbo_terms(scheduler, denoiser, original, generator=generator, discrete=False, num_timesteps=3)
         assert terms.denoising_matching.shape == (64, 3) and terms.denoising_scale == 19 / 3
         estimates.append(terms.denoising_matching_total.mean())
     estimates = torch.stack(estimates)
@@ -322,7 +326,7 @@ def test_timestep_subset_estimate_is_unbiased(single_thread):
     assert abs(float(estimates.mean()) - float(full_total.mean())) < 4 * standard_error + 0.01
     assert full.denoising_scale == 1.0 and full.denoising_matching.shape == (64, 19)
     with pytest.raises(ValueError, match="num_timesteps"):
-        scheduler.elbo_terms(denoiser, original, num_timesteps=20)
+        elbo_terms(scheduler, denoiser, original, num_timesteps=20)
 
 
 def test_elbo_terms_of_8_bit_data(generator):
@@ -331,7 +335,7 @@ def test_elbo_terms_of_8_bit_data(generator):
     scheduler.set_timesteps(25)
     pixels = torch.randint(0, 256, (4, 1, 4, 4), generator=generator).double() / 127.5 - 1
     denoiser = ExactMixtureDenoiser(torch.zeros(1, 16), 0.5, alphas_cumprod=scheduler.alphas_cumprod)
-    terms = scheduler.elbo_terms(denoiser, pixels, generator=generator)
+    terms = elbo_terms(scheduler, denoiser, pixels, generator=generator)
     assert terms.denoising_matching.shape == (4, 24) and terms.num_dims == 16
     assert bool(terms.reconstruction.le(0).all())  # a probability of a discrete outcome
     parts = terms.reconstruction - terms.prior_matching - terms.denoising_matching.sum(1)
@@ -355,7 +359,7 @@ def test_learned_range_elbo_at_its_ends_equals_the_fixed_variances(variance_outp
     results = []
     for variance_type, model in (("learned_range", learned_denoiser), (fixed_type, denoiser)):
         scheduler = HVAEScheduler(**schedule, variance_type=variance_type)
-        results.append(scheduler.elbo_terms(model, pixels, generator=torch.Generator().manual_seed(3)))
+        results.append(elbo_terms(scheduler, model, pixels, generator=torch.Generator().manual_seed(3)))
     learned, fixed = results
     torch.testing.assert_close(learned.denoising_matching, fixed.denoising_matching)
     torch.testing.assert_close(learned.reconstruction, fixed.reconstruction)
@@ -371,7 +375,164 @@ def test_elbo_of_a_respaced_chain_bounds_the_log_likelihood(variance_type, singl
     denoiser = ExactMixtureDenoiser(mixture.means, mixture.stds, alphas_cumprod=scheduler.alphas_cumprod)
     generator = torch.Generator().manual_seed(0)
     original, _ = mixture.sample(2000, generator=generator)
-    terms = scheduler.elbo_terms(denoiser, original, generator=generator, discrete=False)
+    terms = elbo_terms(scheduler, denoiser, original, generator=generator, discrete=False)
     assert terms.timesteps.tolist() == scheduler.timesteps[:-1].tolist()
     gap = mixture.log_prob(original) - terms.elbo
     assert float(gap.mean()) > -3 * float(gap.std()) / math.sqrt(len(gap))
+
+
+def _chain_variances(scheduler):
+    """(σ_q², β) of each step of the scheduler's chain, written out from ᾱ; σ_q² of the last step (0) is replaced by
+    the step before's, improved DDPM's clipping."""
+    chain = scheduler.timesteps
+    a = scheduler.alphas_cumprod[chain]
+    a_prev = torch.cat([scheduler.alphas_cumprod[chain[1:]], torch.ones(1, dtype=torch.float64)])
+    beta = 1 - a / a_prev
+    small = beta * (1 - a_prev) / (1 - a)
+    small[-1] = small[-2]
+    return small, beta
+
+
+@pytest.mark.parametrize("variance_type", VARIANCE_TYPES)
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_elbo_weights_times_the_mse_are_the_kls_of_elbo_terms(prediction_type, variance_type, generator):
+    """For every Σ and parameterization, on a respaced chain: w_t ‖output − target‖² = KL_t minus its μ-free part
+    ½ D [log Σ_t − log σ_q² + σ_q²/Σ_t − 1], KL_t a column of ``elbo_terms``; at the first latent it is the Gaussian
+    reconstruction's −log N(x_0; x̂_0, Σ_1) minus ½ D log 2πΣ_1. Learned variances are given Σ = σ_q², the variance
+    their weights assume (for learned_range, the variance channels at −1)."""
+    scheduler = HVAEScheduler(
+        num_train_timesteps=100, prediction_type=prediction_type, variance_type=variance_type, clip_sample=False
+    )
+    scheduler.set_timesteps(timesteps=[99, 70, 40, 12, 4, 0])
+    small, beta = _chain_variances(scheduler)
+    variances = beta if variance_type.startswith("fixed_large") else small
+    chain = scheduler.timesteps.tolist()
+    original = torch.randn(3, 2, 2, 2, generator=generator, dtype=torch.float64)
+    seen = []
+
+    def denoiser(sample, timesteps):
+        output = 0.7 * torch.tanh(sample) - 0.2
+        seen.append((sample, timesteps, output))
+        variance = torch.full_like(output, float(small[chain.index(int(timesteps[0]))]))
+        if variance_type == "learned":
+            return torch.cat([output, variance], dim=1)
+        if variance_type == "learned_range":
+            return torch.cat([output, -torch.ones_like(output)], dim=1)
+        return output
+
+    terms = elbo_terms(scheduler, denoiser, original, generator=generator, discrete=False)
+    num_dims = original[0].numel()
+    for index, (sample, timesteps, output) in enumerate(seen):
+        a = scheduler.alphas_cumprod[timesteps]
+        noise = (sample - a.sqrt()[:, None, None, None] * original) / (1 - a).sqrt()[:, None, None, None]
+        target = training_target(original, noise, sample, a, prediction_type)
+        weighted = weighted_mse(output, target, scheduler.loss_weights(timesteps, "elbo"))
+        variance = variances[index]
+        if index < len(seen) - 1:
+            posterior = small[index]
+            constant = 0.5 * num_dims * (variance.log() - posterior.log() + posterior / variance - 1)
+            expected = terms.denoising_matching[:, index] - constant
+        else:
+            expected = -terms.reconstruction - 0.5 * num_dims * torch.log(2 * math.pi * variance)
+        torch.testing.assert_close(weighted, expected, rtol=1e-6, atol=1e-9)
+    if variance_type == "fixed_large":
+        # the weight is not ½ (SNR(t−1) − SNR(t)) Jacobian² here: the factor σ_q²/β_t is far from 1 at small t
+        assert float((small[:-1] / beta[:-1]).min()) < 0.6
+
+
+@pytest.mark.parametrize("discrete", [True, False])
+def test_improved_ddpm_decoder_variance_for_fixed_large(discrete, generator):
+    """decoder_variance="improved_ddpm" gives the fixed_large decoder the σ_q² of the latent before the last (improved
+    DDPM's convention); everything else, and every other variance type, is unchanged."""
+    pixels = torch.randint(0, 256, (3, 1, 2, 2), generator=generator).double() / 127.5 - 1
+    scheduler = HVAEScheduler(num_train_timesteps=100, variance_type="fixed_large")
+    scheduler.set_timesteps(20)
+    denoiser = ExactMixtureDenoiser(torch.zeros(1, 4), 0.5, alphas_cumprod=scheduler.alphas_cumprod)
+    seen = []
+
+    def recording_denoiser(sample, timesteps):
+        output = denoiser(sample, timesteps).sample
+        seen.append((sample, timesteps, output))
+        return output
+
+    runs = {}
+    for convention in ("model", "improved_ddpm"):
+        seen.clear()
+        runs[convention] = elbo_terms(
+            scheduler, recording_denoiser, pixels, torch.Generator().manual_seed(1), discrete, None, convention
+        )
+    model, improved = runs["model"], runs["improved_ddpm"]
+    torch.testing.assert_close(model.denoising_matching, improved.denoising_matching)
+    sample, timesteps, output = seen[-1]
+    mean, _, _ = scheduler.predicted_mean_log_variance(output, sample, timesteps)
+    small, beta = _chain_variances(scheduler)
+    for terms, variance in ((model, beta[-1]), (improved, small[-1])):
+        log_variance = variance.log().expand(3)[:, None, None, None]
+        if discrete:
+            expected = discretized_gaussian_log_likelihood(pixels, mean, 0.5 * log_variance)
+        else:
+            expected = gaussian_log_likelihood(pixels, mean, log_variance)
+        torch.testing.assert_close(terms.reconstruction, expected)
+    small_scheduler = HVAEScheduler(num_train_timesteps=100)
+    small_scheduler.set_timesteps(20)
+    results = [
+        elbo_terms(small_scheduler, denoiser, pixels, torch.Generator().manual_seed(1), decoder_variance=convention)
+        for convention in ("model", "improved_ddpm")
+    ]
+    torch.testing.assert_close(results[0].reconstruction, results[1].reconstruction)
+    with pytest.raises(ValueError, match="decoder_variance"):
+        elbo_terms(scheduler, denoiser, pixels, decoder_variance="glide")
+
+
+def test_weighted_mse_keeps_float64_and_computes_half_types_in_float32(generator):
+    prediction, target = torch.randn(2, 3, 5, generator=generator, dtype=torch.float64)
+    weight = torch.tensor([0.3, 1e-3, 7.0], dtype=torch.float64)
+    exact = weight * ((prediction - target) ** 2).sum(1)
+    wide = weighted_mse(prediction, target, weight)
+    assert wide.dtype == torch.float64
+    torch.testing.assert_close(wide, exact, rtol=1e-15, atol=0)  # float32 would give ~1e-7
+    for half in (torch.float16, torch.bfloat16):
+        assert loss_dtype(prediction.to(half)) == torch.float32
+        low = weighted_mse(prediction.to(half), target.to(half), weight)
+        assert low.dtype == torch.float32
+        rounded = weight * ((prediction.to(half).double() - target.to(half).double()) ** 2).sum(1)
+        torch.testing.assert_close(low.double(), rounded, rtol=1e-6, atol=0)
+
+
+class _FixedOutput(torch.nn.Module):
+    def __init__(self, output):
+        super().__init__()
+        self.output = torch.nn.Parameter(output)
+
+    def forward(self, sample, timestep):
+        return self.output
+
+
+def test_diffusion_loss_keeps_float64_where_float32_saturates():
+    """A learned-variance decoder far from an edge pixel: the discretized CDF saturates in float32 (1 − Φ rounds to
+    0), so only a float64 loss gets the decoder NLL right; half-precision outputs are computed in float32."""
+    scheduler = HVAEScheduler(
+        num_train_timesteps=1, variance_type="learned_range", prediction_type="sample", beta_start=0.01, beta_end=0.01
+    )
+    pixels = torch.ones(2, 1, 2, 2, dtype=torch.float64)  # the top bin, whose probability is 1 − Φ(…)
+    output = torch.cat([torch.full_like(pixels, 0.4), torch.zeros_like(pixels)], dim=1)  # x̂_0 6σ below
+    loss_fn = DiffusionLoss(scheduler, weighting="simple", vlb_weight=1.0)
+    loss, parts = loss_fn(_FixedOutput(output), {"sample": pixels}, torch.Generator().manual_seed(0))
+    assert loss.dtype == torch.float64 and parts["vlb_loss"].dtype == torch.float64
+
+    replay = torch.Generator().manual_seed(0)
+    timesteps = torch.randint(0, 1, (2,), generator=replay)
+    sample = scheduler.add_noise(pixels, torch.randn(pixels.shape, generator=replay, dtype=torch.float64), timesteps)
+    mean, log_variance, _ = scheduler.predicted_mean_log_variance(output, sample, timesteps)
+    exact_nll = -discretized_gaussian_log_likelihood(pixels, mean, 0.5 * log_variance) / (4 * math.log(2))
+    torch.testing.assert_close(parts["vlb_loss"], exact_nll.mean(), rtol=1e-9, atol=0)
+    float32_nll = -discretized_gaussian_log_likelihood(pixels.float(), mean.float(), 0.5 * log_variance.float())
+    assert float(float32_nll.mean()) / (4 * math.log(2)) - float(exact_nll.mean()) > 5  # bits/dim
+
+    half_loss, _ = loss_fn(_FixedOutput(output.bfloat16()), {"sample": pixels.bfloat16()}, None)
+    assert half_loss.dtype == torch.float32
+
+
+def test_diffusion_loss_rejects_an_untrainable_learned_variance():
+    with pytest.raises(ValueError, match="learned_range"):
+        DiffusionLoss(HVAEScheduler(variance_type="learned"))

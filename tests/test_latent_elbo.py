@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from hvae_diffusion.elbo import gaussian_log_likelihood
+from hvae_diffusion.elbo import elbo_terms, gaussian_log_likelihood
 from hvae_diffusion.latent_elbo import (
     gaussian_entropy,
     latent_elbo_terms,
@@ -106,7 +106,7 @@ def test_bound_with_the_diffusion_chain_as_prior_sits_below_log_p_x(single_threa
     chain_generator = torch.Generator().manual_seed(5)
 
     def diffusion_elbo(y):
-        return scheduler.elbo_terms(denoiser, y, generator=chain_generator, discrete=False).elbo
+        return elbo_terms(scheduler, denoiser, y, generator=chain_generator, discrete=False).elbo
 
     x = _data(3000, torch.Generator().manual_seed(4))
     matched, _ = _gap(x, 1.0, diffusion_elbo, seed=6)

@@ -1,11 +1,13 @@
 """NoisyClassifier: a Diffusers model of p(y | x_t, t) built from UNet down blocks."""
 
+import json
 import os
 
 import pytest
 import torch
 
 from hvae_diffusion import HVAEScheduler, NoisyClassifier, NoisyClassifierOutput
+from hvae_diffusion.models.noisy_classifier import AttentionPool2d
 
 TINY = dict(sample_size=8, in_channels=1, num_classes=3, block_out_channels=(8, 16), norm_num_groups=4)
 
@@ -57,16 +59,58 @@ def test_save_and_load_round_trip(classifier, tmp_path, generator):
         torch.testing.assert_close(loaded(sample, 5).logits, classifier(sample, 5).logits)
 
 
+def test_attention_pooling_saves_and_loads(tmp_path, generator):
+    torch.manual_seed(0)
+    classifier = NoisyClassifier(**TINY, pooling="attention", pooling_num_heads=2).eval()
+    assert classifier.attention_pool.position_embedding.shape == (4 * 4 + 1, 16)
+    classifier.save_pretrained(tmp_path)
+    loaded = NoisyClassifier.from_pretrained(tmp_path).eval()
+    assert loaded.config.pooling == "attention" and loaded.config.pooling_num_heads == 2
+    sample = torch.randn(2, 1, 8, 8, generator=generator)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(sample, 5).logits, classifier(sample, 5).logits)
+
+
+def test_a_folder_saved_before_the_pooling_option_loads_as_mean_pooling(classifier, tmp_path, generator):
+    classifier.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for key in ("pooling", "pooling_num_heads"):
+        config.pop(key)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = NoisyClassifier.from_pretrained(tmp_path).eval()
+    assert loaded.config.pooling == "mean" and loaded.attention_pool is None
+    sample = torch.randn(2, 1, 8, 8, generator=generator)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(sample, 5).logits, classifier(sample, 5).logits)
+
+
+def test_attention_pooling_with_blind_queries_is_the_global_average(generator):
+    """With zero query/key weights and no position embedding every token gets the same weight, and the tokens are
+    the mean feature and the H·W features, so identity value/output maps give back the global average exactly."""
+    pool = AttentionPool2d(num_positions=12, channels=8, num_heads=2)
+    with torch.no_grad():
+        pool.position_embedding.zero_()
+        pool.attention.in_proj_weight.copy_(torch.cat([torch.zeros(16, 8), torch.eye(8)]))
+        pool.attention.in_proj_bias.zero_()
+        pool.attention.out_proj.weight.copy_(torch.eye(8))
+        pool.attention.out_proj.bias.zero_()
+    hidden = torch.randn(3, 8, 3, 4, generator=generator)
+    torch.testing.assert_close(pool(hidden), hidden.mean(dim=(2, 3)))
+    with pytest.raises(ValueError, match="built for 12 positions"):
+        pool(torch.randn(1, 8, 4, 4))
+
+
 def test_input_gradient_exists(classifier, generator):
     sample = torch.randn(3, 1, 8, 8, generator=generator).requires_grad_(True)
     classifier(sample, 4).logits.log_softmax(-1)[:, 0].sum().backward()
     assert sample.grad is not None and torch.isfinite(sample.grad).all() and sample.grad.abs().sum() > 0
 
 
-def test_learns_a_noisy_labelling(generator):
+@pytest.mark.parametrize("pooling", ["mean", "attention"])
+def test_learns_a_noisy_labelling(generator, pooling):
     """A few Adam steps on x_t of 'bright vs dark' images (the label is the sign of the mean) cut the loss fourfold."""
     torch.manual_seed(0)
-    classifier = NoisyClassifier(**{**TINY, "num_classes": 2})
+    classifier = NoisyClassifier(**{**TINY, "num_classes": 2}, pooling=pooling)
     scheduler = HVAEScheduler(num_train_timesteps=100)
     optimizer = torch.optim.Adam(classifier.parameters(), lr=1e-2)
     losses = []
@@ -89,6 +133,9 @@ def test_learns_a_noisy_labelling(generator):
         ({"num_classes": 0}, "num_classes must be >= 1"),
         ({"block_out_channels": (8,)}, "same length"),
         ({"mid_block_type": "UNetMidBlock2DCrossAttn"}, "mid_block_type"),
+        ({"pooling": "max"}, "pooling must be one of"),
+        ({"pooling": "attention", "sample_size": None}, "pooling='attention' needs sample_size"),
+        ({"pooling": "attention", "pooling_num_heads": 3}, "pooling_num_heads must be >= 1 and divide"),
     ],
 )
 def test_bad_config(kwargs, match):

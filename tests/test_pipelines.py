@@ -105,8 +105,8 @@ def tiny_classifier(num_classes=3):
     ).eval()
 
 
-def tiny_text_components(directory):
-    """A UNet2DConditionModel, a 1-layer CLIPTextModel and a character-level CLIPTokenizer made from a vocab here."""
+def tiny_clip(directory):
+    """A 1-layer CLIPTextModel (hidden size 16) and a character-level CLIPTokenizer made from a vocab written here."""
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for character in "abcdefghijklmnopqrstuvwxyz":
         vocab[character] = len(vocab)
@@ -128,6 +128,12 @@ def tiny_text_components(directory):
             pad_token_id=1,
         )
     ).eval()
+    return text_encoder, tokenizer
+
+
+def tiny_text_components(directory):
+    """A UNet2DConditionModel and ``tiny_clip``'s text encoder and tokenizer."""
+    text_encoder, tokenizer = tiny_clip(directory)
     unet = UNet2DConditionModel(
         sample_size=8,
         in_channels=1,
@@ -617,7 +623,7 @@ BAD_CALLS = [
     ("free", dict(class_labels=1, guidance_scale=-2), "guidance_scale must be a finite number"),
     ("free", dict(), "pass exactly one of class_labels"),
     ("free", dict(prompt="a cat"), "no text_encoder and tokenizer"),
-    ("free_unconditional", dict(class_labels=[0]), "the unet is not class-conditional"),
+    ("free_unconditional", dict(class_labels=[0]), "the denoiser is not class-conditional"),
 ]
 
 
@@ -668,7 +674,7 @@ def test_text_prompt_mismatches(tmp_path):
         pipeline(prompt=["a", "b"], negative_prompt=["c"], num_inference_steps=2)
     with pytest.raises(ValueError, match="prompt has 2 prompts but batch_size is 3"):
         pipeline(prompt=["a", "b"], batch_size=3, num_inference_steps=2)
-    with pytest.raises(ValueError, match="the unet is not class-conditional"):
+    with pytest.raises(ValueError, match="the denoiser is not class-conditional"):
         pipeline(class_labels=[0], num_inference_steps=2)
 
 

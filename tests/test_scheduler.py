@@ -17,29 +17,37 @@ from hvae_diffusion.parameterization import PREDICTION_TYPES, convert_prediction
 SHAPE = (2, 1, 4, 4)
 
 
-def toy_model(sample, timestep, channels_out=1):
-    """A fixed smooth function of (x_t, t) standing in for a network; extra channels in (−1, 1) for learned_range."""
+def toy_model(sample, timestep, variance_type=None):
+    """A fixed smooth function of (x_t, t) standing in for a network, with variance channels for a learned variance:
+    in (−1, 1) for learned_range, a variance in (0, 0.01) for learned."""
     output = 0.8 * torch.tanh(sample) + 0.1 * torch.cos(torch.as_tensor(float(timestep)) / 37)
-    if channels_out == 2:
+    if variance_type == "learned_range":
         output = torch.cat([output, torch.tanh(0.5 * sample - 0.2)], dim=1)
+    elif variance_type == "learned":
+        output = torch.cat([output, 0.01 * torch.sigmoid(0.5 * sample - 0.2)], dim=1)
     return output
 
 
 def run_side_by_side(config, num_inference_steps, seed=0):
     """Sample with HVAEScheduler and DDPMScheduler from the same seed; return both trajectories' outputs."""
-    ours, theirs = HVAEScheduler(**config), DDPMScheduler(**config)
+    # DDPMScheduler's step takes the square root of log β_t for "fixed_large_log" (NaN); the variance meant,
+    # Glide's max_log, is β_t, which is its "fixed_large".
+    their_config = dict(config)
+    if config.get("variance_type") == "fixed_large_log":
+        their_config["variance_type"] = "fixed_large"
+    ours, theirs = HVAEScheduler(**config), DDPMScheduler(**their_config)
     if num_inference_steps is not None:
         ours.set_timesteps(num_inference_steps)
         theirs.set_timesteps(num_inference_steps)
     assert ours.timesteps.tolist() == theirs.timesteps.tolist()
-    channels_out = 2 if config.get("variance_type") == "learned_range" else 1
+    variance_type = config.get("variance_type")
     sample = torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed))
     our_sample, their_sample = sample.clone(), sample.clone()
     our_generator, their_generator = torch.Generator().manual_seed(seed + 1), torch.Generator().manual_seed(seed + 1)
     steps = []
     for t in ours.timesteps:
-        our_step = ours.step(toy_model(our_sample, t, channels_out), t, our_sample, generator=our_generator)
-        their_step = theirs.step(toy_model(their_sample, t, channels_out), t, their_sample, generator=their_generator)
+        our_step = ours.step(toy_model(our_sample, t, variance_type), t, our_sample, generator=our_generator)
+        their_step = theirs.step(toy_model(their_sample, t, variance_type), t, their_sample, generator=their_generator)
         steps.append((int(t), our_step, their_step))
         our_sample, their_sample = our_step.prev_sample, their_step.prev_sample
     return steps
@@ -55,6 +63,10 @@ SIDE_BY_SIDE_CASES = [
     ({"variance_type": "fixed_large", "timestep_spacing": "trailing"}, 50),
     ({"variance_type": "learned_range", "clip_sample": True}, 50),
     ({"variance_type": "learned_range", "clip_sample": False}, 50),
+    ({"variance_type": "learned"}, 50),
+    ({"variance_type": "learned", "timestep_spacing": "trailing"}, None),
+    ({"variance_type": "fixed_small_log"}, 50),
+    ({"variance_type": "fixed_large_log"}, 50),
     ({"thresholding": True, "sample_max_value": 1.5}, 50),
     ({"clip_sample": False, "prediction_type": "v_prediction"}, 50),
     ({"prediction_type": "sample", "clip_sample_range": 0.7}, 50),
@@ -70,7 +82,7 @@ def test_matches_ddpm_scheduler_from_the_same_seed(config, num_inference_steps):
         assert isinstance(ours, HVAESchedulerOutput)
         torch.testing.assert_close(ours.pred_original_sample, theirs.pred_original_sample, rtol=1e-4, atol=1e-4)
         is_last = index == len(steps) - 1
-        if is_last and t > 0 and config.get("variance_type", "fixed_small") != "fixed_small":
+        if is_last and t > 0 and not config.get("variance_type", "fixed_small").startswith("fixed_small"):
             # DDPMScheduler adds noise whenever t > 0, even at the last step of a trailing chain; the HVAE's last
             # step is the decoder, which returns its mean, x̂_0 (the posterior at ᾱ_{t'} = 1 is x_0 itself).
             torch.testing.assert_close(ours.prev_sample, ours.pred_original_sample)
@@ -279,7 +291,17 @@ def test_step_in_bfloat16():
     "kwargs, argument",
     [
         ({"prediction_type": "noise"}, "prediction_type"),
-        ({"variance_type": "learned"}, "variance_type"),
+        ({"variance_type": "learned_sigma"}, "variance_type"),
+        ({"clip_sample": "false"}, "clip_sample"),
+        ({"thresholding": 1}, "thresholding"),
+        ({"beta_start": "0.0001"}, "beta_start"),
+        ({"beta_end": 2.0}, "beta_end"),
+        ({"beta_schedule": "scaled_linear", "beta_end": 1.5}, "beta_end"),
+        ({"beta_start": float("nan")}, "beta_start"),
+        ({"num_train_timesteps": 10.0}, "num_train_timesteps"),
+        ({"steps_offset": -1}, "steps_offset"),
+        ({"clip_sample_range": 0}, "clip_sample_range"),
+        ({"dynamic_thresholding_ratio": 1.5}, "dynamic_thresholding_ratio"),
         ({"beta_schedule": "cubic"}, "beta_schedule"),
         ({"timestep_spacing": "uniform"}, "timestep_spacing"),
         ({"num_train_timesteps": 3, "trained_betas": [0.1, 0.2]}, "trained_betas"),
@@ -289,7 +311,7 @@ def test_step_in_bfloat16():
     ],
 )
 def test_bad_constructor_arguments(kwargs, argument):
-    with pytest.raises(ValueError, match=argument):
+    with pytest.raises((ValueError, TypeError), match=argument):
         HVAEScheduler(**kwargs)
 
 
@@ -346,3 +368,68 @@ def test_bad_step_input():
         scheduler.loss_weights(torch.tensor([999]), "elbo")  # not in the chain either
     with pytest.raises(ValueError, match="timesteps"):
         scheduler.add_noise(sample, sample, torch.tensor([1000, 0]))
+
+
+def test_step_input_that_is_not_finite_is_named_and_large_finite_values_pass():
+    scheduler = HVAEScheduler(variance_type="learned_range")
+    scheduler.set_timesteps(10)
+    t = scheduler.timesteps[0]
+    sample = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    output = toy_model(sample, t, "learned_range")
+    bad_sample = sample.clone()
+    bad_sample[1, 0, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="sample contains NaN"):
+        scheduler.step(output, t, bad_sample)
+    bad_variance = output.clone()
+    bad_variance[0, 1, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="variance channels of model_output"):
+        scheduler.step(bad_variance, t, sample)
+    # finite values whose float32 sum overflows are not NaN
+    huge = torch.full(SHAPE, 3e38)
+    fixed = HVAEScheduler(prediction_type="sample", clip_sample=True)
+    result = fixed.step(huge, 999, sample, generator=torch.Generator().manual_seed(0))
+    assert bool(torch.isfinite(result.prev_sample).all())
+
+
+def test_step_keeps_the_samples_dtype():
+    scheduler = HVAEScheduler()
+    scheduler.set_timesteps(10)
+    sample = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    t = scheduler.timesteps[0]
+    wide = scheduler.step(toy_model(sample, t).double(), t, sample, generator=torch.Generator().manual_seed(1))
+    scheduler.set_timesteps(10)
+    same = scheduler.step(toy_model(sample, t), t, sample, generator=torch.Generator().manual_seed(1))
+    assert wide.prev_sample.dtype == torch.float32 and wide.pred_original_sample.dtype == torch.float32
+    torch.testing.assert_close(wide.prev_sample, same.prev_sample)
+
+
+def test_fixed_variance_ignores_the_variance_channels_of_a_learned_variance_model():
+    scheduler = HVAEScheduler()
+    scheduler.set_timesteps(10)
+    sample = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    t = scheduler.timesteps[0]
+    both = toy_model(sample, t, "learned_range")
+    with_variance = scheduler.step(both, t, sample, generator=torch.Generator().manual_seed(1)).prev_sample
+    alone = scheduler.step(both[:, :1], t, sample, generator=torch.Generator().manual_seed(1)).prev_sample
+    assert torch.equal(with_variance, alone)
+
+
+def test_step_index_follows_diffusers_convention():
+    scheduler = HVAEScheduler()
+    scheduler.set_timesteps(5)
+    assert scheduler.step_index is None and scheduler.begin_index is None
+    sample = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    first = _sample_chain(scheduler, sample, torch.Generator().manual_seed(1))
+    assert scheduler.step_index == 5
+    # a chain stepped again without set_timesteps starts over, as its timesteps say
+    assert torch.equal(_sample_chain(scheduler, sample, torch.Generator().manual_seed(1)), first)
+    # set_begin_index starts the counter mid-chain (image-to-image), and set_timesteps resets it
+    scheduler.set_begin_index(2)
+    t = scheduler.timesteps[2]
+    scheduler.step(toy_model(sample, t), t, sample, generator=torch.Generator().manual_seed(1))
+    assert scheduler.step_index == 3
+    scheduler.set_timesteps(5)
+    assert scheduler.step_index is None and scheduler.begin_index is None
+    assert scheduler.index_for_timestep(scheduler.timesteps[3]) == 3
+    with pytest.raises(ValueError, match="not in the schedule"):
+        scheduler.index_for_timestep(998)

@@ -170,6 +170,11 @@ def tiny_train_args(output_dir, *extra):
     ]
 
 
+def train_result(train, argv):
+    """What ``hvae-train`` with ``argv`` returns from its run (its ``main`` returns nothing, for the exit status)."""
+    return train.run(train.parse_args(argv))
+
+
 @pytest.mark.parametrize(
     "objective",
     [
@@ -177,11 +182,6 @@ def tiny_train_args(output_dir, *extra):
         ["--prediction_type", "score", "--loss_weighting", "elbo", "--use_ema", "--mixed_precision", "bf16"],
     ],
 )
-def train_result(train, argv):
-    """What ``hvae-train`` with ``argv`` returns from its run (its ``main`` returns nothing, for the exit status)."""
-    return train.run(train.parse_args(argv))
-
-
 def test_train_objectives(tmp_path, objective):
     train = load_script("train")
     result = train_result(train, tiny_train_args(tmp_path / "run", *objective))

@@ -43,7 +43,7 @@ def parse_args(argv=None):
     )
     add_overwrite_argument(parser)
     parser.add_argument("--denoiser_steps", type=int, default=1500)
-    parser.add_argument("--classifier_steps", type=int, default=400)
+    parser.add_argument("--classifier_steps", type=int, default=2000)
     add_num_threads_argument(parser)
     parser.add_argument("--num_inference_steps", type=int, default=100)
     parser.add_argument(

@@ -1,9 +1,11 @@
 """A time-conditioned classifier p_φ(y | x_t): the encoder half of a UNet2DModel, pooled, then a linear head.
 
 Classifier guidance (Dhariwal & Nichol 2021) needs ∇_{x_t} log p_φ(y | x_t) at every noise level, so the classifier
-sees the noisy latent x_t and the timestep t, exactly as the denoiser does.
+sees the noisy latent x_t and the timestep t, exactly as the denoiser does. The pooling is a global average or, as in
+guided-diffusion's classifier, attention pooling: one query (the mean feature) attends over every position.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,12 +28,40 @@ class NoisyClassifierOutput(BaseOutput):
     logits: torch.Tensor
 
 
+POOLINGS = ("mean", "attention")
+
+
+class AttentionPool2d(nn.Module):
+    """Pools ``[B, C, H, W]`` to ``[B, C]``: the mean feature, as a query token, attends over itself and every position.
+
+    Each of the H·W + 1 tokens gets a learned position embedding; the output is the query token's attention output.
+    Unlike a global average, the head can weigh the few positions that carry the class (a stroke at high noise).
+    """
+
+    def __init__(self, num_positions: int, channels: int, num_heads: int):
+        super().__init__()
+        self.position_embedding = nn.Parameter(torch.randn(num_positions + 1, channels) / math.sqrt(channels))
+        self.attention = nn.MultiheadAttention(channels, num_heads, batch_first=True)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        tokens = hidden.flatten(2).transpose(1, 2)
+        tokens = torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1)
+        if tokens.shape[1] != self.position_embedding.shape[0]:
+            raise ValueError(
+                f"attention pooling was built for {self.position_embedding.shape[0] - 1} positions (sample_size), "
+                f"got a {hidden.shape[2]}x{hidden.shape[3]} feature map"
+            )
+        tokens = tokens + self.position_embedding.to(tokens.dtype)
+        pooled, _ = self.attention(tokens[:, :1], tokens, tokens, need_weights=False)
+        return pooled[:, 0]
+
+
 class NoisyClassifier(ModelMixin, ConfigMixin):
     """Classifies a noisy sample x_t given its timestep t: ``classifier(x_t, t).logits`` has shape ``[B, num_classes]``.
 
     Built like the encoder half of ``UNet2DModel``: ``conv_in``, sinusoidal timestep embedding, Diffusers' down blocks
     (ResNet blocks that take the time embedding, optionally with attention), an optional mid block, then group norm,
-    SiLU, global average pooling and a linear head. The arguments mean what they mean for ``UNet2DModel``.
+    SiLU, pooling and a linear head. The arguments mean what they mean for ``UNet2DModel``.
 
     Args:
         sample_size: the image side (informational, as for ``UNet2DModel``).
@@ -41,6 +71,9 @@ class NoisyClassifier(ModelMixin, ConfigMixin):
         mid_block_type: ``"UNetMidBlock2D"`` or ``None``.
         attention_head_dim, norm_num_groups, norm_eps, act_fn, dropout: as for ``UNet2DModel``.
         flip_sin_to_cos, freq_shift: the sinusoidal timestep projection.
+        pooling: ``"mean"`` (global average; the default, so older saved classifiers load unchanged) or
+            ``"attention"`` (``AttentionPool2d``; needs ``sample_size``, since it learns one embedding per position).
+        pooling_num_heads: the attention heads of ``"attention"`` pooling; they must divide the last block's width.
     """
 
     @register_to_config
@@ -60,6 +93,8 @@ class NoisyClassifier(ModelMixin, ConfigMixin):
         dropout: float = 0.0,
         flip_sin_to_cos: bool = True,
         freq_shift: int = 0,
+        pooling: str = "mean",
+        pooling_num_heads: int = 4,
     ):
         super().__init__()
         if num_classes < 1:
@@ -71,6 +106,16 @@ class NoisyClassifier(ModelMixin, ConfigMixin):
             )
         if mid_block_type not in (None, "UNetMidBlock2D"):
             raise ValueError(f"mid_block_type must be 'UNetMidBlock2D' or None, got {mid_block_type!r}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        if pooling == "attention":
+            if sample_size is None:
+                raise ValueError("pooling='attention' needs sample_size (it learns one embedding per position)")
+            if pooling_num_heads < 1 or block_out_channels[-1] % pooling_num_heads:
+                raise ValueError(
+                    f"pooling_num_heads must be >= 1 and divide the last block width {block_out_channels[-1]}, "
+                    f"got {pooling_num_heads}"
+                )
         time_embed_dim = block_out_channels[0] * 4
         self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], kernel_size=3, padding=1)
         self.time_proj = Timesteps(block_out_channels[0], flip_sin_to_cos, freq_shift)
@@ -109,6 +154,13 @@ class NoisyClassifier(ModelMixin, ConfigMixin):
             )
         self.norm_out = nn.GroupNorm(norm_num_groups, block_out_channels[-1], eps=norm_eps)
         self.act_out = nn.SiLU()
+        self.attention_pool = None
+        if pooling == "attention":
+            height, width = (sample_size, sample_size) if isinstance(sample_size, int) else sample_size
+            # each down block but the last halves the side, rounding up (stride-2 convolution, padding 1)
+            for _ in range(len(block_out_channels) - 1):
+                height, width = (height + 1) // 2, (width + 1) // 2
+            self.attention_pool = AttentionPool2d(height * width, block_out_channels[-1], pooling_num_heads)
         self.classifier_head = nn.Linear(block_out_channels[-1], num_classes)
 
     @property
@@ -135,7 +187,8 @@ class NoisyClassifier(ModelMixin, ConfigMixin):
             hidden, _ = block(hidden_states=hidden, temb=embedding)
         if self.mid_block is not None:
             hidden = self.mid_block(hidden, embedding)
-        pooled = self.act_out(self.norm_out(hidden)).mean(dim=(2, 3))
+        hidden = self.act_out(self.norm_out(hidden))
+        pooled = hidden.mean(dim=(2, 3)) if self.attention_pool is None else self.attention_pool(hidden)
         logits = self.classifier_head(pooled)
         if not return_dict:
             return (logits,)

@@ -8,7 +8,7 @@ from diffusers.utils import replace_example_docstring
 from ..guidance import check_guidance_scale, classifier_free_guidance, rescale_guided_prediction
 from ..parameterization import convert_prediction, split_learned_variance
 from . import sampling
-from .sampling import HVAESamplingPipeline, check_batch_size, labels_tensor, model_output_of
+from .sampling import HVAESamplingPipeline, check_batch_size, labels_tensor
 
 # How the unconditional and conditional halves run: "batched", one unet forward on the doubled batch, "separate",
 # two forwards of the batch (half the peak activation memory), or "auto", whichever of the two was faster when
@@ -62,7 +62,7 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
 
     As in Diffusers' pipelines the conditions of a guided step are one tensor, ∅ first then y (``prompt_embeds`` or
     ``class_labels`` in ``callback_kwargs``), and a step is guided while ``do_classifier_free_guidance`` (w ∉ {0, 1});
-    otherwise the unet sees the conditions as they are, so Diffusers' ``SDCFGCutoffCallback`` works.
+    otherwise the denoiser sees the conditions as they are, so Diffusers' ``SDCFGCutoffCallback`` works.
 
     Args:
         unet: a class-conditional ``UNet2DModel`` (or any model taking ``class_labels``) or a ``UNet2DConditionModel``.
@@ -71,11 +71,15 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
         null_class_label: the label that means ∅ for class-conditional models.
         prediction_type: the model's parameterization when it differs from the scheduler's (see ``HVAEPipeline``).
         vae: for a latent model (see ``HVAEPipeline``).
+        transformer: the denoiser instead of ``unet`` (then ``unet=None``): a DiT (``DiTTransformer2DModel``), whose
+            ∅ is ``num_embeds_ada_norm``, or another Diffusers transformer taking ``class_labels`` or
+            ``encoder_hidden_states``. Folders saved by Diffusers' ``DiTPipeline`` and ``StableDiffusionPipeline``
+            load with ``from_pretrained`` and sample the same images (docs/pipelines.md).
     """
 
-    _optional_components = ["text_encoder", "tokenizer", "vae"]
+    _optional_components = ["unet", "transformer", "text_encoder", "tokenizer", "vae"]
     _callback_tensor_inputs = ["latents", "pred_original_sample", "prompt_embeds", "class_labels"]
-    model_cpu_offload_seq = "text_encoder->unet->vae"
+    model_cpu_offload_seq = "text_encoder->unet->transformer->vae"
 
     def __init__(
         self,
@@ -86,26 +90,36 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
         null_class_label: int | None = None,
         prediction_type: str | None = None,
         vae=None,
+        transformer=None,
     ):
         super().__init__()
-        num_class_embeds = getattr(unet.config, "num_class_embeds", None)
+        self.check_components(unet, transformer, vae)
+        denoiser_config = (unet if unet is not None else transformer).config
+        num_class_labels = sampling.num_class_labels(denoiser_config)
         if null_class_label is None:
-            null_class_label = sampling.null_class_label(unet.config)
-        if null_class_label is not None and not (num_class_embeds and 0 <= null_class_label < num_class_embeds):
+            null_class_label = sampling.null_class_label(denoiser_config)
+        if null_class_label is not None and not (num_class_labels and 0 <= null_class_label < num_class_labels):
             raise ValueError(
-                f"null_class_label={null_class_label} must lie in [0, unet.config.num_class_embeds={num_class_embeds})"
+                f"null_class_label={null_class_label} must lie in [0, {num_class_labels}), the class labels the "
+                "denoiser takes (unet.config.num_class_embeds, or a DiT's num_embeds_ada_norm + 1)"
             )
-        self.check_vae(vae, unet)
-        self.register_modules(unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae)
+        self.register_modules(
+            unet=unet,
+            transformer=transformer,
+            scheduler=scheduler,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            vae=vae,
+        )
         self.register_to_config(null_class_label=null_class_label, prediction_type=prediction_type)
 
     @property
     def is_class_conditional(self) -> bool:
-        return getattr(self.unet.config, "num_class_embeds", None) is not None
+        return sampling.num_class_labels(self.denoiser.config) is not None
 
     @property
     def is_text_conditional(self) -> bool:
-        return getattr(self.unet.config, "cross_attention_dim", None) is not None
+        return getattr(self.denoiser.config, "cross_attention_dim", None) is not None
 
     @property
     def guidance_scale(self) -> float:
@@ -124,12 +138,15 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
     # ------------------------------------------------------------------ conditions
 
     def class_conditions(self, class_labels, batch_size):
-        """(∅, y): label tensors for the unet from class labels in [0, num_class_embeds) other than the null label."""
+        """(∅, y): label tensors for the denoiser from class labels it takes (``sampling.num_class_labels``) other
+        than the null label."""
         if not self.is_class_conditional:
             raise ValueError(
-                "class_labels were given but the unet is not class-conditional (unet.config.num_class_embeds is None)"
+                "class_labels were given but the denoiser is not class-conditional (its config has neither "
+                "num_class_embeds nor a DiT's num_embeds_ada_norm)"
             )
-        labels = labels_tensor(class_labels, batch_size, self.unet.config.num_class_embeds, self._execution_device)
+        num_class_labels = sampling.num_class_labels(self.denoiser.config)
+        labels = labels_tensor(class_labels, batch_size, num_class_labels, self._execution_device)
         null_label = self.config.null_class_label
         if bool((labels == null_label).any()):
             raise ValueError(f"class_labels must not contain the null label {null_label} (it means 'no condition')")
@@ -145,7 +162,7 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
             return_tensors="pt",
         )
         hidden_states = self.text_encoder(tokens.input_ids.to(self._execution_device))[0]
-        return hidden_states.to(dtype=self.unet.dtype)
+        return hidden_states.to(dtype=self.denoiser.dtype)
 
     def text_conditions(self, prompt, negative_prompt, batch_size):
         """(∅, y) for the unet: embeddings of ``negative_prompt`` (default "") and of ``prompt``."""
@@ -174,18 +191,16 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
         batch ("batched"), two forwards ("separate"), or the faster of the two, timed once ("auto")."""
 
         def batched():
-            output = model_output_of(self.unet(torch.cat([model_input, model_input]), timestep, **{name: conditions}))
-            return output.chunk(2)
+            return self.run_denoiser(torch.cat([model_input, model_input]), timestep, **{name: conditions}).chunk(2)
 
         def separate():
             return tuple(
-                model_output_of(self.unet(model_input, timestep, **{name: condition}))
-                for condition in conditions.chunk(2)
+                self.run_denoiser(model_input, timestep, **{name: condition}) for condition in conditions.chunk(2)
             )
 
         if guidance_batching == "auto":
             key = (str(model_input.device), model_input.dtype, tuple(model_input.shape), tuple(conditions.shape))
-            key = (*key, id(self.unet))
+            key = (*key, id(self.denoiser))
             if key not in GUIDANCE_BATCHING_CHOICES:
                 candidates = {"batched": batched, "separate": separate}
                 GUIDANCE_BATCHING_CHOICES[key] = fastest(candidates, model_input.device)
@@ -285,7 +300,7 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
         timesteps, alphas_cumprod = self.set_timesteps(num_inference_steps, device)
 
         # 4. x_T
-        latents = self.prepare_latents(shape, generator, latents, device, self.unet.dtype)
+        latents = self.prepare_latents(shape, generator, latents, device, self.denoiser.dtype)
 
         # 5. the reverse chain
         num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
@@ -308,7 +323,7 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
                             prediction, conditional_prediction, self.guidance_rescale
                         )
                 else:
-                    output = model_output_of(self.unet(model_input, t, **{name: conditions}))
+                    output = self.run_denoiser(model_input, t, **{name: conditions})
                     prediction, variance = split_learned_variance(output, model_input)
                 prediction, prediction_type = self.clip_prediction(
                     prediction, self.model_prediction_type, model_input, alphas_cumprod[i]

@@ -12,7 +12,7 @@ from ..guidance import (
     mean_guided_original_sample,
 )
 from ..parameterization import convert_prediction, split_learned_variance
-from .sampling import HVAESamplingPipeline, labels_tensor, model_output_of
+from .sampling import HVAESamplingPipeline, labels_tensor
 
 CLASSIFIER_INPUTS = ("noisy", "denoised")
 
@@ -65,10 +65,13 @@ class ClassifierGuidedPipeline(HVAESamplingPipeline):
         classifier_input: ``"noisy"`` or ``"denoised"``; saved in the pipeline config.
         prediction_type: the model's parameterization when it differs from the scheduler's (see ``HVAEPipeline``).
         vae: for a latent model (see ``HVAEPipeline``); a "denoised" classifier then sees the decoded x̂_0, and its
-            gradient flows back through the decoder, so any pixel classifier steers a latent model.
+            gradient flows back through the decoder, so any pixel classifier steers a latent model (the decoder's
+            activations can be recomputed instead of stored: ``pipe.vae.enable_gradient_checkpointing()``, see
+            docs/pipelines.md).
+        transformer: the denoiser instead of ``unet`` (see ``HVAEPipeline``).
     """
 
-    model_cpu_offload_seq = "unet->classifier->vae"
+    model_cpu_offload_seq = "unet->transformer->classifier->vae"
 
     def __init__(
         self,
@@ -78,6 +81,7 @@ class ClassifierGuidedPipeline(HVAESamplingPipeline):
         classifier_input: str = "noisy",
         prediction_type: str | None = None,
         vae=None,
+        transformer=None,
     ):
         super().__init__()
         if classifier_input not in CLASSIFIER_INPUTS:
@@ -87,8 +91,8 @@ class ClassifierGuidedPipeline(HVAESamplingPipeline):
                 "classifier must declare its number of classes as .num_classes, .config.num_classes or "
                 ".config.num_labels"
             )
-        self.check_vae(vae, unet)
-        self.register_modules(unet=unet, scheduler=scheduler, classifier=classifier, vae=vae)
+        self.check_components(unet, transformer, vae)
+        self.register_modules(unet=unet, transformer=transformer, scheduler=scheduler, classifier=classifier, vae=vae)
         self.register_to_config(classifier_input=classifier_input, prediction_type=prediction_type)
 
     @property
@@ -100,14 +104,14 @@ class ClassifierGuidedPipeline(HVAESamplingPipeline):
         """γ of the current (or last) call."""
         return self._guidance_scale
 
-    def denoised_gradient(self, model_input, timestep, alphas_cumprod_t, labels, unet_kwargs):
+    def denoised_gradient(self, model_input, timestep, alphas_cumprod_t, labels, denoiser_kwargs):
         """(∇_{x_t} log p(y | x̂_0(x_t)), clipped x̂_0, variance channels): the clean-data classifier on the clipped
         Tweedie estimate; clipped elements of x̂_0 pass no gradient (``sampling.clip_original_sample``)."""
         variances = []
 
         def predict_original_sample(sample):
             prediction, variance = split_learned_variance(
-                model_output_of(self.unet(sample, timestep, **unet_kwargs)), sample
+                self.run_denoiser(sample, timestep, **denoiser_kwargs), sample
             )
             variances.append(None if variance is None else variance.detach())
             prediction, prediction_type = self.clip_prediction(
@@ -187,14 +191,14 @@ class ClassifierGuidedPipeline(HVAESamplingPipeline):
         self._guidance_scale = guidance_scale
         self._interrupt = False
 
-        # 2. the condition of the unet: none, ∅ for a class-conditional one
-        unet_kwargs = self.unconditional_kwargs(len(labels))
+        # 2. the condition of the denoiser: none, ∅ for a class-conditional one
+        denoiser_kwargs = self.unconditional_kwargs(len(labels))
 
         # 3. timesteps, before the latents: init_noise_sigma may depend on them
         timesteps, alphas_cumprod = self.set_timesteps(num_inference_steps, device)
 
         # 4. x_T
-        latents = self.prepare_latents(shape, generator, latents, device, self.unet.dtype)
+        latents = self.prepare_latents(shape, generator, latents, device, self.denoiser.dtype)
 
         # 5. the reverse chain: clip x̂_0, then guide
         num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
@@ -205,11 +209,11 @@ class ClassifierGuidedPipeline(HVAESamplingPipeline):
                 model_input = self.scheduler.scale_model_input(latents, t)
                 if self.guidance_scale > 0 and self.config.classifier_input == "denoised":
                     gradient, prediction, variance = self.denoised_gradient(
-                        model_input, t, alphas_cumprod[i], labels, unet_kwargs
+                        model_input, t, alphas_cumprod[i], labels, denoiser_kwargs
                     )
                     prediction_type = "sample"
                 else:
-                    output = model_output_of(self.unet(model_input, t, **unet_kwargs))
+                    output = self.run_denoiser(model_input, t, **denoiser_kwargs)
                     prediction, variance = split_learned_variance(output, model_input)
                     prediction, prediction_type = self.clip_prediction(
                         prediction, self.model_prediction_type, model_input, alphas_cumprod[i]

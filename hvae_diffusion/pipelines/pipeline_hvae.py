@@ -4,7 +4,7 @@ import torch
 from diffusers.utils import replace_example_docstring
 
 from ..parameterization import convert_prediction, split_learned_variance
-from .sampling import HVAESamplingPipeline, model_output_of
+from .sampling import HVAESamplingPipeline
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -37,12 +37,14 @@ class HVAEPipeline(HVAESamplingPipeline):
             by a Diffusers scheduler built with ``prediction_type="epsilon"``); saved in the pipeline config.
         vae: for a latent model, the autoencoder (``AutoencoderKL``, ``AutoencoderTiny`` or ``VQModel``) whose decoder
             turns the final latents into images, once per sample; ``output_type="latent"`` skips it.
+        transformer: the denoiser instead of ``unet`` (then ``unet=None``), e.g. a ``DiTTransformer2DModel``, called
+            ``transformer(x_t, timestep=t)`` with one timestep per sample, as in Diffusers' ``DiTPipeline``.
     """
 
-    def __init__(self, unet, scheduler, prediction_type: str | None = None, vae=None):
+    def __init__(self, unet, scheduler, prediction_type: str | None = None, vae=None, transformer=None):
         super().__init__()
-        self.check_vae(vae, unet)
-        self.register_modules(unet=unet, scheduler=scheduler, vae=vae)
+        self.check_components(unet, transformer, vae)
+        self.register_modules(unet=unet, transformer=transformer, scheduler=scheduler, vae=vae)
         self.register_to_config(prediction_type=prediction_type)
 
     @torch.no_grad()
@@ -92,14 +94,14 @@ class HVAEPipeline(HVAESamplingPipeline):
         device = self._execution_device
         self._interrupt = False
 
-        # 2. the condition of the unet: none, ∅ for a class-conditional one
-        unet_kwargs = self.unconditional_kwargs(batch_size)
+        # 2. the condition of the denoiser: none, ∅ for a class-conditional one
+        denoiser_kwargs = self.unconditional_kwargs(batch_size)
 
         # 3. timesteps, before the latents: init_noise_sigma may depend on them
         timesteps, alphas_cumprod = self.set_timesteps(num_inference_steps, device)
 
         # 4. x_T
-        latents = self.prepare_latents(shape, generator, latents, device, self.unet.dtype)
+        latents = self.prepare_latents(shape, generator, latents, device, self.denoiser.dtype)
 
         # 5. the reverse chain
         num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
@@ -109,7 +111,7 @@ class HVAEPipeline(HVAESamplingPipeline):
                     continue
                 model_input = self.scheduler.scale_model_input(latents, t)
                 prediction, variance = split_learned_variance(
-                    model_output_of(self.unet(model_input, t, **unet_kwargs)), model_input
+                    self.run_denoiser(model_input, t, **denoiser_kwargs), model_input
                 )
                 prediction, prediction_type = self.clip_prediction(
                     prediction, self.model_prediction_type, model_input, alphas_cumprod[i]

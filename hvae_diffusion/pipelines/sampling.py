@@ -113,24 +113,37 @@ def clipping_disabled(scheduler):
         scheduler.register_to_config(**saved)
 
 
-def null_class_label(denoiser_config) -> int | None:
-    """The class label that means "no condition" (∅) of a class-conditional denoiser, from its config.
+def num_class_labels(denoiser_config) -> int | None:
+    """How many class labels a class-conditional denoiser takes, ∅ included; ``None`` for one without class labels.
 
-    A ``UNet2DModel`` with ``num_class_embeds`` = K + 1 embeddings trained with label dropout keeps the last one,
-    K, for ∅; a DiT (``DiTTransformer2DModel``, ``num_embeds_ada_norm`` = K classes) keeps an extra embedding, K.
-    ``None`` for a denoiser without class labels.
+    A ``UNet2DModel`` has ``num_class_embeds`` embeddings. A DiT (``DiTTransformer2DModel``, or a
+    ``Transformer2DModel`` with ``norm_type="ada_norm_zero"``) has ``num_embeds_ada_norm`` = K classes and one more
+    embedding for ∅ (in other norm types ``num_embeds_ada_norm`` counts timesteps, not classes).
     """
     num_class_embeds = getattr(denoiser_config, "num_class_embeds", None)
     if num_class_embeds is not None:
-        return num_class_embeds - 1
-    return getattr(denoiser_config, "num_embeds_ada_norm", None)
+        return num_class_embeds
+    num_embeds_ada_norm = getattr(denoiser_config, "num_embeds_ada_norm", None)
+    if num_embeds_ada_norm is not None and getattr(denoiser_config, "norm_type", None) == "ada_norm_zero":
+        return num_embeds_ada_norm + 1
+    return None
+
+
+def null_class_label(denoiser_config) -> int | None:
+    """The class label that means "no condition" (∅) of a class-conditional denoiser, from its config: the last of
+    its labels (``num_class_labels``). A ``UNet2DModel`` trained with label dropout keeps its last embedding,
+    ``num_class_embeds − 1``, for ∅; a DiT keeps ``num_embeds_ada_norm`` (Diffusers' ``DiTPipeline``: 1000 for
+    ImageNet). ``None`` for a denoiser without class labels.
+    """
+    count = num_class_labels(denoiser_config)
+    return None if count is None else count - 1
 
 
 def sample_shape(model_config, batch_size: int) -> tuple[int, ...]:
     """(B, C, H, W) for image models (``sample_size`` an int or (H, W)); (B, D) for vector models (no ``sample_size``)."""
     in_channels = getattr(model_config, "in_channels", None)
     if in_channels is None:
-        raise ValueError("unet.config.in_channels must be set to know the shape of the samples to draw")
+        raise ValueError("the denoiser's config.in_channels must be set to know the shape of the samples to draw")
     sample_size = getattr(model_config, "sample_size", None)
     if sample_size is None:
         return (batch_size, in_channels)
@@ -164,8 +177,8 @@ class HVAESamplingPipeline(DiffusionPipeline):
     """
 
     _callback_tensor_inputs = ["latents", "pred_original_sample"]
-    _optional_components = ["vae"]
-    model_cpu_offload_seq = "unet->vae"
+    _optional_components = ["unet", "transformer", "vae"]
+    model_cpu_offload_seq = "unet->transformer->vae"
 
     def save_config(self, save_directory: str | os.PathLike, *args, **kwargs):
         """model_index.json, naming this class so that ``DiffusionPipeline.from_pretrained`` finds it, and the module
@@ -196,19 +209,39 @@ class HVAESamplingPipeline(DiffusionPipeline):
         return getattr(self, "_interrupt", False)
 
     @property
-    def is_vector_model(self) -> bool:
-        return getattr(self.unet.config, "sample_size", None) is None
+    def denoiser(self):
+        """The model that predicts from x_t: the ``unet``, or the ``transformer`` (a DiT), as Diffusers names them."""
+        return self.unet if self.unet is not None else self.transformer
 
-    def check_vae(self, vae, unet) -> None:
-        """At construction: a ``ValueError`` unless the VAE's latents have the channels the denoiser takes."""
+    @property
+    def is_vector_model(self) -> bool:
+        return getattr(self.denoiser.config, "sample_size", None) is None
+
+    @staticmethod
+    def check_components(unet, transformer, vae) -> None:
+        """At construction: a ``ValueError`` unless there is exactly one denoiser (``unet`` or ``transformer``) and
+        the VAE's latents have the channels it takes."""
+        if (unet is None) == (transformer is None):
+            raise ValueError(
+                "pass exactly one denoiser: unet (UNet2DModel, UNet2DConditionModel, ...) or transformer "
+                "(DiTTransformer2DModel, ...)"
+            )
         if vae is None:
             return
+        in_channels = (unet if unet is not None else transformer).config.in_channels
         latent_channels = getattr(vae.config, "latent_channels", None)
-        if latent_channels != unet.config.in_channels:
+        if latent_channels != in_channels:
             raise ValueError(
-                f"vae.config.latent_channels={latent_channels} must equal the denoiser's "
-                f"in_channels={unet.config.in_channels}"
+                f"vae.config.latent_channels={latent_channels} must equal the denoiser's in_channels={in_channels}"
             )
+
+    def run_denoiser(self, model_input: torch.Tensor, timestep: torch.Tensor, **conditions) -> torch.Tensor:
+        """The denoiser's output on ``model_input`` at ``timestep``. A unet takes the step's one timestep; a
+        transformer takes it by keyword, one per sample, as Diffusers' ``DiTPipeline`` passes it."""
+        if self.unet is not None:
+            return model_output_of(self.unet(model_input, timestep, **conditions))
+        timesteps = timestep.reshape(-1).expand(len(model_input))
+        return model_output_of(self.transformer(model_input, timestep=timesteps, **conditions))
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """x = D(z / scaling_factor + shift_factor): the VAE's decoder on latents scaled as its config says."""
@@ -252,7 +285,7 @@ class HVAESamplingPipeline(DiffusionPipeline):
         if output_type == "pil" and self.is_vector_model:
             raise ValueError("output_type='pil' needs an image model; for vector samples use 'latent', 'pt' or 'np'")
         check_generator(generator, batch_size)
-        shape = sample_shape(self.unet.config, batch_size)
+        shape = sample_shape(self.denoiser.config, batch_size)
         if latents is not None and tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         if callback_on_step_end is not None and not callable(callback_on_step_end):
@@ -266,9 +299,9 @@ class HVAESamplingPipeline(DiffusionPipeline):
         return shape
 
     def unconditional_kwargs(self, batch_size: int) -> dict:
-        """What makes the unet model p(x): its null class label ∅ for a class-conditional unet (one trained with label
+        """What makes the denoiser model p(x): its null class label ∅ for a class-conditional one (trained with label
         dropout, ``null_class_label``), nothing otherwise. This is the one way the package evaluates ε(x_t, ∅)."""
-        null_label = null_class_label(self.unet.config)
+        null_label = null_class_label(self.denoiser.config)
         if null_label is None:
             return {}
         return {"class_labels": torch.full((batch_size,), null_label, dtype=torch.long, device=self._execution_device)}
@@ -402,4 +435,11 @@ def model_output_of(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.sample
 
 
-__all__ = ["HVAESamplingPipeline", "sample_shape", "labels_tensor", "null_class_label", "clip_original_sample"]
+__all__ = [
+    "HVAESamplingPipeline",
+    "sample_shape",
+    "labels_tensor",
+    "num_class_labels",
+    "null_class_label",
+    "clip_original_sample",
+]

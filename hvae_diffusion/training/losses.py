@@ -7,8 +7,15 @@ import math
 
 import torch
 
-from ..elbo import LOSS_WEIGHTINGS, denoising_matching_kl, discretized_gaussian_log_likelihood, weighted_mse
+from ..elbo import (
+    LOSS_WEIGHTINGS,
+    denoising_matching_kl,
+    discretized_gaussian_log_likelihood,
+    loss_dtype,
+    weighted_mse,
+)
 from ..forward_process import broadcast_to
+from ..parameterization import split_learned_variance
 
 
 class BatchRandomness:
@@ -100,6 +107,8 @@ class DiffusionLoss:
     ``prediction_type``. Dividing by D (the dimensions of a sample) keeps the simple loss an MSE, so learning rates
     carry over from Diffusers' examples.
 
+    The loss is computed in the inputs' precision (float64 stays float64), half types in float32 (``elbo.loss_dtype``).
+
     With ``variance_type="learned_range"`` the model outputs 2C channels and the loss is improved DDPM's hybrid
     L_simple + λ L_vlb: L_vlb is ``vlb_weight`` × the ELBO term of the sampled latent in bits/dim computed with the
     mean prediction detached, so the ELBO trains only the variance and the weighted MSE only the mean.
@@ -126,6 +135,11 @@ class DiffusionLoss:
         self.snr_gamma = snr_gamma
         self.cond_drop_prob = cond_drop_prob
         self.null_label = null_label
+        if scheduler.config.variance_type == "learned":
+            raise ValueError(
+                "--variance_type learned reads the model's variance channels as Σ itself (as DDPMScheduler does), which "
+                "an unconstrained network output does not keep positive; train with learned_range"
+            )
         self.learned_variance = scheduler.config.variance_type == "learned_range"
         num_train_timesteps = scheduler.config.num_train_timesteps
         self.vlb_weight = num_train_timesteps / 1000.0 if vlb_weight is None else vlb_weight
@@ -161,8 +175,12 @@ class DiffusionLoss:
         model_output = model(sample, timesteps, **conditioning)
         model_output = getattr(model_output, "sample", model_output)
 
-        channels = original_samples.shape[1]
-        prediction = model_output[:, :channels] if self.learned_variance else model_output
+        prediction, variance_output = split_learned_variance(model_output, original_samples)
+        if self.learned_variance and variance_output is None:
+            raise ValueError(
+                f"variance_type={self.scheduler.config.variance_type!r} needs a model with 2C output channels (the "
+                f"prediction, then the variance), got output shape {tuple(model_output.shape)}"
+            )
         target = self.scheduler.training_target(original_samples, noise, timesteps)
         weights = self.scheduler.loss_weights(timesteps.cpu(), self.weighting, self.snr_gamma).to(sample.device)
         num_dims = math.prod(original_samples.shape[1:])
@@ -170,9 +188,10 @@ class DiffusionLoss:
         parts = {"denoising_loss": denoising.mean().detach()}
         loss = denoising
         if self.learned_variance:
-            frozen_mean_output = torch.cat([prediction.detach(), model_output[:, channels:]], dim=1)
+            dtype = loss_dtype(model_output, original_samples)
+            frozen_mean_output = torch.cat([prediction.detach(), variance_output], dim=1)
             vlb = variational_bound_term(
-                self.scheduler, frozen_mean_output.float(), original_samples.float(), sample.float(), timesteps
+                self.scheduler, frozen_mean_output.to(dtype), original_samples.to(dtype), sample.to(dtype), timesteps
             )
             loss = loss + self.vlb_weight * vlb
             parts["vlb_loss"] = vlb.mean().detach()
