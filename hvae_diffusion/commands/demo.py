@@ -256,6 +256,7 @@ def main(argv=None):
             *(quick or scales),
             *latent,
             *(["--compare_pipeline_dir", args.compare_pipeline_dir] if args.compare_pipeline_dir else []),
+            *overwrite,
         ],
     )
     timings["total"] = round(time.time() - started, 1)
