@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DModel, VQModel
 
-from hvae_diffusion.commands import evaluate, train, train_classifier
+from hvae_diffusion.commands import demo, evaluate, train, train_classifier
 from hvae_diffusion.training.cli import load_training_data
 from hvae_diffusion.training.data import stack_dataset
 from hvae_diffusion.training.evaluation import FeatureClassifier
@@ -189,6 +189,7 @@ def test_evaluate_reports_the_latent_bound_in_pixels_beside_another_pipeline(lat
     for key in ("bits_per_dim", "standard_error", "reconstruction", "latent_prior", "entropy"):
         assert math.isfinite(elbo[key])
     assert elbo["bits_per_dim"] == pytest.approx(elbo["reconstruction"] + elbo["latent_prior"] - elbo["entropy"])
+    assert elbo["bits_per_image"] == pytest.approx(elbo["bits_per_dim"] * RESOLUTION**2)
     vae = AutoencoderKL.from_pretrained(pipeline_dir, subfolder="vae")
     args = train.parse_args(["--output_dir", "unused", "--resolution", str(RESOLUTION)])
     test_samples = stack_dataset(load_training_data(args, need_labels=True)[1])[0][:6]
@@ -242,3 +243,28 @@ def test_bad_latent_inputs_are_refused_before_any_work(tmp_path, monkeypatch):
         "downsamples by 2, which does not divide --resolution=15",
     )
     assert not out.exists()
+
+
+def test_quick_latent_demo_end_to_end(tmp_path, single_thread):
+    """``hvae-demo --latent --quick``: a VAE, then a denoiser, a noisy classifier and their samples on its latents,
+    and the latent report (a cached untrained feature classifier keeps it short)."""
+    output_dir = tmp_path / "demo-latent"
+    (output_dir / "evaluation").mkdir(parents=True)
+    untrained = FeatureClassifier(1, 10, 32)
+    torch.save(
+        {"config": untrained.config, "state_dict": untrained.state_dict()},
+        output_dir / "evaluation" / "feature_classifier.pt",
+    )
+    summary = demo.main(["--latent", "--quick", "--output_dir", str(output_dir), "--overwrite_output_dir"])
+    assert summary["bits_per_dim"] == pytest.approx(
+        sum(summary["bits_per_dim_parts"][name] for name in ("reconstruction", "latent_prior"))
+        - summary["bits_per_dim_parts"]["entropy"]
+    )
+    assert math.isfinite(summary["diffusion_bits_per_latent_dim"])
+    assert summary["vae_bits_per_dim_with_standard_normal_prior"] > 0
+    assert set(summary["wall_time_seconds"]) >= {"train VAE", "train denoiser", "evaluate", "total"}
+    for folder in ("denoiser", "classifier_guided"):
+        vae_config = json.loads((output_dir / folder / "vae" / "config.json").read_text())
+        assert vae_config["latent_channels"] == 4 and len(vae_config["block_out_channels"]) == 3  # 32×32 → 8×8×4
+    for grid in ("samples_unconditional.png", "samples_cfg.png", "samples_classifier_guided.png"):
+        assert (output_dir / grid).is_file()

@@ -294,6 +294,7 @@ def latent_summary(report, vae_dir):
     elbo = report["elbo"]
     summary = {
         "bits_per_dim_parts": {name: elbo[name] for name in ("reconstruction", "latent_prior", "entropy")},
+        "bits_per_image": elbo["bits_per_image"],
         "diffusion_bits_per_latent_dim": elbo["diffusion_bits_per_latent_dim"],
         "vae_bits_per_dim_with_standard_normal_prior": vae_summary.get("test_bits_per_dim"),
     }

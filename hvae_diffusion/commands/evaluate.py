@@ -18,6 +18,7 @@ classifier; trained once on the train split and cached).
 
 import argparse
 import json
+import math
 import os
 import time
 
@@ -147,9 +148,10 @@ def bits_per_dim_report(pipe, test_samples, args):
         return pipe.unet.eval()(sample, timesteps, **pipe.unconditional_kwargs(len(sample)))
 
     if pipe.vae is None:
-        return elbo_report(
+        report = elbo_report(
             scheduler, denoiser, samples, args.bpd_estimator, nfe, batch_size=args.bpd_batch_size, generator=generator
         )
+        return with_bits_per_image(report, samples)
     diffusion_elbo = diffusion_elbo_of(scheduler, denoiser, args.bpd_estimator, nfe, generator, args.bpd_batch_size)
     report = latent_elbo_report(pipe.vae.eval(), diffusion_elbo, samples, batch_size=len(samples), generator=generator)
     report["estimator"] = args.bpd_estimator
@@ -159,6 +161,16 @@ def bits_per_dim_report(pipe, test_samples, args):
         f"{report['entropy']:.3f} (latent bound; diffusion {report['diffusion_bits_per_latent_dim']:.3f} bits per "
         f"latent dim; {args.bpd_estimator}, {nfe or num_latents + 1} NFE/image, {report['num_samples']} images)"
     )
+    return with_bits_per_image(report, samples)
+
+
+def with_bits_per_image(report, samples):
+    """Add ``bits_per_image`` (−ELBO in bits per image) to a bits/dim report: the number that compares models of
+    one dataset at two resolutions, where bits/dim divide by different dimension counts."""
+    num_dims = math.prod(samples.shape[1:])
+    report["bits_per_image"] = report["bits_per_dim"] * num_dims
+    standard_error = report["standard_error"]
+    report["bits_per_image_standard_error"] = None if standard_error is None else standard_error * num_dims
     return report
 
 
@@ -213,7 +225,10 @@ def main(argv=None):
         report["compare"] = {
             "pipeline_dir": args.compare_pipeline_dir,
             "resolution": resolution,
-            **{key: other_elbo[key] for key in ("bits_per_dim", "standard_error", "summary", "num_samples")},
+            **{
+                key: other_elbo[key]
+                for key in ("bits_per_dim", "standard_error", "bits_per_image", "summary", "num_samples")
+            },
         }
         print(f"test bits/dim of {args.compare_pipeline_dir}: {other_elbo['summary']}", flush=True)
     scheduler = HVAEScheduler.from_config(unconditional.scheduler.config)
