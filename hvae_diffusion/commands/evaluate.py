@@ -7,7 +7,10 @@ classifier's accuracy and calibration against t, Fréchet distance and guided ac
 The bits/dim are those of the unconditional model ε(x_t, ∅) (for a class-conditional pipeline, the null label).
 ``--bpd_estimator full`` evaluates every latent (N + 1 forwards per image); ``uniform``, ``stratified`` and
 ``importance`` sample ``--bpd_nfe`` − 1 latents per image, unbiased, with a standard error that covers both the
-image-to-image spread and the sampling of t (docs/evaluation.md).
+image-to-image spread and the sampling of t (docs/evaluation.md). For a latent pipeline (one with a ``vae``) the
+bits/dim are the bound in pixels through the VAE, with its three parts and the diffusion's bits per latent
+dimension (docs/latent.md); ``--compare_pipeline_dir`` puts a second pipeline's bits/dim (and bits per image) on the
+same test split beside them.
 
 Writes to --output_dir: ``evaluation.json``; ``elbo_denoising_terms.png`` (the denoising-matching KL of each
 evaluated latent over t); a grid per sampling setting (``grid_unconditional.png``, ``grid_cfg_<w>.png``,
