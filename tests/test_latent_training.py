@@ -268,3 +268,15 @@ def test_quick_latent_demo_end_to_end(tmp_path, single_thread):
         assert vae_config["latent_channels"] == 4 and len(vae_config["block_out_channels"]) == 3  # 32×32 → 8×8×4
     for grid in ("samples_unconditional.png", "samples_cfg.png", "samples_classifier_guided.png"):
         assert (output_dir / grid).is_file()
+
+
+def test_evaluate_refuses_a_vq_model_before_the_bound(tmp_path):
+    """A pipeline decoding with a VQModel has no continuous posterior, so there is no bound to report."""
+    from hvae_diffusion import HVAEPipeline, HVAEScheduler
+
+    vq = VQModel(block_out_channels=(8,), norm_num_groups=4, num_vq_embeddings=8, sample_size=8)
+    config = {k: v for k, v in _unet_config(in_channels=vq.config.latent_channels).items() if k != "_class_name"}
+    unet = UNet2DModel(**{**config, "num_class_embeds": None})
+    HVAEPipeline(unet=unet, scheduler=HVAEScheduler(num_train_timesteps=10), vae=vq).save_pretrained(tmp_path / "vq")
+    with pytest.raises(ValueError, match="--pipeline_dir: a VQModel has no continuous posterior .*codebook"):
+        evaluate.main(["--pipeline_dir", str(tmp_path / "vq"), "--output_dir", str(tmp_path / "evaluation")])
