@@ -4,7 +4,8 @@
     accelerate launch --num_processes 2 --cpu scripts/train.py --output_dir runs/digits ...
 
 With no data argument it trains on scikit-learn's bundled digits (8x8, 10 classes). With ``--vae_dir`` it trains a
-latent diffusion: the dataset is encoded once, each step draws a fresh z_0 ~ q(z_0 | x) (docs/latent.md). The output folder holds an
+latent diffusion: the dataset is encoded once, each step draws a fresh z_0 ~ q(z_0 | x) (docs/latent.md), and the
+pipeline is saved with the VAE. The output folder holds an
 ``HVAEPipeline`` (``--conditioning none``) or a ``ClassifierFreeGuidancePipeline`` (class/text) in the standard
 layout, a README.md model card, sample grids under ``samples/`` and checkpoints ``checkpoint-<step>`` (the newest
 ``--checkpoints_total_limit``). Every flag is checked before the first step, and the pipeline is saved before the
@@ -226,11 +227,6 @@ def run(args):
         num_class_embeds=num_class_embeds,
         learned_variance=learned_variance,
     )
-    if vae is not None and unet.config.in_channels != vae.config.latent_channels:
-        raise ValueError(
-            f"--vae_dir: the VAE's latent_channels={vae.config.latent_channels} must equal the denoiser's "
-            f"in_channels={unet.config.in_channels}"
-        )
     if args.conditioning == "class" and getattr(unet.config, "num_class_embeds", None) != num_class_embeds:
         raise ValueError(
             f"--conditioning class needs a UNet with num_class_embeds = num_classes + 1 = {num_class_embeds} (the "
