@@ -3,6 +3,8 @@ guidance, evaluate.
 
     hvae-demo --output_dir runs/demo
     hvae-demo --quick --output_dir runs/demo-quick   # a smoke test: a few steps of everything
+    hvae-demo --latent                                # the latent variant, in runs/demo-latent
+
 
 1. ``hvae-train``: a class-conditional UNet (ε-prediction, 10 classes + the null label) with condition dropout, so
    one model gives unconditional, conditional and classifier-free guided samples.
@@ -10,6 +12,11 @@ guidance, evaluate.
    ``ClassifierGuidedPipeline``.
 3. ``hvae-sample``: grids of unconditional, classifier-guided and classifier-free guided samples.
 4. ``hvae-evaluate``: test bits/dim, Fréchet distance and guided accuracy over a sweep of guidance scales.
+
+``--latent`` makes it a latent diffusion on the digits upsampled to 32×32: first ``hvae-train-vae`` trains an
+``AutoencoderKL`` with 8×8×4 latents, then the denoiser and the noisy classifier are trained on its latents
+(``--vae_dir``), and the evaluation reports the bound in pixels through the VAE (docs/latent.md), beside the bits/dim
+of ``--compare_pipeline_dir`` (a pixel model, e.g. runs/demo/denoiser) when given.
 
 Everything lands in --output_dir (``demo_report.json`` sums it up, with the wall time of each stage): by default
 ``runs/demo``, or ``runs/demo-quick`` with --quick, so a smoke test never replaces a full demo. A folder that
@@ -24,12 +31,16 @@ import time
 
 from ..training.cli import add_num_threads_argument, add_overwrite_argument, apply_num_threads, check_output_dir
 from ..training.sampling import DEFAULT_GUIDANCE_SCALE
-from . import evaluate, sample, train, train_classifier
+from . import evaluate, sample, train, train_classifier, train_vae
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", default=None, help="default: runs/demo (runs/demo-quick with --quick)")
+    parser.add_argument(
+        "--output_dir",
+        default=None,
+        help="default: runs/demo, runs/demo-latent with --latent, and -quick after either with --quick",
+    )
     add_overwrite_argument(parser)
     parser.add_argument("--denoiser_steps", type=int, default=1500)
     parser.add_argument("--classifier_steps", type=int, default=2000)
@@ -43,17 +54,35 @@ def parse_args(argv=None):
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a few steps of everything (a smoke test, not a demo)")
+    parser.add_argument(
+        "--latent", action="store_true", help="the latent variant: a VAE, then diffusion on its latents"
+    )
+    parser.add_argument("--vae_steps", type=int, default=400, help="with --latent: the VAE's optimizer steps")
+    parser.add_argument(
+        "--latent_resolution",
+        type=int,
+        default=32,
+        help="with --latent: the digits are upsampled to this size (the VAE downsamples by 4)",
+    )
+    parser.add_argument(
+        "--compare_pipeline_dir",
+        default=None,
+        help="with --latent: a pixel pipeline whose test bits/dim the report puts beside the latent model's",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    out = args.output_dir or ("runs/demo-quick" if args.quick else "runs/demo")
+    if args.compare_pipeline_dir is not None and not args.latent:
+        raise ValueError("--compare_pipeline_dir needs --latent (it compares the latent model with a pixel one)")
+    out = args.output_dir or ("runs/demo" + ("-latent" if args.latent else "") + ("-quick" if args.quick else ""))
     check_output_dir(out, args.overwrite_output_dir)
     apply_num_threads(args.num_threads)
     if args.quick:
-        args.denoiser_steps, args.classifier_steps, args.num_inference_steps = 4, 4, 5
+        args.denoiser_steps, args.classifier_steps, args.num_inference_steps, args.vae_steps = 4, 4, 5, 4
     denoiser_dir, guided_dir = os.path.join(out, "denoiser"), os.path.join(out, "classifier_guided")
+    vae_dir = os.path.join(out, "vae")
     evaluation_dir = os.path.join(out, "evaluation")
     # the folder was checked (or its overwrite allowed) as a whole above
     overwrite = ["--overwrite_output_dir"] if args.overwrite_output_dir else []
@@ -71,6 +100,21 @@ def main(argv=None):
         cpu_timings[name] = round(time.process_time() - cpu_begin, 1)
         return result
 
+    # the data flags of every stage of the latent demo: the VAE's resolution
+    latent = ["--resolution", str(args.latent_resolution)] if args.latent else []
+    if args.latent:
+        stage(
+            "train VAE",
+            train_vae.main,
+            [
+                *["--output_dir", vae_dir, "--max_train_steps", str(args.vae_steps), "--checkpointing_steps", "1000"],
+                *["--checkpoints_total_limit", "1", "--eval_num_samples", "64" if args.quick else "256"],
+                *latent,
+                *overwrite,
+                *threads,
+                *seed,
+            ],
+        )
     stage(
         "train denoiser",
         train.main,
@@ -97,6 +141,8 @@ def main(argv=None):
             "--checkpoints_total_limit",
             "1",
             "--skip_elbo",
+            *(["--vae_dir", vae_dir] if args.latent else []),
+            *latent,
             "--guidance_scale",
             scale,
             "--num_inference_steps",
@@ -122,6 +168,7 @@ def main(argv=None):
             "2e-3",
             "--checkpointing_steps",
             "0",
+            *latent,
             *overwrite,
             *threads,
             *seed,
@@ -207,6 +254,9 @@ def main(argv=None):
             *sorted({"0", "1", scale, "4"}, key=float),
             *seed,
             *(quick or scales),
+            *latent,
+            *(["--compare_pipeline_dir", args.compare_pipeline_dir] if args.compare_pipeline_dir else []),
+            *overwrite,
         ],
     )
     timings["total"] = round(time.time() - started, 1)
@@ -221,6 +271,7 @@ def main(argv=None):
         "frechet_distance_train_vs_test": report["frechet_distance_train_vs_test"],
         f"cfg_w{scale}": cfg_result,
         f"classifier_gamma{scale}": classifier_result,
+        **latent_summary(report, vae_dir if args.latent else None),
         "wall_time_seconds": timings,
         # CPU time of this process: with one thread, the wall time on an otherwise idle machine
         "cpu_time_seconds": cpu_timings,
@@ -230,6 +281,25 @@ def main(argv=None):
     shutil.copy(os.path.join(out, "samples_cfg.png"), os.path.join(denoiser_dir, "samples", "cfg_grid.png"))
     _update_model_card(denoiser_dir, summary, cfg_result, args.guidance_scale)
     print("\n=== demo report\n" + json.dumps(summary, indent=2))
+    return summary
+
+
+def latent_summary(report, vae_dir):
+    """The latent demo's extra numbers: the bound's parts, the diffusion's bits per latent dim, the VAE's own
+    bound with its N(0, I) prior, and the compared pipeline's bits/dim; nothing for the pixel demo."""
+    if vae_dir is None:
+        return {}
+    with open(os.path.join(vae_dir, "training_summary.json")) as handle:
+        vae_summary = json.load(handle)
+    elbo = report["elbo"]
+    summary = {
+        "bits_per_dim_parts": {name: elbo[name] for name in ("reconstruction", "latent_prior", "entropy")},
+        "bits_per_image": elbo["bits_per_image"],
+        "diffusion_bits_per_latent_dim": elbo["diffusion_bits_per_latent_dim"],
+        "vae_bits_per_dim_with_standard_normal_prior": vae_summary.get("test_bits_per_dim"),
+    }
+    if "compare" in report:
+        summary["compare"] = report["compare"]
     return summary
 
 

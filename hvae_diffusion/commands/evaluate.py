@@ -7,7 +7,10 @@ classifier's accuracy and calibration against t, Fréchet distance and guided ac
 The bits/dim are those of the unconditional model ε(x_t, ∅) (for a class-conditional pipeline, the null label).
 ``--bpd_estimator full`` evaluates every latent (N + 1 forwards per image); ``uniform``, ``stratified`` and
 ``importance`` sample ``--bpd_nfe`` − 1 latents per image, unbiased, with a standard error that covers both the
-image-to-image spread and the sampling of t (docs/evaluation.md).
+image-to-image spread and the sampling of t (docs/evaluation.md). For a latent pipeline (one with a ``vae``) the
+bits/dim are the bound in pixels through the VAE, with its three parts and the diffusion's bits per latent
+dimension (docs/latent.md); ``--compare_pipeline_dir`` puts a second pipeline's bits/dim (and bits per image) on the
+same test split beside them.
 
 Writes to --output_dir: ``evaluation.json``; ``elbo_denoising_terms.png`` (the denoising-matching KL of each
 evaluated latent over t); a grid per sampling setting (``grid_unconditional.png``, ``grid_cfg_<w>.png``,
@@ -19,12 +22,14 @@ classifier; trained once on the train split and cached).
 
 import argparse
 import json
+import math
 import os
 import time
 
 import torch
 
 from ..elbo_estimation import BPD_ESTIMATORS
+from ..scheduling_hvae import HVAEScheduler
 from ..training.cli import (
     add_data_arguments,
     add_num_threads_argument,
@@ -44,6 +49,14 @@ from ..training.evaluation import (
     plot_denoising_terms,
 )
 from ..training.guidance_sweep import guided_accuracy_sweep, plot_guidance_sweep
+from ..training.latents import (
+    check_continuous_vae,
+    check_latent_setting,
+    diffusion_elbo_of,
+    latent_elbo_report,
+    scaled_latents_of,
+    vae_downsampling_factor,
+)
 from ..training.sampling import load_sampling_pipeline, sample
 
 
@@ -52,6 +65,12 @@ def parse_args(argv=None):
     add_data_arguments(parser)
     parser.add_argument("--pipeline_dir", required=True, help="the trained denoiser pipeline")
     parser.add_argument("--classifier_dir", default=None, help="noisy classifier, for the classifier-guidance sweep")
+    parser.add_argument(
+        "--compare_pipeline_dir",
+        default=None,
+        help="another pipeline (the pixel model beside a latent one, say) whose bits/dim on the same test split, at "
+        "its own resolution, the report puts beside this one's",
+    )
     parser.add_argument("--output_dir", required=True)
     add_overwrite_argument(parser)
     parser.add_argument(
@@ -113,6 +132,59 @@ def check_arguments(args):
         raise ValueError(f"--guidance_scales must be >= 0, got {args.guidance_scales}")
 
 
+def load_test_split(args, resolution):
+    """``load_training_data`` of the data flags with the images resized to ``resolution``."""
+    return load_training_data(argparse.Namespace(**{**vars(args), "resolution": resolution}), need_labels=True)
+
+
+def pipeline_resolution(pipe):
+    """The image size a pipeline samples: its denoiser's ``sample_size``, times the VAE's downsampling."""
+    size = pipe.unet.config.sample_size
+    return size * vae_downsampling_factor(pipe.vae) if pipe.vae is not None else size
+
+
+def bits_per_dim_report(pipe, test_samples, args):
+    """The test bits/dim of an unconditional pipeline with ``--bpd_estimator``: ``elbo_report`` of a pixel model;
+    for a latent model, the bound in pixels through its VAE (``latent_elbo_report``, the estimator giving the
+    diffusion part) with its three parts and the diffusion's own bits per latent dimension."""
+    scheduler = HVAEScheduler.from_config(pipe.scheduler.config)
+    num_latents = len(scheduler.timesteps) - 1
+    if args.bpd_estimator != "full" and args.bpd_nfe > num_latents + 1:
+        raise ValueError(f"--bpd_nfe must be <= {num_latents + 1} (every latent and the decoder), got {args.bpd_nfe}")
+    nfe = None if args.bpd_estimator == "full" else args.bpd_nfe
+    generator = torch.Generator().manual_seed(args.seed)
+    samples = test_samples[: args.bpd_num_samples]
+
+    def denoiser(sample, timesteps):
+        return pipe.unet.eval()(sample, timesteps, **pipe.unconditional_kwargs(len(sample)))
+
+    if pipe.vae is None:
+        report = elbo_report(
+            scheduler, denoiser, samples, args.bpd_estimator, nfe, batch_size=args.bpd_batch_size, generator=generator
+        )
+        return with_bits_per_image(report, samples)
+    diffusion_elbo = diffusion_elbo_of(scheduler, denoiser, args.bpd_estimator, nfe, generator, args.bpd_batch_size)
+    report = latent_elbo_report(pipe.vae.eval(), diffusion_elbo, samples, batch_size=len(samples), generator=generator)
+    report["estimator"] = args.bpd_estimator
+    report["summary"] = (
+        f"{report['bits_per_dim']:.3f} ± {report['standard_error']:.3f} bits/dim = reconstruction "
+        f"{report['reconstruction']:.3f} + latent prior {report['latent_prior']:.3f} − entropy "
+        f"{report['entropy']:.3f} (latent bound; diffusion {report['diffusion_bits_per_latent_dim']:.3f} bits per "
+        f"latent dim; {args.bpd_estimator}, {nfe or num_latents + 1} NFE/image, {report['num_samples']} images)"
+    )
+    return with_bits_per_image(report, samples)
+
+
+def with_bits_per_image(report, samples):
+    """Add ``bits_per_image`` (−ELBO in bits per image) to a bits/dim report: the number that compares models of
+    one dataset at two resolutions, where bits/dim divide by different dimension counts."""
+    num_dims = math.prod(samples.shape[1:])
+    report["bits_per_image"] = report["bits_per_dim"] * num_dims
+    standard_error = report["standard_error"]
+    report["bits_per_image_standard_error"] = None if standard_error is None else standard_error * num_dims
+    return report
+
+
 def format_scale(scale):
     return f"{scale:g}"
 
@@ -120,14 +192,20 @@ def format_scale(scale):
 def main(argv=None):
     args = parse_args(argv)
     from ..pipelines import ClassifierFreeGuidancePipeline, ClassifierGuidedPipeline
-    from ..scheduling_hvae import HVAEScheduler
 
     check_arguments(args)
     check_output_dir(args.output_dir, args.overwrite_output_dir)
     apply_num_threads(args.num_threads)
     started = time.time()
     os.makedirs(args.output_dir, exist_ok=True)
-    train_dataset, test_dataset, num_classes, _, _ = load_training_data(args, need_labels=True)
+    unconditional = load_sampling_pipeline(args.pipeline_dir, "none")
+    vae = unconditional.vae
+    if vae is not None:
+        check_continuous_vae(vae, argument="--pipeline_dir")
+        check_latent_setting(vae, args.resolution, argument="--resolution")
+    train_dataset, test_dataset, num_classes, _, _ = load_test_split(
+        args, args.resolution or pipeline_resolution(unconditional)
+    )
     train_samples, train_labels = stack_dataset(train_dataset)
     test_samples, test_labels = stack_dataset(test_dataset)
     feature_classifier = load_or_train_feature_classifier(
@@ -144,24 +222,27 @@ def main(argv=None):
     ]
     report["frechet_distance_train_vs_test"] = feature_frechet_distance(feature_classifier, reference, test_samples)
 
-    # --- bits/dim of the unconditional model ε(x_t, ∅)
-    unconditional = load_sampling_pipeline(args.pipeline_dir, "none")
-    scheduler = HVAEScheduler.from_config(unconditional.scheduler.config)
-    num_latents = len(scheduler.timesteps) - 1
-    if args.bpd_estimator != "full" and args.bpd_nfe > num_latents + 1:
-        raise ValueError(f"--bpd_nfe must be <= {num_latents + 1} (every latent and the decoder), got {args.bpd_nfe}")
-    elbo = elbo_report(
-        scheduler,
-        lambda x, t: unconditional.unet.eval()(x, t, **unconditional.unconditional_kwargs(len(x))),
-        test_samples[: args.bpd_num_samples],
-        args.bpd_estimator,
-        None if args.bpd_estimator == "full" else args.bpd_nfe,
-        batch_size=args.bpd_batch_size,
-        generator=torch.Generator().manual_seed(args.seed),
-    )
-    plot_denoising_terms(elbo, os.path.join(args.output_dir, "elbo_denoising_terms.png"))
+    # --- bits/dim of the unconditional model ε(x_t, ∅): in pixels, through the VAE for a latent model
+    elbo = bits_per_dim_report(unconditional, test_samples, args)
+    if vae is None:
+        plot_denoising_terms(elbo, os.path.join(args.output_dir, "elbo_denoising_terms.png"))
     report["elbo"] = elbo
     print(f"test bits/dim: {elbo['summary']}", flush=True)
+    if args.compare_pipeline_dir is not None:
+        other = load_sampling_pipeline(args.compare_pipeline_dir, "none")
+        resolution = pipeline_resolution(other)
+        other_test_samples, _ = stack_dataset(load_test_split(args, resolution)[1])
+        other_elbo = bits_per_dim_report(other, other_test_samples, args)
+        report["compare"] = {
+            "pipeline_dir": args.compare_pipeline_dir,
+            "resolution": resolution,
+            **{
+                key: other_elbo[key]
+                for key in ("bits_per_dim", "standard_error", "bits_per_image", "summary", "num_samples")
+            },
+        }
+        print(f"test bits/dim of {args.compare_pipeline_dir}: {other_elbo['summary']}", flush=True)
+    scheduler = HVAEScheduler.from_config(unconditional.scheduler.config)
 
     # --- the noisy classifier of classifier guidance: accuracy and calibration against t
     guided = None
@@ -170,7 +251,9 @@ def main(argv=None):
         report["classifier_calibration"] = noisy_classifier_calibration(
             guided.classifier.eval(),
             scheduler,
-            test_samples,
+            test_samples
+            if vae is None
+            else scaled_latents_of(vae, test_samples, torch.Generator().manual_seed(args.seed)),
             test_labels,
             num_bands=args.calibration_bands,
             generator=torch.Generator().manual_seed(args.seed),

@@ -3,7 +3,9 @@
     hvae-train --output_dir runs/digits --max_train_steps 2000 --conditioning class --cond_drop_prob 0.1
     accelerate launch --num_processes 2 --cpu scripts/train.py --output_dir runs/digits ...
 
-With no data argument it trains on scikit-learn's bundled digits (8x8, 10 classes). The output folder holds an
+With no data argument it trains on scikit-learn's bundled digits (8x8, 10 classes). With ``--vae_dir`` it trains a
+latent diffusion: the dataset is encoded once, each step draws a fresh z_0 ~ q(z_0 | x) (docs/latent.md), and the
+pipeline is saved with the VAE. The output folder holds an
 ``HVAEPipeline`` (``--conditioning none``) or a ``ClassifierFreeGuidancePipeline`` (class/text) in the standard
 layout, a README.md model card, sample grids under ``samples/`` and checkpoints ``checkpoint-<step>`` (the newest
 ``--checkpoints_total_limit``). Every flag is checked before the first step, and the pipeline is saved before the
@@ -28,10 +30,20 @@ from ..training.cli import (
     training_config_from_args,
     warn_if_single_threaded,
 )
-from ..training.components import CONDITIONINGS, build_unet, denoiser_pipeline
+from ..training.components import CONDITIONINGS, build_unet, denoiser_pipeline, pretrained_unet_config
 from ..training.data import stack_dataset
 from ..training.evaluation import elbo_report, image_grid
 from ..training.hub import render_model_card
+from ..training.latents import (
+    LatentDataset,
+    LatentDiffusionLoss,
+    check_latent_setting,
+    diffusion_elbo_of,
+    latent_elbo_report,
+    latent_scaling,
+    load_vae,
+    vae_downsampling_factor,
+)
 from ..training.loop import NonFiniteLossError, make_accelerator, train
 from ..training.losses import DiffusionLoss
 from ..training.sampling import DEFAULT_GUIDANCE_SCALE
@@ -47,6 +59,12 @@ def parse_args(argv=None):
         help="fine-tune a Diffusers UNet or the unet (and scheduler) of a pipeline folder",
     )
     model.add_argument("--unet_config", default=None, help="a UNet2DModel/UNet2DConditionModel config.json")
+    model.add_argument(
+        "--vae_dir",
+        default=None,
+        help="train on the latents of this AutoencoderKL (a folder from hvae-train-vae, or a pipeline with a vae/); "
+        "the saved pipeline carries it, with the scaling_factor and shift_factor of the training latents",
+    )
     model.add_argument(
         "--text_encoder_name_or_path",
         default=None,
@@ -185,6 +203,10 @@ def run(args):
             "loss_weighting": args.loss_weighting,
         },
     )
+    vae = None
+    if args.vae_dir is not None:
+        vae = load_vae(args.vae_dir).eval().requires_grad_(False)
+        check_latent_setting(vae, args.resolution, unet_config_of(args))
     train_dataset, test_dataset, num_classes, resolution, channels = load_training_data(
         args, need_labels=args.conditioning == "class", need_captions=args.conditioning == "text"
     )
@@ -192,12 +214,16 @@ def run(args):
         train_dataset.label_column = None  # unconditional and text models ignore the labels
     learned_variance = scheduler.config.variance_type == "learned_range"
     num_class_embeds = num_classes + 1 if args.conditioning == "class" else None
+    model_resolution, model_channels = resolution, channels
+    if vae is not None:
+        check_latent_setting(vae, resolution, unet_config_of(args), channels)
+        model_resolution, model_channels = resolution // vae_downsampling_factor(vae), vae.config.latent_channels
     torch.manual_seed(args.seed)
     unet = build_unet(
         args.unet_config,
         args.pretrained_model_name_or_path,
-        resolution=resolution,
-        channels=channels,
+        resolution=model_resolution,
+        channels=model_channels,
         num_class_embeds=num_class_embeds,
         learned_variance=learned_variance,
     )
@@ -212,7 +238,7 @@ def run(args):
 
     def pipeline_of(model):
         return denoiser_pipeline(
-            model, HVAEScheduler.from_config(scheduler.config), args.conditioning, text_encoder, tokenizer
+            model, HVAEScheduler.from_config(scheduler.config), args.conditioning, text_encoder, tokenizer, vae=vae
         )
 
     # the pipeline's prompt encoder is the one training conditions on
@@ -224,6 +250,12 @@ def run(args):
         args.cond_drop_prob,
         null_label=num_classes if args.conditioning == "class" else None,
     )
+    if vae is not None:
+        train_dataset = LatentDataset.encode(vae, train_dataset)
+        scaling_factor, shift_factor = latent_scaling(train_dataset.means, train_dataset.stds)
+        # the saved pipeline's vae/config.json carries the scaling the denoiser was trained with
+        vae.register_to_config(scaling_factor=scaling_factor, shift_factor=shift_factor)
+        loss_fn = LatentDiffusionLoss(loss_fn, scaling_factor, shift_factor)
 
     def sample_fn(model, step):
         pipe = pipeline_of(model)
@@ -249,14 +281,25 @@ def run(args):
             torch.utils.data.Subset(test_dataset, range(min(args.elbo_num_samples, len(test_dataset))))
         )
         denoiser = null_conditioned(model, num_classes if args.conditioning == "class" else None, encode_prompt)
-        report = elbo_report(
-            HVAEScheduler.from_config(scheduler.config),
-            denoiser,
-            test_samples,
-            "importance",
-            min(args.elbo_timesteps, scheduler.config.num_train_timesteps - 1) + 1,
-            generator=torch.Generator().manual_seed(0),
-        )
+        nfe = min(args.elbo_timesteps, scheduler.config.num_train_timesteps - 1) + 1
+        generator = torch.Generator().manual_seed(0)
+        if vae is not None:
+            report = latent_elbo_report(
+                vae,
+                diffusion_elbo_of(HVAEScheduler.from_config(scheduler.config), denoiser, "importance", nfe, generator),
+                test_samples,
+                batch_size=len(test_samples),
+                generator=generator,
+            )
+        else:
+            report = elbo_report(
+                HVAEScheduler.from_config(scheduler.config),
+                denoiser,
+                test_samples,
+                "importance",
+                nfe,
+                generator=generator,
+            )
         return {
             "test_bits_per_dim": report["bits_per_dim"],
             "test_bits_per_dim_standard_error": report["standard_error"],
@@ -314,6 +357,16 @@ def run(args):
     if args.push_to_hub:
         push_output_dir(args)
     return result
+
+
+def unet_config_of(args):
+    """The denoiser config the flags give (``--unet_config`` or the pretrained UNet's), or None for the default."""
+    if args.unet_config is not None:
+        with open(args.unet_config) as handle:
+            return json.load(handle)
+    if args.pretrained_model_name_or_path is not None:
+        return pretrained_unet_config(args.pretrained_model_name_or_path)[1]
+    return None
 
 
 def null_conditioned(unet, null_label=None, encode_prompt=None):

@@ -6,7 +6,8 @@ The forward process is the denoiser's (``--denoiser_dir``: its scheduler), else 
 ``--denoiser_dir`` the output folder is a complete ``ClassifierGuidedPipeline`` (unet, scheduler, classifier;
 a class-conditional denoiser is folded to its unconditional UNet ε(x_t, ∅)); without, it is the
 ``NoisyClassifier`` alone (``NoisyClassifier.from_pretrained(output_dir)``). Accuracy on the test split per band
-of timesteps goes to ``classifier_accuracy.json``.
+of timesteps goes to ``classifier_accuracy.json``. With ``--vae_dir`` (or a latent ``--denoiser_dir``) the
+classifier is trained on a fresh z_0 ~ q(z_0 | x) per step, scaled as the VAE config says, like the denoiser.
 """
 
 import argparse
@@ -29,6 +30,14 @@ from ..training.cli import (
 from ..training.components import classifier_guided_pipeline, default_classifier_config
 from ..training.data import stack_dataset
 from ..training.hub import render_model_card
+from ..training.latents import (
+    LatentDataset,
+    LatentDiffusionLoss,
+    check_latent_setting,
+    load_vae,
+    scaled_latents_of,
+    vae_downsampling_factor,
+)
 from ..training.loop import NonFiniteLossError, make_accelerator, train
 from ..training.losses import NoisyClassifierLoss
 
@@ -41,6 +50,12 @@ def parse_args(argv=None):
         default=None,
         help="a trained denoiser pipeline: its scheduler defines q(x_t | x_0), and the output becomes "
         "a ClassifierGuidedPipeline with it",
+    )
+    parser.add_argument(
+        "--vae_dir",
+        default=None,
+        help="train on the latents y = (z_0 - shift)·s of this AutoencoderKL (a VAE folder or a latent pipeline); "
+        "default: the vae of --denoiser_dir, if it has one",
     )
     parser.add_argument("--classifier_config", default=None, help="a NoisyClassifier config.json")
     parser.add_argument("--num_train_timesteps", type=int, default=1000)
@@ -90,7 +105,22 @@ def run(args):
         scheduler = HVAEScheduler.from_pretrained(args.denoiser_dir, subfolder="scheduler")
     else:
         scheduler = HVAEScheduler(num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule)
+    vae_dir = args.vae_dir
+    if vae_dir is None and args.denoiser_dir is not None and os.path.isdir(os.path.join(args.denoiser_dir, "vae")):
+        vae_dir = args.denoiser_dir  # the denoiser's latents are the ones guidance will classify
+    vae = load_vae(vae_dir).eval().requires_grad_(False) if vae_dir is not None else None
+    if vae is not None:
+        check_latent_setting(vae, args.resolution)
     train_dataset, test_dataset, num_classes, resolution, channels = load_training_data(args, need_labels=True)
+    loss_fn = NoisyClassifierLoss(scheduler)
+    test_samples, test_labels = stack_dataset(test_dataset)
+    if vae is not None:
+        check_latent_setting(vae, resolution, channels=channels)
+        resolution, channels = resolution // vae_downsampling_factor(vae), vae.config.latent_channels
+        scaling = (vae.config.scaling_factor, getattr(vae.config, "shift_factor", None))
+        train_dataset = LatentDataset.encode(vae, train_dataset)
+        loss_fn = LatentDiffusionLoss(loss_fn, *scaling)
+        test_samples = scaled_latents_of(vae, test_samples, torch.Generator().manual_seed(args.seed))
     torch.manual_seed(args.seed)
     if args.classifier_config is not None:
         with open(args.classifier_config) as handle:
@@ -107,13 +137,10 @@ def run(args):
             classifier_guided_pipeline(args.denoiser_dir, model).save_pretrained(output_dir)
 
     accelerator = make_accelerator(config)
-    result = train(
-        config, classifier, NoisyClassifierLoss(scheduler), train_dataset, save_fn=save_fn, accelerator=accelerator
-    )
+    result = train(config, classifier, loss_fn, train_dataset, save_fn=save_fn, accelerator=accelerator)
     if not accelerator.is_main_process:
         return result
     classifier.eval()
-    test_samples, test_labels = stack_dataset(test_dataset)
     bands = accuracy_by_timestep_band(
         classifier, scheduler, test_samples, test_labels, args.num_timestep_bands, seed=args.seed
     )

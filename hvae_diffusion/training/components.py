@@ -82,14 +82,15 @@ def default_classifier_config(resolution, channels, num_classes):
     }
 
 
-def denoiser_pipeline(unet, scheduler, conditioning="none", text_encoder=None, tokenizer=None):
-    """The pipeline a trained denoiser is saved as: ``HVAEPipeline`` (none) or ``ClassifierFreeGuidancePipeline``."""
+def denoiser_pipeline(unet, scheduler, conditioning="none", text_encoder=None, tokenizer=None, vae=None):
+    """The pipeline a trained denoiser is saved as: ``HVAEPipeline`` (none) or ``ClassifierFreeGuidancePipeline``,
+    with the ``vae`` of a latent model."""
     from ..pipelines import ClassifierFreeGuidancePipeline, HVAEPipeline
 
     if conditioning == "none":
-        return HVAEPipeline(unet=unet, scheduler=scheduler)
+        return HVAEPipeline(unet=unet, scheduler=scheduler, vae=vae)
     return ClassifierFreeGuidancePipeline(
-        unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer
+        unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae
     )
 
 
@@ -105,4 +106,6 @@ def classifier_guided_pipeline(denoiser_pipeline_or_dir, classifier):
     pipe = denoiser_pipeline_or_dir
     if isinstance(pipe, (str, os.PathLike)):
         pipe = DiffusionPipeline.from_pretrained(pipe)
-    return ClassifierGuidedPipeline(unet=pipe.unet, scheduler=pipe.scheduler, classifier=classifier)
+    return ClassifierGuidedPipeline(
+        unet=pipe.unet, scheduler=pipe.scheduler, classifier=classifier, vae=getattr(pipe, "vae", None)
+    )

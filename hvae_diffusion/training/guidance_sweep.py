@@ -14,15 +14,16 @@ from ..plotting import _save
 
 
 def _guided_call(pipeline, class_labels, guidance_scale, num_inference_steps, generator):
-    """The pipeline's raw samples for ``class_labels`` at ``guidance_scale`` (both pipelines name it so)."""
-    output = pipeline(
+    """The pipeline's samples for ``class_labels`` at ``guidance_scale`` (both pipelines name it so), as the judge
+    sees data: images in [−1, 1] (decoded, for a latent model), vectors as they are."""
+    samples = pipeline(
         class_labels=class_labels,
         guidance_scale=guidance_scale,
         num_inference_steps=num_inference_steps,
         generator=generator,
-        output_type="latent",
-    )
-    return output.images
+        output_type="pt",
+    ).images
+    return samples if pipeline.is_vector_model else samples * 2 - 1
 
 
 def _check_sweep_arguments(pipelines, judge, guidance_scales, class_labels, clip_samples, batch_size):
@@ -73,7 +74,7 @@ def guided_accuracy_sweep(
     Args:
         pipelines: ``{name: pipeline}``, each a ``ClassifierFreeGuidancePipeline`` or ``ClassifierGuidedPipeline``
             whose scheduler has a ``clip_sample`` setting (``HVAEScheduler``, ``DDPMScheduler``, ``DDIMScheduler``).
-        judge: ``judge(samples) -> logits [N, num_classes]`` on raw samples (images in [−1, 1]); an independent
+        judge: ``judge(samples) -> logits [N, num_classes]`` on samples as data (images in [−1, 1], decoded for a latent model); an independent
             classifier of clean data.
         guidance_scales: the scales to sweep, each ≥ 0.
         class_labels: the label asked for each sample (ints); balanced labels give chance accuracy 1/num_classes

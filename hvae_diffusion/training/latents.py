@@ -13,7 +13,7 @@ import os
 import numpy as np
 import torch
 
-from ..elbo import elbo_terms
+from ..elbo_estimation import estimate_elbo
 from ..latent_elbo import latent_elbo_terms, scale_latents
 from .losses import as_batch_randomness
 from .vae import decoder_log_likelihood, decoder_log_scale_of
@@ -145,6 +145,16 @@ def draw_latents(posterior_parameters, randomness, scaling_factor=1.0, shift_fac
     return scale_latents(mean + std * noise, scaling_factor, shift_factor)
 
 
+def scaled_latents_of(vae, samples, generator=None):
+    """One fresh y = (z_0 − shift)·s per image, z_0 ~ q_φ(z_0 | x), scaled as ``vae.config`` says: test inputs for
+    models trained on latents (a noisy classifier's accuracy, say)."""
+    means, stds = encode_posteriors(vae, samples)
+    config = vae.config
+    return draw_latents(
+        torch.cat([means, stds], dim=1), generator, config.scaling_factor, getattr(config, "shift_factor", None)
+    )
+
+
 class LatentDiffusionLoss:
     """A per-batch loss (``losses.DiffusionLoss``, or ``losses.NoisyClassifierLoss`` for a latent classifier) on a
     fresh, scaled z_0 per step from a ``LatentDataset`` batch.
@@ -163,19 +173,57 @@ class LatentDiffusionLoss:
         return self.diffusion_loss(model, {**batch, "sample": latents}, randomness, encode_prompt=encode_prompt)
 
 
-def diffusion_elbo_of(scheduler, denoiser, generator=None, num_timesteps=None):
-    """``diffusion_elbo(y) -> [B]``: the diffusion ELBO of continuous latents y in nats, from ``elbo_terms``.
+def diffusion_elbo_of(
+    scheduler, denoiser, estimator="importance", num_function_evaluations=None, generator=None, batch_size=256
+):
+    """``diffusion_elbo(y) -> [B]``: the diffusion ELBO of continuous latents y in nats per sample.
 
-    With ``num_timesteps`` it is the unbiased estimate from that many random latents of the chain.
+    From ``elbo_estimation.estimate_elbo`` with a Gaussian (not 8-bit) decoder term, since y is continuous:
+    ``"full"`` evaluates every latent of the chain, the others an unbiased estimate from
+    ``num_function_evaluations`` forwards per sample, so the latent bound stays unbiased.
     """
 
     def diffusion_elbo(latents):
-        terms = elbo_terms(
-            scheduler, denoiser, latents, generator=generator, discrete=False, num_timesteps=num_timesteps
+        estimate = estimate_elbo(
+            scheduler,
+            denoiser,
+            latents,
+            estimator,
+            num_function_evaluations,
+            generator=generator,
+            batch_size=batch_size,
+            discrete=False,
+            show_progress=False,
         )
-        return terms.elbo
+        num_latent_dims = math.prod(latents.shape[1:])
+        return -estimate.bits_per_dim * num_latent_dims * math.log(2.0)
 
     return diffusion_elbo
+
+
+def vae_downsampling_factor(vae):
+    """How many pixels one latent spans per side: 2^(number of blocks − 1) for an ``AutoencoderKL``."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def check_latent_setting(vae, resolution=None, denoiser_config=None, channels=None, argument="--vae_dir"):
+    """A ``ValueError`` naming ``argument`` unless the VAE fits the images and the denoiser: its downsampling
+    factor divides ``resolution``, it takes ``channels`` image channels, and its ``latent_channels`` are the
+    denoiser config's ``in_channels`` (each check is skipped when its value is None)."""
+    factor = vae_downsampling_factor(vae)
+    if resolution is not None and resolution % factor:
+        raise ValueError(
+            f"{argument}: the VAE downsamples by {factor}, which does not divide --resolution={resolution}; "
+            f"choose a multiple of {factor}"
+        )
+    if channels is not None and vae.config.in_channels != channels:
+        raise ValueError(f"{argument}: the VAE takes {vae.config.in_channels} channels but the images have {channels}")
+    in_channels = (denoiser_config or {}).get("in_channels")
+    if in_channels is not None and in_channels != vae.config.latent_channels:
+        raise ValueError(
+            f"{argument}: the VAE's latent_channels={vae.config.latent_channels} must equal the denoiser config's "
+            f"in_channels={in_channels}"
+        )
 
 
 @torch.no_grad()
