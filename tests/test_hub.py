@@ -283,3 +283,13 @@ def test_model_card_snippets_run_as_written(pushed, tmp_path):
     result = run_with_hub(script, hub, HF_HOME=str(tmp_path / "hf"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["HVAEPipeline", "16", "ClassifierFreeGuidancePipeline", "10"]
+
+
+def test_a_card_rendered_without_a_repo_names_the_folder_as_given_not_an_absolute_path(tmp_path, monkeypatch):
+    from hvae_diffusion.training.hub import render_model_card
+
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("runs/digits")
+    card = render_model_card("runs/digits", pipeline_class="ClassifierFreeGuidancePipeline", dataset="digits")
+    assert 'DiffusionPipeline.from_pretrained("runs/digits")' in card.content
+    assert str(tmp_path) not in card.content

@@ -37,7 +37,8 @@ def render_model_card(output_dir, repo_id=None, template_path=None, **fields):
 
     Args:
         output_dir: the saved pipeline folder.
-        repo_id: the Hub repository the card will live in (for the loading snippet); the folder path otherwise.
+        repo_id: the Hub repository the card will live in (for the loading snippet); otherwise the folder path as
+            given (no absolute path of this machine in a card that may be uploaded later).
         template_path: a Jinja markdown template; the package's ``templates/model_card.md`` by default.
         fields: the template's variables: ``pipeline_class``, ``dataset``, ``prediction_type``, ``loss_weighting``,
             ``variance_type``, ``conditioning``, ``num_train_steps``, ``final_loss``, ``bits_per_dim``,
@@ -61,7 +62,7 @@ def render_model_card(output_dir, repo_id=None, template_path=None, **fields):
     )
     fields.setdefault("usage", USAGE.get(fields.get("pipeline_class"), USAGE["HVAEPipeline"]))
     card = ModelCard.from_template(
-        card_data, template_str=template_text, repo_id=repo_id or os.path.abspath(output_dir), **fields
+        card_data, template_str=template_text, repo_id=repo_id or os.fspath(output_dir), **fields
     )
     card.save(os.path.join(output_dir, "README.md"))
     return card
