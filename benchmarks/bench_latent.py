@@ -4,7 +4,8 @@
 ``ClassifierFreeGuidancePipeline`` built from the components of a ``DiTPipeline`` (class labels, a learned-sigma
 transformer, DDIM) and of a ``StableDiffusionPipeline`` (prompts, a UNet2DConditionModel, a CLIP text encoder, DDIM): the same
 components, seed and guidance scale, timed side by side. Also counts the VAE decoder's forwards in one call: it
-must run once per call (one batch of samples), never once per step.
+must run once per call (one batch of samples), never once per step. And a training step on latents drawn from the
+cached posterior (``hvae-train --vae_dir``) against the same step on pre-encoded latents (target ≤ 1.05×).
 
     python benchmarks/bench_latent.py [--quick] [--device cuda]
 """
