@@ -4,7 +4,8 @@
 ``ClassifierFreeGuidancePipeline`` built from the components of a ``DiTPipeline`` (class labels, a learned-sigma
 transformer, DDIM) and of a ``StableDiffusionPipeline`` (prompts, a UNet2DConditionModel, a CLIP text encoder, DDIM): the same
 components, seed and guidance scale, timed side by side. Also counts the VAE decoder's forwards in one call: it
-must run once per call (one batch of samples), never once per step.
+must run once per call (one batch of samples), never once per step. And a training step on latents drawn from the
+cached posterior (``hvae-train --vae_dir``) against the same step on pre-encoded latents (target ≤ 1.05×).
 
     python benchmarks/bench_latent.py [--quick] [--device cuda]
 """
@@ -148,10 +149,71 @@ def run(settings, report):
                 unit="s per call",
                 vae_decoder_calls=len(decoder_calls),
             )
-    report.note(
+    training_step_row(settings, report)
+
+
+def training_step_row(settings, report):
+    """One training step on latents drawn from the cached posterior (``LatentDiffusionLoss``, as ``hvae-train
+    --vae_dir`` trains) against the same step on a fixed tensor of pre-encoded latents (the posterior means, scaled):
+    the same UNet, AdamW, batches and seed; the difference is drawing z_0 = μ + σ ε each step (target ≤ 1.05×)."""
+    import copy
+
+    from diffusers import UNet2DModel
+
+    from hvae_diffusion import HVAEScheduler
+    from hvae_diffusion.latent_elbo import scale_latents
+    from hvae_diffusion.training.latents import LatentDataset, LatentDiffusionLoss, encode_posteriors, latent_scaling
+    from hvae_diffusion.training.losses import DiffusionLoss
+
+    num_images, batch, steps = (8, 4, 2) if settings.quick else (256, 32, 10)
+    images = settings.randn(num_images, 3, 16, 16, seed=1).clamp(-1, 1)
+    means, stds = encode_posteriors(tiny_vae(settings), images)
+    dataset = LatentDataset(means, stds)
+    scaling_factor, shift_factor = latent_scaling(means, stds)
+    pre_encoded = scale_latents(means, scaling_factor, shift_factor)
+    torch.manual_seed(0)
+    initial_unet = UNet2DModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16) if settings.quick else (16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        attention_head_dim=8,
+    )
+    order = torch.randperm(num_images, generator=torch.Generator().manual_seed(0))
+    batches = [order[(i * batch) % num_images :][:batch] for i in range(steps)]
+
+    def training_steps(loss_fn, samples):
+        model = settings.prepare(copy.deepcopy(initial_unet).train(), cast=False)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        generator = torch.Generator().manual_seed(0)
+
+        def call():
+            for indices in batches:
+                loss, _ = loss_fn(model, {"sample": samples[indices]}, generator)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+        return call
+
+    latent = training_steps(
+        LatentDiffusionLoss(DiffusionLoss(HVAEScheduler()), scaling_factor, shift_factor), dataset.posterior_parameters
+    )
+    plain = training_steps(DiffusionLoss(HVAEScheduler()), pre_encoded)
+    seconds = time_interleaved({"latent": latent, "plain": plain}, settings, repeats=settings.repeats * 3)
+    report.compare(
         "latent",
-        "training step on latents vs on pre-encoded tensors",
-        reason="not measured by this script: it needs train.py --vae_dir, which this version lacks",
+        f"training step batch={batch} 8x8x4",
+        "LatentDiffusionLoss (q(z_0|x))",
+        seconds["latent"] / steps,
+        "DiffusionLoss pre-encoded",
+        seconds["plain"] / steps,
+        target=1.05,
+        unit="s per step",
     )
 
 

@@ -23,6 +23,7 @@ step uses the ε of the clipped x̂_0.
 """
 
 import contextlib
+import functools
 import inspect
 import os
 
@@ -81,11 +82,18 @@ def chain_alphas_cumprod(scheduler, timesteps: torch.Tensor) -> list[float]:
     return alphas_cumprod.tolist()
 
 
+@functools.cache
+def _parameter_names(function) -> frozenset:
+    """The parameter names of ``function``, looked up once: ``inspect.signature`` costs tens of µs, and the
+    pipelines ask every step."""
+    return frozenset(inspect.signature(function).parameters)
+
+
 def _config_option(scheduler, name: str):
     """The scheduler's setting ``name``, or None when its class has no such option. A config built from another
     scheduler's (``DPMSolverMultistepScheduler.from_config(hvae.config)``) carries that scheduler's ``clip_sample``,
     which the new class never applies; the pipeline must not apply it either."""
-    if name not in inspect.signature(type(scheduler).__init__).parameters:
+    if name not in _parameter_names(type(scheduler).__init__):
         return None
     return scheduler.config.get(name)
 
@@ -368,7 +376,8 @@ class HVAESamplingPipeline(DiffusionPipeline):
         )
         if variance is not None and str(getattr(self.scheduler.config, "variance_type", "")).startswith("learned"):
             model_output = torch.cat([model_output, variance], dim=1)
-        accepted = inspect.signature(self.scheduler.step).parameters
+        step = self.scheduler.step
+        accepted = _parameter_names(getattr(step, "__func__", step))
         kwargs = {name: value for name, value in kwargs.items() if name in accepted}
         with clipping_disabled(self.scheduler):
             return self.scheduler.step(model_output, timestep, latents, return_dict=False, **kwargs)[0]
