@@ -115,7 +115,7 @@ def real_data(output_dir, seed):
     splits = load_digits_dataset()
     train_images, train_labels = stack_dataset(image_dataset_to_tensors(splits["train"], label_column="label"))
     test_images, test_labels = stack_dataset(image_dataset_to_tensors(splits["test"], label_column="label"))
-    path = os.path.join(output_dir, "feature_classifier.pt")
+    path = os.path.join(output_dir, "feature_classifier.safetensors")
     classifier = load_or_train_feature_classifier(path, train_images, train_labels, 10, seed)
     return train_images, test_images, test_labels, classifier
 

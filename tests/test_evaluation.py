@@ -1,12 +1,18 @@
 """hvae-evaluate's measures: the noisy classifier's accuracy and calibration against t, and its flag checks."""
 
+import json
+
 import pytest
 import torch
 
 from hvae_diffusion import HVAEScheduler
 from hvae_diffusion.commands import evaluate
 from hvae_diffusion.testing import ExactMixtureClassifier
-from hvae_diffusion.training.evaluation import expected_calibration_error, noisy_classifier_calibration
+from hvae_diffusion.training.evaluation import (
+    expected_calibration_error,
+    noisy_classifier_calibration,
+    save_feature_classifier,
+)
 
 
 def test_expected_calibration_error_of_a_hand_worked_case():
@@ -68,3 +74,18 @@ def test_evaluate_refuses_bad_flags_before_any_work(tmp_path, flags, match):
     with pytest.raises(ValueError, match=match):
         evaluate.main(["--pipeline_dir", str(tmp_path / "missing"), "--output_dir", str(output_dir), *flags])
     assert not output_dir.exists()
+
+
+def test_the_cached_feature_classifier_is_safetensors_and_loads_back_the_same(tmp_path):
+    from safetensors import safe_open
+
+    from hvae_diffusion.training.evaluation import FeatureClassifier, load_or_train_feature_classifier
+
+    model = FeatureClassifier(1, 10, 8).eval()
+    path = tmp_path / "judge" / "feature_classifier.safetensors"
+    save_feature_classifier(model, path)
+    with safe_open(path, framework="pt") as handle:  # raises on anything but a safetensors file
+        assert json.loads(handle.metadata()["config"]) == model.config
+    loaded = load_or_train_feature_classifier(path, None, None, 10)  # cached: no data needed
+    images = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(loaded(images), model(images), rtol=0, atol=0)

@@ -12,7 +12,7 @@ from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DModel, VQModel
 from hvae_diffusion.commands import demo, evaluate, train, train_classifier
 from hvae_diffusion.training.cli import load_training_data
 from hvae_diffusion.training.data import stack_dataset
-from hvae_diffusion.training.evaluation import FeatureClassifier
+from hvae_diffusion.training.evaluation import FeatureClassifier, save_feature_classifier
 from hvae_diffusion.training.latents import LatentDiffusionLoss, encode_posteriors
 
 RESOLUTION = 16  # two VAE blocks: latents of 8×8
@@ -173,9 +173,7 @@ def test_evaluate_reports_the_latent_bound_in_pixels_beside_another_pipeline(lat
     output_dir = latent_run["root"] / "evaluation"
     output_dir.mkdir()
     untrained = FeatureClassifier(1, 10, RESOLUTION)  # cached: the test needs no trained feature classifier
-    torch.save(
-        {"config": untrained.config, "state_dict": untrained.state_dict()}, output_dir / "feature_classifier.pt"
-    )
+    save_feature_classifier(untrained, output_dir / "feature_classifier.safetensors")
     pipeline_dir = str(latent_run["root"] / "denoiser")
     report = evaluate.main(
         [
@@ -251,10 +249,7 @@ def test_quick_latent_demo_end_to_end(tmp_path, single_thread):
     output_dir = tmp_path / "demo-latent"
     (output_dir / "evaluation").mkdir(parents=True)
     untrained = FeatureClassifier(1, 10, 32)
-    torch.save(
-        {"config": untrained.config, "state_dict": untrained.state_dict()},
-        output_dir / "evaluation" / "feature_classifier.pt",
-    )
+    save_feature_classifier(untrained, output_dir / "evaluation" / "feature_classifier.safetensors")
     summary = demo.main(["--latent", "--quick", "--output_dir", str(output_dir), "--overwrite_output_dir"])
     assert summary["bits_per_dim"] == pytest.approx(
         sum(summary["bits_per_dim_parts"][name] for name in ("reconstruction", "latent_prior"))

@@ -90,7 +90,7 @@ def test_demo_writes_pipelines_grids_and_report(demo_dir):
         "evaluation/elbo_denoising_terms.png",
         "evaluation/grid_cfg_2.png",
         "evaluation/grid_classifier_2.png",
-        "evaluation/feature_classifier.pt",
+        "evaluation/feature_classifier.safetensors",
         "denoiser/README.md",
         "denoiser/samples/cfg_grid.png",
         "classifier_guided/classifier_accuracy.json",

@@ -15,7 +15,7 @@ same test split beside them.
 Writes to --output_dir: ``evaluation.json``; ``elbo_denoising_terms.png`` (the denoising-matching KL of each
 evaluated latent over t); a grid per sampling setting (``grid_unconditional.png``, ``grid_cfg_<w>.png``,
 ``grid_classifier_<γ>.png``); with ``--clipping_sweep``, ``guidance_sweep.png`` (guided accuracy against
-guidance_scale for both kinds of guidance, clip_sample on and off); and ``feature_classifier.pt``, the separately trained classifier of clean test-split
+guidance_scale for both kinds of guidance, clip_sample on and off); and ``feature_classifier.safetensors``, the separately trained classifier of clean test-split
 images whose features define the Fréchet distance and whose labels define guided accuracy (not the guidance
 classifier; trained once on the train split and cached).
 """
@@ -209,7 +209,11 @@ def main(argv=None):
     train_samples, train_labels = stack_dataset(train_dataset)
     test_samples, test_labels = stack_dataset(test_dataset)
     feature_classifier = load_or_train_feature_classifier(
-        os.path.join(args.output_dir, "feature_classifier.pt"), train_samples, train_labels, num_classes, args.seed
+        os.path.join(args.output_dir, "feature_classifier.safetensors"),
+        train_samples,
+        train_labels,
+        num_classes,
+        args.seed,
     )
     report = {
         "pipeline_dir": args.pipeline_dir,

@@ -3,6 +3,7 @@ the feature space of a separately trained classifier of clean data (a Fréchet d
 guided samples: the fraction of samples asked for class y that the classifier labels y).
 """
 
+import json
 import os
 
 import numpy as np
@@ -131,16 +132,27 @@ def train_feature_classifier(samples, labels, num_classes, num_epochs=30, batch_
     return model.eval()
 
 
+def save_feature_classifier(model, path):
+    """The feature classifier as safetensors, its constructor arguments as JSON metadata (no pickle)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_file(model.state_dict(), path, metadata={"config": json.dumps(model.config)})
+
+
 def load_or_train_feature_classifier(path, train_samples, train_labels, num_classes, seed=0):
-    """The feature classifier cached at ``path`` (a ``.pt`` file), trained and saved there if absent."""
+    """The feature classifier cached at ``path`` (a ``.safetensors`` file), trained and saved there if absent."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
     if os.path.isfile(path):
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        model = FeatureClassifier(**saved["config"])
-        model.load_state_dict(saved["state_dict"])
+        with safe_open(path, framework="pt") as handle:
+            config = json.loads(handle.metadata()["config"])
+        model = FeatureClassifier(**config)
+        model.load_state_dict(load_file(path))
         return model.eval()
     model = train_feature_classifier(train_samples, train_labels, num_classes, seed=seed)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save({"config": model.config, "state_dict": model.state_dict()}, path)
+    save_feature_classifier(model, path)
     return model
 
 
