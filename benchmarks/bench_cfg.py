@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""ClassifierFreeGuidancePipeline per step against its floor (issue 12 item 4: ≤ 1.00× the faster floor).
+"""ClassifierFreeGuidancePipeline per step against its floor (target: ≤ 1.00× the faster floor; docs/benchmarks.md).
 
 The two floors are the UNet work of a guided step and nothing else: one forward on the doubled batch, or two
 forwards on the batch. The pipeline runs in each of its ``guidance_batching`` modes (w = 3, batch 16, 50 steps).

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""ClassifierGuidedPipeline per step against the ideal loop (issue 12 item 4: ≤ 1.1×).
+"""ClassifierGuidedPipeline per step against the ideal loop (target: ≤ 1.1×; docs/benchmarks.md).
 
 The ideal loop is one UNet forward without gradients plus one classifier forward and backward to x_t a step, with
 nothing else (noisy classifier, batch 16, 50 steps). Also counts the UNet forwards run with autograd on: the

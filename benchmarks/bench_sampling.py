@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""HVAEPipeline against Diffusers' DDPMPipeline on the same UNet2DModel (issue 12 item 4: ≤ 1.00× at 1000 steps).
+"""HVAEPipeline against Diffusers' DDPMPipeline on the same UNet2DModel (target: ≤ 1.00× at 1000 steps; docs/benchmarks.md).
 
 Batch 16 at 100 and 1000 steps, ``output_type="np"`` for both. Also reports the fraction of each call spent outside
 the UNet's forward (forward hooks), the part a pipeline adds. ``benchmarks/profile_sampling.py`` shows where it goes.

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""HVAEScheduler.step against the fused floor and against DDPMScheduler.step (issue 12 item 4: ≤ 1.3× the floor).
+"""HVAEScheduler.step against the fused floor and against DDPMScheduler.step (target: ≤ 1.3× the floor; docs/benchmarks.md).
 
 A 1000-step loop with a fixed model output (a zero-cost model), so only the scheduler is timed. The floor is
 x ← a·x + b·ε̂ + c·z with the scalars precomputed and z drawn with the generator each step: what any ancestral step

@@ -116,7 +116,7 @@ def test_elbo_weight_turns_mse_into_the_denoising_kl(prediction_type, generator)
     log_variance = variance.log()[:, None, None]
     torch.testing.assert_close(denoising_matching_kl(true_mean, log_variance, model_mean, log_variance), direct)
 
-    # THEORY.md's table, written out for ε and the score
+    # docs/theory.md §6's table, written out for ε and the score
     alpha = a / a_prev
     table = {
         "epsilon": (1 - alpha) ** 2 / ((1 - a) * alpha) / (2 * variance),
