@@ -131,13 +131,13 @@ def tiny_clip(directory):
     return text_encoder, tokenizer
 
 
-def tiny_text_components(directory):
-    """A UNet2DConditionModel and ``tiny_clip``'s text encoder and tokenizer."""
-    text_encoder, tokenizer = tiny_clip(directory)
-    unet = UNet2DConditionModel(
+def tiny_conditional_unet(channels):
+    """A 2-level UNet2DConditionModel on 8×8 inputs of ``channels`` channels, attending to ``tiny_clip``'s 16-d
+    embeddings (drawn from torch's current seed)."""
+    return UNet2DConditionModel(
         sample_size=8,
-        in_channels=1,
-        out_channels=1,
+        in_channels=channels,
+        out_channels=channels,
         block_out_channels=(8, 16),
         layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -146,7 +146,12 @@ def tiny_text_components(directory):
         attention_head_dim=2,
         norm_num_groups=4,
     ).eval()
-    return unet, text_encoder, tokenizer
+
+
+def tiny_text_components(directory):
+    """A one-channel ``tiny_conditional_unet`` and ``tiny_clip``'s text encoder and tokenizer."""
+    text_encoder, tokenizer = tiny_clip(directory)
+    return tiny_conditional_unet(1), text_encoder, tokenizer
 
 
 def count_forwards(model):

@@ -18,7 +18,7 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
-from test_pipelines import quiet, seeded, tiny_clip
+from test_pipelines import quiet, seeded, tiny_clip, tiny_conditional_unet
 
 from hvae_diffusion import ClassifierFreeGuidancePipeline, HVAEPipeline, HVAEScheduler
 from hvae_diffusion.pipelines.sampling import null_class_label, num_class_labels
@@ -77,18 +77,7 @@ def tiny_dit():
 
 def tiny_sd_unet():
     torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16,
-        attention_head_dim=2,
-        norm_num_groups=4,
-    ).eval()
+    return tiny_conditional_unet(4)
 
 
 def dit_pair(scheduler_name):
