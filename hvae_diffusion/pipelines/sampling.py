@@ -119,7 +119,8 @@ def clip_original_sample(original_sample: torch.Tensor, scheduler) -> torch.Tens
 def clipping_disabled(scheduler):
     """The scheduler's ``clip_sample`` and ``thresholding`` switched off inside the block and restored after it:
     the pipeline has clipped x̂_0 already, and a guided x̂_0 must not be clipped again."""
-    saved = {name: scheduler.config[name] for name in ("clip_sample", "thresholding") if name in scheduler.config}
+    saved = {name: _config_option(scheduler, name) for name in ("clip_sample", "thresholding")}
+    saved = {name: value for name, value in saved.items() if value is not None}
     if not any(saved.values()):
         yield
         return
