@@ -45,8 +45,12 @@ from ..training.latents import (
     vae_downsampling_factor,
 )
 from ..training.loop import NonFiniteLossError, make_accelerator, train
-from ..training.losses import DiffusionLoss
+from ..models import LearnedNoiseSchedule
+from ..training.losses import DiffusionLoss, LearnedScheduleLoss
+from ..training.timestep_samplers import TIMESTEP_SAMPLERS, make_timestep_sampler
 from ..training.sampling import DEFAULT_GUIDANCE_SCALE
+
+NOISE_SCHEDULES = ("fixed", "learned")
 
 
 def parse_args(argv=None):
@@ -84,6 +88,21 @@ def parse_args(argv=None):
         default=None,
         choices=VARIANCE_TYPES,
         help="learned_range trains the variance with improved DDPM's hybrid loss",
+    )
+    objective.add_argument(
+        "--noise_schedule",
+        default="fixed",
+        choices=NOISE_SCHEDULES,
+        help="learned: train a monotone log-SNR schedule with the model on the ELBO, as VDM does (needs "
+        "--loss_weighting elbo); it starts linear in log-SNR between the ends of --beta_schedule and is saved as the "
+        "pipeline's noise_schedule, the scheduler's trained_betas built from it",
+    )
+    objective.add_argument(
+        "--timestep_sampler",
+        default="uniform",
+        choices=TIMESTEP_SAMPLERS,
+        help="importance: draw t by the root second moment of its recent losses (improved DDPM), each loss weighted "
+        "by 1/(T p(t)) so the objective is unchanged",
     )
     objective.add_argument("--num_train_timesteps", type=int, default=1000)
     objective.add_argument("--beta_schedule", default="squaredcos_cap_v2")
@@ -161,6 +180,23 @@ def check_arguments(args, scheduler):
         raise ValueError("--cond_drop_prob needs --conditioning class or text")
     if not 0 <= args.cond_drop_prob < 1:
         raise ValueError(f"--cond_drop_prob must lie in [0, 1), got {args.cond_drop_prob}")
+    if args.noise_schedule == "learned":
+        if args.loss_weighting != "elbo":
+            raise ValueError(
+                "--noise_schedule learned trains the schedule on the ELBO (VDM): pass --loss_weighting elbo, got "
+                f"{args.loss_weighting!r}"
+            )
+        if args.vae_dir is not None:
+            raise ValueError("--noise_schedule learned bounds 8-bit images (a discretized decoder): not with --vae_dir")
+        if scheduler.config.variance_type not in ("fixed_small", "fixed_small_log"):
+            raise ValueError(
+                "--noise_schedule learned needs --variance_type fixed_small (the bound's Σ = σ_q²), got "
+                f"{scheduler.config.variance_type!r}"
+            )
+        if scheduler.config.num_train_timesteps < 2:
+            raise ValueError("--noise_schedule learned needs --num_train_timesteps >= 2")
+    if args.timestep_sampler == "importance" and args.vae_dir is not None:
+        raise ValueError("--timestep_sampler importance is not available with --vae_dir")
     if args.snr_gamma <= 0:
         raise ValueError(f"--snr_gamma must be > 0, got {args.snr_gamma}")
     if args.guidance_scale < 0:
@@ -201,6 +237,8 @@ def run(args):
             "prediction_type": scheduler.config.prediction_type,
             "variance_type": scheduler.config.variance_type,
             "loss_weighting": args.loss_weighting,
+            "noise_schedule": args.noise_schedule,
+            "timestep_sampler": args.timestep_sampler,
         },
     )
     vae = None
@@ -236,20 +274,45 @@ def run(args):
     if args.conditioning == "text":
         text_encoder, tokenizer = load_text_components(args)
 
+    noise_schedule = make_noise_schedule(args, scheduler)
+
+    def current_scheduler():
+        """The run's scheduler: the fixed one, or the one the learned schedule defines now."""
+        if noise_schedule is None:
+            return HVAEScheduler.from_config(scheduler.config)
+        return noise_schedule.scheduler(scheduler)
+
     def pipeline_of(model):
         return denoiser_pipeline(
-            model, HVAEScheduler.from_config(scheduler.config), args.conditioning, text_encoder, tokenizer, vae=vae
+            model,
+            current_scheduler(),
+            args.conditioning,
+            text_encoder,
+            tokenizer,
+            vae=vae,
+            noise_schedule=noise_schedule,
         )
 
     # the pipeline's prompt encoder is the one training conditions on
     encode_prompt = pipeline_of(unet).encode_prompt if args.conditioning == "text" else None
-    loss_fn = DiffusionLoss(
-        scheduler,
-        args.loss_weighting,
-        args.snr_gamma,
-        args.cond_drop_prob,
-        null_label=num_classes if args.conditioning == "class" else None,
-    )
+    null_label = num_classes if args.conditioning == "class" else None
+    if noise_schedule is None:
+        loss_fn = DiffusionLoss(
+            scheduler,
+            args.loss_weighting,
+            args.snr_gamma,
+            args.cond_drop_prob,
+            null_label=null_label,
+            timestep_sampler=make_timestep_sampler(args.timestep_sampler, scheduler.config.num_train_timesteps),
+        )
+    else:
+        loss_fn = LearnedScheduleLoss(
+            scheduler,
+            noise_schedule,
+            make_timestep_sampler(args.timestep_sampler, scheduler.config.num_train_timesteps - 1),
+            args.cond_drop_prob,
+            null_label=null_label,
+        )
     if vae is not None:
         train_dataset = LatentDataset.encode(vae, train_dataset)
         scaling_factor, shift_factor = latent_scaling(train_dataset.means, train_dataset.stds)
@@ -286,14 +349,14 @@ def run(args):
         if vae is not None:
             report = latent_elbo_report(
                 vae,
-                diffusion_elbo_of(HVAEScheduler.from_config(scheduler.config), denoiser, "importance", nfe, generator),
+                diffusion_elbo_of(current_scheduler(), denoiser, "importance", nfe, generator),
                 test_samples,
                 batch_size=len(test_samples),
                 generator=generator,
             )
         else:
             report = elbo_report(
-                HVAEScheduler.from_config(scheduler.config),
+                current_scheduler(),
                 denoiser,
                 test_samples,
                 "importance",
@@ -327,6 +390,8 @@ def run(args):
         "loss_weighting": args.loss_weighting,
         "variance_type": scheduler.config.variance_type,
         "conditioning": args.conditioning,
+        "noise_schedule": args.noise_schedule,
+        "timestep_sampler": args.timestep_sampler,
         **result.metrics,
     }
     with open(os.path.join(args.output_dir, "training_summary.json"), "w") as handle:
@@ -357,6 +422,19 @@ def run(args):
     if args.push_to_hub:
         push_output_dir(args)
     return result
+
+
+def make_noise_schedule(args, scheduler):
+    """``--noise_schedule learned``: the pretrained pipeline's ``noise_schedule`` if it has one, else a
+    ``LearnedNoiseSchedule`` linear in log-SNR between the ends of the fixed table; None for a fixed schedule."""
+    if args.noise_schedule != "learned":
+        return None
+    if args.pretrained_model_name_or_path is not None:
+        try:
+            return LearnedNoiseSchedule.from_pretrained(args.pretrained_model_name_or_path, subfolder="noise_schedule")
+        except (OSError, ValueError):  # no learned schedule there: start one from the scheduler's table
+            pass
+    return LearnedNoiseSchedule.from_alphas_cumprod(scheduler.alphas_cumprod)
 
 
 def unet_config_of(args):

@@ -75,9 +75,10 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
             ∅ is ``num_embeds_ada_norm``, or another Diffusers transformer taking ``class_labels`` or
             ``encoder_hidden_states``. Folders saved by Diffusers' ``DiTPipeline`` and ``StableDiffusionPipeline``
             load with ``from_pretrained`` and sample the same images (docs/pipelines.md).
+        noise_schedule: the learned noise schedule the model was trained with (see ``HVAEPipeline``).
     """
 
-    _optional_components = ["unet", "transformer", "text_encoder", "tokenizer", "vae"]
+    _optional_components = ["unet", "transformer", "text_encoder", "tokenizer", "vae", "noise_schedule"]
     _callback_tensor_inputs = ["latents", "pred_original_sample", "prompt_embeds", "class_labels"]
     model_cpu_offload_seq = "text_encoder->unet->transformer->vae"
 
@@ -91,6 +92,7 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
         prediction_type: str | None = None,
         vae=None,
         transformer=None,
+        noise_schedule=None,
     ):
         super().__init__()
         self.check_components(unet, transformer, vae)
@@ -110,6 +112,7 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
             text_encoder=text_encoder,
             tokenizer=tokenizer,
             vae=vae,
+            noise_schedule=noise_schedule,
         )
         self.register_to_config(null_class_label=null_class_label, prediction_type=prediction_type)
 

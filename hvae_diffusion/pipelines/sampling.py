@@ -195,7 +195,7 @@ class HVAESamplingPipeline(DiffusionPipeline):
     """
 
     _callback_tensor_inputs = ["latents", "pred_original_sample"]
-    _optional_components = ["unet", "transformer", "vae"]
+    _optional_components = ["unet", "transformer", "vae", "noise_schedule"]
     model_cpu_offload_seq = "unet->transformer->vae"
 
     def save_config(self, save_directory: str | os.PathLike, *args, **kwargs):
