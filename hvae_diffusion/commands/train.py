@@ -21,6 +21,7 @@ import torch
 
 from .. import PREDICTION_TYPES, HVAEScheduler
 from ..elbo import LOSS_WEIGHTINGS
+from ..models import LearnedNoiseSchedule
 from ..scheduling_hvae import VARIANCE_TYPES
 from ..training.cli import (
     add_data_arguments,
@@ -45,10 +46,9 @@ from ..training.latents import (
     vae_downsampling_factor,
 )
 from ..training.loop import NonFiniteLossError, make_accelerator, train
-from ..models import LearnedNoiseSchedule
 from ..training.losses import DiffusionLoss, LearnedScheduleLoss
-from ..training.timestep_samplers import TIMESTEP_SAMPLERS, make_timestep_sampler
 from ..training.sampling import DEFAULT_GUIDANCE_SCALE
+from ..training.timestep_samplers import TIMESTEP_SAMPLERS, make_timestep_sampler
 
 NOISE_SCHEDULES = ("fixed", "learned")
 
@@ -187,7 +187,9 @@ def check_arguments(args, scheduler):
                 f"{args.loss_weighting!r}"
             )
         if args.vae_dir is not None:
-            raise ValueError("--noise_schedule learned bounds 8-bit images (a discretized decoder): not with --vae_dir")
+            raise ValueError(
+                "--noise_schedule learned bounds 8-bit images (a discretized decoder): not with --vae_dir"
+            )
         if scheduler.config.variance_type not in ("fixed_small", "fixed_small_log"):
             raise ValueError(
                 "--noise_schedule learned needs --variance_type fixed_small (the bound's Σ = σ_q²), got "

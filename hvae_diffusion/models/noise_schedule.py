@@ -6,7 +6,8 @@ SNR(t) = exp(−γ_η(t)) and ᾱ(t) = sigmoid(−γ_η(t)). It is written as it
     γ_η(t) = γ_0 + (γ_1 − γ_0) s_η(t),   s_η(t) = (φ_η(t) − φ_η(0)) / (φ_η(1) − φ_η(0)),
 
 where φ_η(t) = t + (1/K) Σ_k w_k σ(a_k (2t − 1) − b_k) with w_k, a_k > 0 (softplus of free parameters), so s_η rises
-strictly from 0 to 1 whatever η, and γ_1 − γ_0 = softplus(ρ) > 0. Training (``training.losses.LearnedScheduleLoss``)
+strictly from 0 to 1 whatever η, and γ is strictly increasing whenever γ_0 < γ_1 (two free parameters, each
+receiving only the gradient of its own end; ``endpoints`` refuses crossed ones). Training (``training.losses.LearnedScheduleLoss``)
 gives the endpoints the gradient of the bound, which depends on the schedule only through them in continuous time
 (VDM, eq. 14), and the shape η the gradient of the estimate's second moment, whose expectation is the gradient of
 its variance (VDM, Appendix I.2).
@@ -81,7 +82,7 @@ class LearnedNoiseSchedule(ModelMixin, ConfigMixin):
         if not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"num_features must be a positive int, got {num_features!r}")
         self.gamma_0 = torch.nn.Parameter(torch.tensor(float(gamma_0)))
-        self.gamma_range = torch.nn.Parameter(torch.tensor(_inverse_softplus(gamma_1 - gamma_0)))
+        self.gamma_1 = torch.nn.Parameter(torch.tensor(float(gamma_1)))
         # A deterministic start: equal steps centred evenly over t add up to a ramp, so s(t) is within 1% of t, and
         # weights of order one let a few hundred optimizer steps reshape it.
         centres = torch.linspace(-1.0, 1.0, num_features)
@@ -98,9 +99,15 @@ class LearnedNoiseSchedule(ModelMixin, ConfigMixin):
         return cls(initial_gamma_0=float(gamma[0]), initial_gamma_1=float(gamma[-1]), **kwargs)
 
     def endpoints(self):
-        """(γ_0, γ_1), float64 tensors that carry the gradient of the endpoint parameters."""
-        gamma_0 = self.gamma_0.double()
-        return gamma_0, gamma_0 + torch.nn.functional.softplus(self.gamma_range.double())
+        """(γ_0, γ_1), float64 tensors that carry the gradient of the endpoint parameters; a ``ValueError`` if they
+        have crossed (the schedule would no longer add noise)."""
+        gamma_0, gamma_1 = self.gamma_0.double(), self.gamma_1.double()
+        if not bool(gamma_1 > gamma_0):
+            raise ValueError(
+                f"the noise schedule's endpoints crossed (gamma_0={gamma_0.item():.4g} >= gamma_1={gamma_1.item():.4g}): "
+                "a lower learning rate keeps them apart"
+            )
+        return gamma_0, gamma_1
 
     def _features(self, times: torch.Tensor) -> torch.Tensor:
         slope = torch.nn.functional.softplus(self.feature_slope.double())

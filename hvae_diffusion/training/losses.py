@@ -91,7 +91,9 @@ def draw_conditioning(batch, cond_drop_prob, null_label, randomness, encode_prom
             raise ValueError("cond_drop_prob > 0 with class labels needs null_label (the label meaning 'no class')")
         conditioning["class_labels"] = drop_conditions(batch["class_labels"], null_label, cond_drop_prob, randomness)
     if batch.get("prompt") is not None:
-        conditioning["encoder_hidden_states"] = encode_prompt(drop_prompts(batch["prompt"], cond_drop_prob, randomness))
+        conditioning["encoder_hidden_states"] = encode_prompt(
+            drop_prompts(batch["prompt"], cond_drop_prob, randomness)
+        )
     return conditioning
 
 
@@ -288,6 +290,15 @@ class LearnedScheduleLoss:
         self._observed = None
 
     def __call__(self, model, batch, randomness=None, encode_prompt=None):
+        """The batch's mean bound in nats/dim (the loss) and its logged parts; see the class docstring."""
+        per_image, shape, parts = self.per_image_bound(model, batch, randomness, encode_prompt)
+        if shape.requires_grad:
+            second_moment_scale = 2 * per_image.detach().to(shape.device).unsqueeze(1)
+            shape.register_hook(lambda gradient: gradient * second_moment_scale)
+        return per_image.mean().to(loss_dtype(batch["sample"])), parts
+
+    def per_image_bound(self, model, batch, randomness=None, encode_prompt=None):
+        """``(L [B] in nats/dim, float64; s_η's values [B, 3] it was computed from; logged parts)``."""
         randomness = as_batch_randomness(randomness)
         original_samples = batch["sample"]
         batch_size, device = original_samples.shape[0], original_samples.device
@@ -332,9 +343,6 @@ class LearnedScheduleLoss:
         prior = prior_matching_kl(original_samples, torch.sigmoid(-gamma_1).to(device))
         sampled_denoising = last * sample_weights.to(device) * denoising.double()
         per_image = (prior.double() + reconstruction.double() + sampled_denoising) / num_dims
-        if shape.requires_grad:
-            second_moment_scale = 2 * per_image.detach().to(shape.device).unsqueeze(1)
-            shape.register_hook(lambda gradient: gradient * second_moment_scale)
         self._observed = (draws.to(device), (denoising / num_dims).detach())
         parts = {
             "prior_loss": (prior / num_dims).mean().detach(),
@@ -343,7 +351,7 @@ class LearnedScheduleLoss:
             "gamma_0": gamma_0.detach(),
             "gamma_1": gamma_1.detach(),
         }
-        return per_image.mean().to(loss_dtype(original_samples)), parts
+        return per_image, shape, parts
 
     def update_timestep_sampler(self, gather):
         """As ``DiffusionLoss.update_timestep_sampler``, with each image's KL in nats/dim."""
