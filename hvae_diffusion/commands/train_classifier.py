@@ -19,6 +19,7 @@ import torch
 
 from .. import HVAEScheduler
 from ..models import NoisyClassifier
+from ..pipelines.serialization import load_denoiser_scheduler
 from ..training.cli import (
     add_data_arguments,
     add_training_arguments,
@@ -102,7 +103,7 @@ def run(args):
     if args.denoiser_dir is not None:
         if not os.path.isfile(os.path.join(args.denoiser_dir, "scheduler", "scheduler_config.json")):
             raise ValueError(f"--denoiser_dir={args.denoiser_dir!r} is not a saved pipeline (no scheduler/ folder)")
-        scheduler = HVAEScheduler.from_pretrained(args.denoiser_dir, subfolder="scheduler")
+        scheduler = load_denoiser_scheduler(args.denoiser_dir)
     else:
         scheduler = HVAEScheduler(num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule)
     vae_dir = args.vae_dir
