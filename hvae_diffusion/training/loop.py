@@ -466,7 +466,10 @@ def check_run_folder(config, log=None):
     """Refuse, before any work, what ``train(config, ...)`` would refuse about its output folder: another run
     writing there, a new run over files or a finished run, a checkpoint of another run, one that cannot continue
     (``check_resumable``) or one trained with other flags (the model itself is compared when training starts).
-    Reads only."""
+    Reads only, and only in the launcher's first process (``RANK`` 0, or no launcher): the others would see the
+    folder the first one is already writing; ``train`` agrees on one plan for all of them."""
+    if os.environ.get("RANK", "0") != "0":
+        return None
     if os.path.exists(config.output_dir) and not os.path.isdir(config.output_dir):
         raise ValueError(f"--output_dir={config.output_dir!r} is a file, not a folder")
     if os.path.isdir(config.output_dir):

@@ -465,3 +465,9 @@ class OutputFile:
             self.lock.release()
             self.lock = None
         return False
+
+
+def write_output_file(path, write, overwrite=False, argument="--output"):
+    """``OutputFile(path, overwrite, argument)``, entered for one atomic ``write(handle)``."""
+    with OutputFile(path, overwrite, argument) as output:
+        output.write(write)
