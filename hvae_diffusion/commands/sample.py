@@ -69,6 +69,7 @@ def main(argv=None):
     args = parse_args(argv)
     from ..training.data import tensor_to_uint8
     from ..training.evaluation import image_grid
+    from ..training.runs import write_output_file
 
     if args.guidance == "none" and (args.class_labels or args.prompt):
         raise ValueError("--class_labels/--prompt need --guidance classifier or cfg")
@@ -103,7 +104,12 @@ def main(argv=None):
     for path in (args.grid, args.output):
         if path and os.path.dirname(path):
             os.makedirs(os.path.dirname(path), exist_ok=True)
-    image_grid(samples, args.num_columns).save(args.grid)
+    # atomic writes, refused when another run is writing the same file
+    grid = image_grid(samples, args.num_columns)
+    write_output_file(args.grid, grid.save, args.overwrite_output_dir, "--grid")
     if args.output:
-        np.savez(args.output, images=tensor_to_uint8(samples), labels=sample_labels)
+        arrays = {"images": tensor_to_uint8(samples), "labels": sample_labels}
+        write_output_file(
+            args.output, lambda handle: np.savez(handle, **arrays), args.overwrite_output_dir, "--output"
+        )
     print(json.dumps({"grid": args.grid, "output": args.output, "num_samples": num_samples}))
