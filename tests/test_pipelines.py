@@ -490,9 +490,9 @@ def test_classifier_free_runs_one_batched_forward_per_step():
         guidance_scale=3.0,
         num_inference_steps=4,
         output_type="pt",
-        guidance_batching="batched",
     )
-    assert calls == [6] * 4
+    assert calls == [6] * 4  # by default, as in Diffusers: one forward of the doubled batch, and no timing
+    assert pipeline.guidance_batching_choices == {}
     calls.clear()
     pipeline(class_labels=[0, 1, 1], guidance_scale=1.0, num_inference_steps=4, output_type="pt")
     assert calls == [3] * 4  # w = 1 needs only the conditional half

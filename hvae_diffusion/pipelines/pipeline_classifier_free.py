@@ -8,15 +8,13 @@ from diffusers.utils import replace_example_docstring
 from ..guidance import check_guidance_scale, classifier_free_guidance, rescale_guided_prediction
 from ..parameterization import split_learned_variance
 from . import sampling
-from .sampling import HVAESamplingPipeline, check_batch_size, labels_tensor
+from .sampling import HVAESamplingPipeline, check_batch_size, exclusive_call, labels_tensor
 
-# How the unconditional and conditional halves run: "batched", one unet forward on the doubled batch, "separate",
-# two forwards of the batch (half the peak activation memory), or "auto", whichever of the two was faster when
-# timed once for this device, dtype, shape and model (``GUIDANCE_BATCHING_CHOICES``).
-GUIDANCE_BATCHING = ("auto", "batched", "separate")
-
-# (device, dtype, sample shape, condition shape, id of the unet) -> "batched" or "separate", filled by "auto"
-GUIDANCE_BATCHING_CHOICES: dict[tuple, str] = {}
+# How the unconditional and conditional halves run: "batched", one denoiser forward on the doubled batch (the
+# default, as in Diffusers), "separate", two forwards of the batch (half the peak activation memory), or "auto",
+# whichever of the two was faster when timed once for this pipeline, device, dtype and shape (opt-in: a timed
+# choice may differ between runs, and the two agree only up to float rounding).
+GUIDANCE_BATCHING = ("batched", "separate", "auto")
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -57,8 +55,8 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
     and is saved in the pipeline config), or text prompts, for a ``UNet2DConditionModel`` with a transformers
     ``text_encoder`` and ``tokenizer`` (∅ is the empty prompt, or ``negative_prompt``). The guided prediction is formed
     in the model's parameterization (the same combination in every one, see ``guidance.classifier_free_guidance``)
-    on the mean channels only (a learned variance is the conditional model's, as in Diffusers' ``DiTPipeline``), its
-    x̂_0 clipped if the scheduler's config asks, and converted for the scheduler.
+    on the mean channels only (a learned variance is the conditional model's, as in Diffusers' ``DiTPipeline``) and
+    converted for the scheduler, which clips its x̂_0 if its config asks, as in Diffusers' pipelines.
 
     As in Diffusers' pipelines the conditions of a guided step are one tensor, ∅ first then y (``prompt_embeds`` or
     ``class_labels`` in ``callback_kwargs``), and a step is guided while ``do_classifier_free_guidance`` (w ∉ {0, 1});
@@ -199,16 +197,30 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
             )
 
         if guidance_batching == "auto":
-            key = (str(model_input.device), model_input.dtype, tuple(model_input.shape), tuple(conditions.shape))
-            key = (*key, id(self.denoiser))
-            if key not in GUIDANCE_BATCHING_CHOICES:
-                candidates = {"batched": batched, "separate": separate}
-                GUIDANCE_BATCHING_CHOICES[key] = fastest(candidates, model_input.device)
-            guidance_batching = GUIDANCE_BATCHING_CHOICES[key]
+            guidance_batching = self.timed_guidance_batching(model_input, conditions, batched, separate)
         return batched() if guidance_batching == "batched" else separate()
+
+    def timed_guidance_batching(self, model_input, conditions, batched, separate) -> str:
+        """The faster of "batched" and "separate" for this denoiser, device, dtype and shapes, timed on first use and
+        kept on the pipeline (``guidance_batching_choices``) until its denoiser is replaced."""
+        choices = self.__dict__.get("_guidance_batching_choices")
+        if choices is None or choices[0] is not self.denoiser:
+            choices = self._guidance_batching_choices = (self.denoiser, {})
+        key = (str(model_input.device), model_input.dtype, tuple(model_input.shape), tuple(conditions.shape))
+        if key not in choices[1]:
+            choices[1][key] = fastest({"batched": batched, "separate": separate}, model_input.device)
+        return choices[1][key]
+
+    @property
+    def guidance_batching_choices(self) -> dict:
+        """What ``guidance_batching="auto"`` chose on this pipeline: (device, dtype, sample shape, condition shape) →
+        "batched" or "separate", for the current denoiser."""
+        choices = self.__dict__.get("_guidance_batching_choices")
+        return dict(choices[1]) if choices is not None and choices[0] is self.denoiser else {}
 
     # ------------------------------------------------------------------ sampling
 
+    @exclusive_call
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
@@ -227,7 +239,7 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
         return_dict: bool = True,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
-        guidance_batching: str = "auto",
+        guidance_batching: str = "batched",
     ):
         """Draw one sample per label or prompt with guidance weight w = ``guidance_scale``.
 
@@ -245,9 +257,10 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
             callback_on_step_end, callback_on_step_end_tensor_inputs: as for ``HVAEPipeline``; the tensors may also
                 be ``"prompt_embeds"`` (text) or ``"class_labels"`` (class labels): the conditions of a step, ∅ then y
                 while guiding, and a callback may return replacements (Diffusers' ``SDCFGCutoffCallback`` does).
-            guidance_batching (`str`): "auto" (the default: the faster of the two below, timed once per device,
-                dtype, shape and model), "batched" (one unet forward on the doubled batch a step) or "separate" (two
-                forwards: half the activation memory); the samples agree up to float rounding.
+            guidance_batching (`str`): "batched" (the default, as in Diffusers: one denoiser forward on the doubled
+                batch a step), "separate" (two forwards: half the activation memory) or "auto" (the faster of the
+                two, timed once per pipeline, device, dtype and shape: opt-in, as a timed choice may differ between
+                runs); the samples agree up to float rounding.
 
         Examples:
 
@@ -303,7 +316,7 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
         latents = self.prepare_latents(shape, generator, latents, device, self.denoiser.dtype)
 
         # 5. the reverse chain
-        num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
+        step_kwargs = self.step_kwargs(generator=generator, eta=eta)
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
@@ -325,37 +338,27 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
                 else:
                     output = self.run_denoiser(model_input, t, **{name: conditions})
                     prediction, variance = split_learned_variance(output, model_input)
-                prediction, prediction_type = self.clip_prediction(
-                    prediction, self.model_prediction_type, model_input, alphas_cumprod[i]
-                )
-                latents = self.scheduler_step(
+                latents, original_sample = self.scheduler_step(
                     prediction,
-                    prediction_type,
+                    self.model_prediction_type,
                     variance,
                     model_input,
                     latents,
                     t,
                     alphas_cumprod[i],
-                    generator=generator,
-                    eta=eta,
+                    step_kwargs,
                 )
-                if callback_on_step_end is not None:
-                    callback_outputs = self.call_callback(
-                        callback_on_step_end,
-                        i,
-                        t,
-                        tensor_inputs,
-                        latents,
-                        prediction,
-                        prediction_type,
-                        model_input,
-                        alphas_cumprod[i],
-                        **{condition_input: conditions},
-                    )
-                    latents = callback_outputs.pop("latents", latents)
-                    conditions = callback_outputs.pop(condition_input, conditions)
-                if self.progress_due(i, len(timesteps), num_warmup_steps, self.scheduler.order):
-                    progress_bar.update()
+                tensors = self.step_end(
+                    i,
+                    t,
+                    latents,
+                    original_sample,
+                    callback_on_step_end,
+                    tensor_inputs,
+                    progress_bar,
+                    **{condition_input: conditions},
+                )
+                latents, conditions = tensors["latents"], tensors[condition_input]
 
         # 6. outputs
         return self.finish(latents, output_type, return_dict)

@@ -12,7 +12,7 @@ from ..guidance import (
     mean_guided_original_sample,
 )
 from ..parameterization import convert_prediction, split_learned_variance
-from .sampling import HVAESamplingPipeline, labels_tensor
+from .sampling import HVAESamplingPipeline, exclusive_call, labels_tensor, unclipped_scheduler
 
 CLASSIFIER_INPUTS = ("noisy", "denoised")
 
@@ -143,6 +143,7 @@ class ClassifierGuidedPipeline(HVAESamplingPipeline):
         )
         return guided, "sample"
 
+    @exclusive_call
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
@@ -194,14 +195,16 @@ class ClassifierGuidedPipeline(HVAESamplingPipeline):
         # 2. the condition of the denoiser: none, ∅ for a class-conditional one
         denoiser_kwargs = self.unconditional_kwargs(len(labels))
 
-        # 3. timesteps, before the latents: init_noise_sigma may depend on them
-        timesteps, alphas_cumprod = self.set_timesteps(num_inference_steps, device)
+        # 3. timesteps, before the latents: init_noise_sigma may depend on them. The pipeline clips x̂_0 before
+        # guiding it, and steps a scheduler that does not clip the guided x̂_0 again.
+        stepping_scheduler = unclipped_scheduler(self.scheduler)
+        timesteps, alphas_cumprod = self.set_timesteps(num_inference_steps, device, stepping_scheduler)
 
         # 4. x_T
         latents = self.prepare_latents(shape, generator, latents, device, self.denoiser.dtype)
 
         # 5. the reverse chain: clip x̂_0, then guide
-        num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
+        step_kwargs = self.step_kwargs(stepping_scheduler, generator=generator, eta=eta)
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
@@ -227,7 +230,7 @@ class ClassifierGuidedPipeline(HVAESamplingPipeline):
                     prediction, prediction_type = self.guide(
                         prediction, prediction_type, gradient, model_input, alphas_cumprod, i, guidance_form
                     )
-                latents = self.scheduler_step(
+                latents, original_sample = self.scheduler_step(
                     prediction,
                     prediction_type,
                     variance,
@@ -235,24 +238,12 @@ class ClassifierGuidedPipeline(HVAESamplingPipeline):
                     latents,
                     t,
                     alphas_cumprod[i],
-                    generator=generator,
-                    eta=eta,
+                    step_kwargs,
+                    scheduler=stepping_scheduler,
                 )
-                if callback_on_step_end is not None:
-                    callback_outputs = self.call_callback(
-                        callback_on_step_end,
-                        i,
-                        t,
-                        tensor_inputs,
-                        latents,
-                        prediction,
-                        prediction_type,
-                        model_input,
-                        alphas_cumprod[i],
-                    )
-                    latents = callback_outputs.pop("latents", latents)
-                if self.progress_due(i, len(timesteps), num_warmup_steps, self.scheduler.order):
-                    progress_bar.update()
+                latents = self.step_end(
+                    i, t, latents, original_sample, callback_on_step_end, tensor_inputs, progress_bar
+                )["latents"]
 
         # 6. outputs
         return self.finish(latents, output_type, return_dict)
