@@ -1,8 +1,13 @@
 #!/usr/bin/env python
-"""ClassifierFreeGuidancePipeline per step against its floor (target: ≤ 1.00× the faster floor; docs/benchmarks.md).
+"""ClassifierFreeGuidancePipeline against Diffusers' DiTPipeline, and per step against its floor (targets: ≤ 1.00×;
+docs/benchmarks.md).
 
-The two floors are the UNet work of a guided step and nothing else: one forward on the doubled batch, or two
-forwards on the batch. The pipeline runs in each of its ``guidance_batching`` modes (w = 3, batch 16, 50 steps).
+DiT: the same DiT transformer (learned σ, 1000 classes: DiTPipeline's null label is 1000), VAE and DDIMScheduler,
+with DiTPipeline's defaults (w = 4, 50 steps) and ``output_type="np"``; ClassifierFreeGuidancePipeline with its
+default ``guidance_batching`` ("batched", one forward of the doubled batch, as DiTPipeline runs it).
+
+Floors: the UNet work of a guided step and nothing else: one forward on the doubled batch, or two forwards on the
+batch. The pipeline runs in each of its ``guidance_batching`` modes (w = 3, batch 16, 50 steps).
 
     python benchmarks/bench_cfg.py [--quick] [--device cuda] [--autocast float16]
 """
@@ -13,7 +18,70 @@ from benchmarking_utils import main_for, make_unet, quiet, time_interleaved, une
 NUM_CLASSES = 10
 
 
+def dit_pipelines(settings):
+    """(ClassifierFreeGuidancePipeline, DiTPipeline) on one small DiT (2 layers, width 64, 8×8×4 latents in patches of
+    2), one AutoencoderKL and one DDIMScheduler config; smaller with --quick."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    from hvae_diffusion import ClassifierFreeGuidancePipeline
+
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(
+        num_attention_heads=2 if settings.quick else 4,
+        attention_head_dim=8 if settings.quick else 16,
+        in_channels=4,
+        out_channels=8,
+        num_layers=1 if settings.quick else 2,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=1000,
+    ).eval()
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 8),
+        latent_channels=4,
+        norm_num_groups=4,
+    ).eval()
+    transformer, vae = settings.prepare(transformer), settings.prepare(vae)
+    scheduler = DDIMScheduler(clip_sample=False)
+    ours = ClassifierFreeGuidancePipeline(
+        unet=None, scheduler=DDIMScheduler.from_config(scheduler.config), transformer=transformer, vae=vae
+    )
+    return quiet(ours), quiet(DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler))
+
+
+def run_dit(settings, report):
+    ours, dit = dit_pipelines(settings)
+    batch = unet_shape(settings)[2]
+    steps = 4 if settings.quick else 50
+    labels = [label % 1000 for label in range(batch)]
+    kwargs = dict(class_labels=labels, guidance_scale=4.0, num_inference_steps=steps, output_type="np")
+    cases = {
+        "ours": lambda: ours(generator=settings.generator(), **kwargs),
+        "dit": lambda: dit(generator=settings.generator(), **kwargs),
+    }
+    seconds = time_interleaved(cases, settings)
+    report.compare(
+        "cfg",
+        f"DiT batch={batch} steps={steps} w=4",
+        "ClassifierFreeGuidance",
+        seconds["ours"],
+        "DiTPipeline",
+        seconds["dit"],
+        target=1.0,
+        unit="s per call",
+    )
+
+
 def run(settings, report):
+    run_dit(settings, report)
+    run_floors(settings, report)
+
+
+def run_floors(settings, report):
     from hvae_diffusion import ClassifierFreeGuidancePipeline, HVAEScheduler
     from hvae_diffusion.pipelines.pipeline_classifier_free import GUIDANCE_BATCHING
 
