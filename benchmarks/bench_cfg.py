@@ -2,9 +2,9 @@
 """ClassifierFreeGuidancePipeline against Diffusers' DiTPipeline, and per step against its floor (targets: ≤ 1.00×;
 docs/benchmarks.md).
 
-DiT: the same DiT transformer (learned σ, 1000 classes: DiTPipeline's null label is 1000), VAE and DDIMScheduler,
-with DiTPipeline's defaults (w = 4, 50 steps) and ``output_type="np"``; ClassifierFreeGuidancePipeline with its
-default ``guidance_batching`` ("batched", one forward of the doubled batch, as DiTPipeline runs it).
+DiT: the components of ``bench_latent``'s tiny DiTPipeline (learned σ, 1000 classes: DiTPipeline's null label is
+1000), with DiTPipeline's defaults (w = 4, 50 steps), batch 16 and ``output_type="np"``; ClassifierFreeGuidancePipeline
+with its default ``guidance_batching`` ("batched", one forward of the doubled batch, as DiTPipeline runs it).
 
 Floors: the UNet work of a guided step and nothing else: one forward on the doubled batch, or two forwards on the
 batch. The pipeline runs in each of its ``guidance_batching`` modes (w = 3, batch 16, 50 steps).
@@ -19,38 +19,16 @@ NUM_CLASSES = 10
 
 
 def dit_pipelines(settings):
-    """(ClassifierFreeGuidancePipeline, DiTPipeline) on one small DiT (2 layers, width 64, 8×8×4 latents in patches of
-    2), one AutoencoderKL and one DDIMScheduler config; smaller with --quick."""
-    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+    """(ClassifierFreeGuidancePipeline, DiTPipeline) on the components of ``bench_latent``'s tiny DiTPipeline (a
+    learned-σ DiT, an AutoencoderKL, DDIM), each with its own scheduler of the same config."""
+    from bench_latent import dit_pipeline
+    from diffusers import DDIMScheduler
 
     from hvae_diffusion import ClassifierFreeGuidancePipeline
 
-    torch.manual_seed(0)
-    transformer = DiTTransformer2DModel(
-        num_attention_heads=2 if settings.quick else 4,
-        attention_head_dim=8 if settings.quick else 16,
-        in_channels=4,
-        out_channels=8,
-        num_layers=1 if settings.quick else 2,
-        sample_size=8,
-        patch_size=2,
-        num_embeds_ada_norm=1000,
-    ).eval()
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 8),
-        latent_channels=4,
-        norm_num_groups=4,
-    ).eval()
-    transformer, vae = settings.prepare(transformer), settings.prepare(vae)
-    scheduler = DDIMScheduler(clip_sample=False)
-    ours = ClassifierFreeGuidancePipeline(
-        unet=None, scheduler=DDIMScheduler.from_config(scheduler.config), transformer=transformer, vae=vae
-    )
-    return quiet(ours), quiet(DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler))
+    dit = dit_pipeline(settings)
+    scheduler = DDIMScheduler.from_config(dit.scheduler.config)
+    return quiet(ClassifierFreeGuidancePipeline(None, scheduler, transformer=dit.transformer, vae=dit.vae)), dit
 
 
 def run_dit(settings, report):
