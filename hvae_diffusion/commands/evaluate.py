@@ -73,7 +73,7 @@ from ..training.sampling import load_sampling_pipeline, sample
 
 def parse_args(argv=None):
     parser = program_parser("hvae-evaluate", __doc__)
-    add_data_arguments(parser)
+    add_data_arguments(parser, augmentation=False)
     parser.add_argument("--pipeline_dir", required=True, help="the trained denoiser pipeline")
     parser.add_argument("--classifier_dir", default=None, help="noisy classifier, for the classifier-guidance sweep")
     parser.add_argument(

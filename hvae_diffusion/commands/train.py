@@ -35,7 +35,7 @@ from ..training.cli import (
     warn_if_single_threaded,
 )
 from ..training.components import CONDITIONINGS, build_unet, denoiser_pipeline, pretrained_unet_config
-from ..training.data import stack_dataset
+from ..training.data import RandomFlip, stack_dataset
 from ..training.evaluation import elbo_report, image_grid
 from ..training.hub import render_model_card
 from ..training.latents import (
@@ -162,6 +162,8 @@ def load_text_components(args):
 def check_arguments(args, scheduler):
     """Every flag against every other, before any data is loaded or any step is taken."""
     check_number("--cond_drop_prob", args.cond_drop_prob, minimum=0, below=1)
+    if args.random_flip and args.vae_dir is not None:
+        raise ValueError("--random_flip flips images, and --vae_dir trains on latents encoded once: drop one of them")
     if args.cond_drop_prob > 0 and args.conditioning == "none":
         raise ValueError("--cond_drop_prob needs --conditioning class or text")
     check_number("--snr_gamma", args.snr_gamma, above=0)
@@ -260,6 +262,8 @@ def run(args):
             args.cond_drop_prob,
             null_label=num_classes if args.conditioning == "class" else None,
         )
+        if args.random_flip:
+            loss_fn = RandomFlip(loss_fn)
         if vae is not None:
             train_dataset = LatentDataset.encode(vae, train_dataset)
             scaling_factor, shift_factor = latent_scaling(train_dataset.means, train_dataset.stds)
