@@ -224,6 +224,8 @@ def _as_float64(features, name):
     features = torch.as_tensor(np.asarray(features), dtype=torch.float64)
     if features.ndim != 2 or features.shape[0] < 2:
         raise ValueError(f"{name} must be a [N, F] feature array with N >= 2, got shape {tuple(features.shape)}")
+    if not torch.isfinite(features).all():
+        raise ValueError(f"{name} holds values that are not finite (NaN or inf samples?)")
     return features
 
 
