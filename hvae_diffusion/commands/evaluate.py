@@ -28,8 +28,9 @@ import time
 
 import torch
 
+from .. import HVAEScheduler
 from ..elbo_estimation import BPD_ESTIMATORS
-from ..scheduling_hvae import HVAEScheduler
+from ..pipelines.serialization import denoiser_scheduler
 from ..training.cli import (
     add_data_arguments,
     add_num_threads_argument,
@@ -194,7 +195,7 @@ def bits_per_dim_report(pipe, test_samples, args):
     """The test bits/dim of an unconditional pipeline with ``--bpd_estimator``: ``elbo_report`` of a pixel model;
     for a latent model, the bound in pixels through its VAE (``latent_elbo_report``, the estimator giving the
     diffusion part) with its three parts and the diffusion's own bits per latent dimension."""
-    scheduler = HVAEScheduler.from_config(pipe.scheduler.config)
+    scheduler = denoiser_scheduler(pipe)
     num_latents = len(scheduler.timesteps) - 1
     nfe = None if args.bpd_estimator == "full" else args.bpd_nfe
     generator = torch.Generator().manual_seed(args.seed)
@@ -322,7 +323,7 @@ def main(argv=None):
         }
         write_report(report, report_path)
         print(f"test bits/dim of {args.compare_pipeline_dir}: {other_elbo['summary']}", flush=True)
-    scheduler = HVAEScheduler.from_config(unconditional.scheduler.config)
+    scheduler = denoiser_scheduler(unconditional)
 
     # --- the noisy classifier of classifier guidance: accuracy and calibration against t
     if guided is not None:

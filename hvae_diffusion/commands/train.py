@@ -19,6 +19,7 @@ import torch
 
 from .. import PREDICTION_TYPES, HVAEScheduler
 from ..elbo import LOSS_WEIGHTINGS
+from ..pipelines.serialization import load_denoiser_scheduler
 from ..scheduling_hvae import VARIANCE_TYPES
 from ..training.cli import (
     add_data_arguments,
@@ -124,7 +125,7 @@ def make_scheduler(args):
     scheduler = None
     if path is not None:
         try:
-            scheduler = HVAEScheduler.from_pretrained(path, subfolder="scheduler")
+            scheduler = load_denoiser_scheduler(path)
         except (OSError, ValueError):  # a bare UNet: the flags define a new scheduler
             scheduler = None
     if scheduler is not None:

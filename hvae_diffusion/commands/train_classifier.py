@@ -17,6 +17,8 @@ import torch
 
 from .. import HVAEScheduler
 from ..models import NoisyClassifier
+from ..models.noisy_classifier import POOLINGS
+from ..pipelines.serialization import load_denoiser_scheduler
 from ..training.cli import (
     add_data_arguments,
     add_training_arguments,
@@ -61,6 +63,15 @@ def parse_args(argv=None):
         "default: the vae of --denoiser_dir, if it has one",
     )
     parser.add_argument("--classifier_config", default=None, help="a NoisyClassifier config.json")
+    parser.add_argument(
+        "--init_from_denoiser",
+        action="store_true",
+        help="start the classifier from the encoder half of --denoiser_dir's UNet (NoisyClassifier.from_unet): "
+        "its features already say what x_t tells of x_0 at every t",
+    )
+    parser.add_argument(
+        "--pooling", choices=POOLINGS, default="mean", help="with --init_from_denoiser: the new head's pooling"
+    )
     parser.add_argument("--num_train_timesteps", type=int, default=1000)
     parser.add_argument("--beta_schedule", default="squaredcos_cap_v2")
     parser.add_argument("--num_timestep_bands", type=int, default=5, help="accuracy is reported per band of t")
@@ -96,6 +107,18 @@ def main(argv=None) -> None:
     run(parse_args(argv))
 
 
+def classifier_from_denoiser(denoiser_dir, num_classes, pooling="mean"):
+    """``NoisyClassifier.from_unet`` on the UNet of a saved denoiser pipeline, with ∅ of a class-conditional one."""
+    from diffusers import UNet2DModel
+
+    from ..pipelines import null_class_label
+
+    unet = UNet2DModel.from_pretrained(denoiser_dir, subfolder="unet")
+    return NoisyClassifier.from_unet(
+        unet, num_classes, pooling=pooling, null_class_label=null_class_label(unet.config)
+    )
+
+
 def check_arguments(args):
     """The program's own flags against their ranges, before any work (``training_config_from_args`` checks the
     shared ones)."""
@@ -107,6 +130,12 @@ def check_arguments(args):
         os.path.join(args.denoiser_dir, "scheduler", "scheduler_config.json")
     ):
         raise ValueError(f"--denoiser_dir={args.denoiser_dir!r} is not a saved pipeline (no scheduler/ folder)")
+    if args.init_from_denoiser and args.denoiser_dir is None:
+        raise ValueError("--init_from_denoiser needs --denoiser_dir (the UNet whose encoder it copies)")
+    if args.init_from_denoiser and args.classifier_config is not None:
+        raise ValueError("--init_from_denoiser and --classifier_config both choose the architecture: give one")
+    if args.init_from_denoiser and not os.path.isdir(os.path.join(args.denoiser_dir, "unet")):
+        raise ValueError(f"--init_from_denoiser needs a UNet2DModel in {args.denoiser_dir}/unet")
 
 
 def run(args):
@@ -115,7 +144,7 @@ def run(args):
         check_arguments(args)
         config = training_config_from_args(args)
         if args.denoiser_dir is not None:
-            scheduler = HVAEScheduler.from_pretrained(args.denoiser_dir, subfolder="scheduler")
+            scheduler = load_denoiser_scheduler(args.denoiser_dir)
         else:
             scheduler = HVAEScheduler(num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule)
         if args.num_timestep_bands > scheduler.config.num_train_timesteps:
@@ -146,7 +175,9 @@ def run(args):
             loss_fn = LatentDiffusionLoss(loss_fn, *scaling)
             test_samples = scaled_latents_of(vae, test_samples, torch.Generator().manual_seed(args.seed))
         torch.manual_seed(args.seed)
-        if args.classifier_config is not None:
+        if args.init_from_denoiser:
+            classifier = classifier_from_denoiser(args.denoiser_dir, num_classes, args.pooling)
+        elif args.classifier_config is not None:
             with open(args.classifier_config) as handle:
                 classifier = NoisyClassifier.from_config(json.load(handle))
         else:

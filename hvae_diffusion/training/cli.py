@@ -26,7 +26,8 @@ import warnings
 from dataclasses import fields
 
 from .data import image_dataset_to_tensors, load_image_dataset, num_classes_of
-from .loop import TrainingConfig
+from .loop import TrainingConfig, check_run_folder
+from .runs import run_flags_from_args
 
 
 class UsageError(ValueError):
@@ -325,8 +326,9 @@ def training_config_from_args(args, **overrides):
     if values.get("checkpoints_total_limit") == 0:
         values["checkpoints_total_limit"] = None
     values.update(overrides)
+    values["run_settings"] = run_flags_from_args(args, values.get("extra_log_config"))
     config = TrainingConfig(**values)
-    check_output_dir(config.output_dir, args.overwrite_output_dir, config.resume_from_checkpoint, resumable=True)
+    check_run_folder(config)  # the output-folder guard of a training run: lock, finished run, checkpoint, flags
     check_num_threads(getattr(args, "num_threads", 0))
     return config
 
