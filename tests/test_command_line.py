@@ -218,10 +218,13 @@ def test_evaluate_an_unconditional_pipeline_with_default_flags(pipelines, tmp_pa
         capsys,
     )
     assert not output.exists()
+    # an untrained feature classifier in the cache: its features serve as well here, and training one takes long
+    from hvae_diffusion.training.evaluation import FeatureClassifier, save_feature_classifier
+
+    save_feature_classifier(FeatureClassifier(), str(output / "feature_classifier.safetensors"))
     small = ["--bpd_num_samples", 4, "--bpd_nfe", 3, "--num_unconditional_samples", 6, "--num_inference_steps", 2]
-    report = evaluate.main(
-        [str(a) for a in ["--pipeline_dir", pipelines / "unconditional", "--output_dir", output, *small]]
-    )
+    argv = ["--pipeline_dir", pipelines / "unconditional", "--output_dir", output, "--overwrite_output_dir", *small]
+    report = evaluate.main([str(a) for a in argv])
     saved = json.loads((output / "evaluation.json").read_text())
     assert saved["unconditional"] == report["unconditional"] and "cfg" not in saved
     assert saved["elbo"]["images"] == "the first 4 of the 297 images of the test split"

@@ -55,6 +55,7 @@ from ..training.evaluation import (
     elbo_report,
     feature_frechet_distance,
     image_grid,
+    images_label,
     load_or_train_feature_classifier,
     noisy_classifier_calibration,
     plot_denoising_terms,
@@ -404,13 +405,6 @@ def main(argv=None):
     summary["bits_per_dim_summary"] = elbo["summary"]
     print(json.dumps(summary, indent=1))
     return report
-
-
-def images_label(num_used, num_test):
-    """Which images a bits/dim was computed on, for the reports that print it."""
-    if num_used == num_test:
-        return f"all {num_test} images of the test split"
-    return f"the first {num_used} of the {num_test} images of the test split"
 
 
 def quality_of(feature_classifier, inception, samples, reference, seed):

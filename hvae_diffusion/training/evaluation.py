@@ -62,6 +62,13 @@ def format_bits_per_dim(report):
     )
 
 
+def images_label(num_used, num_test):
+    """Which images a bits/dim was computed on, for the reports that print it beside another one."""
+    if num_used == num_test:
+        return f"all {num_test} images of the test split"
+    return f"the first {num_used} of the {num_test} images of the test split"
+
+
 def plot_denoising_terms(report, path):
     """PNG plot of the mean denoising-matching KL (bits/dim) of each evaluated latent over t, log scale."""
     import matplotlib
