@@ -15,6 +15,7 @@ import torch
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 
 
+# Adapted from diffusers.schedulers.scheduling_ddpm.betas_for_alpha_bar (alpha_transform_type="cosine"), in float64
 def cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:
     """Betas of the improved-DDPM cosine schedule ("squaredcos_cap_v2").
 
@@ -31,6 +32,7 @@ def cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> torch.Ten
     return torch.tensor(betas, dtype=torch.float64)
 
 
+# Adapted from diffusers.schedulers.scheduling_ddpm.DDPMScheduler.__init__ (its beta_schedule branches), in float64
 def make_betas(
     beta_schedule: str = "linear",
     num_train_timesteps: int = 1000,
@@ -60,6 +62,7 @@ def make_betas(
     )
 
 
+# Adapted from diffusers.schedulers.scheduling_ddim.rescale_zero_terminal_snr, in float64
 def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     """Rescale betas so that SNR(T) = 0 (Lin et al. 2023, Algorithm 1).
 
