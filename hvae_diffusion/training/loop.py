@@ -783,7 +783,7 @@ def _train(
         raise
     except NonFiniteLossError:
         progress.close()
-        accelerator.end_training()
+        finish_trackers(accelerator)
         raise
     progress.close()
 
@@ -803,7 +803,7 @@ def _train(
             metrics = dict(evaluate_fn(trained))
         accelerator.log(metrics, step=global_step)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    finish_trackers(accelerator)
     final_loss = losses[-1] if losses else float("nan")
     return TrainingResult(
         global_step=global_step, final_loss=final_loss, losses=losses, resumed_from=resume_path, metrics=metrics
@@ -846,6 +846,13 @@ def non_finite_report(loss, global_step, micro_step, losses, model, output_dir, 
         "run from the model of a checkpoint before the growth (its model/ folder, e.g. --pretrained_model_name_or_path "
         "<checkpoint>/model) with a lower --learning_rate, or use --max_grad_norm or --mixed_precision no"
     )
+
+
+def finish_trackers(accelerator):
+    """What ``accelerator.end_training()`` does but for destroying the process group: a program may run several
+    trainings in one launch (the group cannot be made again in the same processes), and it ends with the process."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
 
 
 def log_image(accelerator, name, image, step):
