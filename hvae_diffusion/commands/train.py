@@ -55,7 +55,7 @@ from ..training.losses import DiffusionLoss, LearnedScheduleLoss
 from ..training.sampling import DEFAULT_GUIDANCE_SCALE
 from ..training.timestep_samplers import TIMESTEP_SAMPLERS, make_timestep_sampler
 
-NOISE_SCHEDULES = ("fixed", "learned")
+NOISE_SCHEDULES = ("fixed", "linear", "learned")
 
 
 def parse_args(argv=None):
@@ -100,7 +100,8 @@ def parse_args(argv=None):
         choices=NOISE_SCHEDULES,
         help="learned: train a monotone log-SNR schedule with the model on the ELBO, as VDM does (needs "
         "--loss_weighting elbo); it starts linear in log-SNR between the ends of --beta_schedule and is saved as the "
-        "pipeline's noise_schedule, the scheduler's trained_betas built from it",
+        "pipeline's noise_schedule, the scheduler's trained_betas built from it. linear: that starting schedule kept "
+        "fixed, trained on the same bound (VDM's fixed baseline)",
     )
     objective.add_argument(
         "--timestep_sampler",
@@ -187,23 +188,20 @@ def check_arguments(args, scheduler):
     if args.cond_drop_prob > 0 and args.conditioning == "none":
         raise ValueError("--cond_drop_prob needs --conditioning class or text")
     check_number("--snr_gamma", args.snr_gamma, above=0)
-    if args.noise_schedule == "learned":
+    if args.noise_schedule != "fixed":
+        flag = f"--noise_schedule {args.noise_schedule}"
         if args.loss_weighting != "elbo":
             raise ValueError(
-                "--noise_schedule learned trains the schedule on the ELBO (VDM): pass --loss_weighting elbo, got "
-                f"{args.loss_weighting!r}"
+                f"{flag} trains on the ELBO (VDM): pass --loss_weighting elbo, got {args.loss_weighting!r}"
             )
         if args.vae_dir is not None:
-            raise ValueError(
-                "--noise_schedule learned bounds 8-bit images (a discretized decoder): not with --vae_dir"
-            )
+            raise ValueError(f"{flag} bounds 8-bit images (a discretized decoder): not with --vae_dir")
         if scheduler.config.variance_type not in ("fixed_small", "fixed_small_log"):
             raise ValueError(
-                "--noise_schedule learned needs --variance_type fixed_small (the bound's Σ = σ_q²), got "
-                f"{scheduler.config.variance_type!r}"
+                f"{flag} needs --variance_type fixed_small (the bound's Σ = σ_q²), got {scheduler.config.variance_type!r}"
             )
         if scheduler.config.num_train_timesteps < 2:
-            raise ValueError("--noise_schedule learned needs --num_train_timesteps >= 2")
+            raise ValueError(f"{flag} needs --num_train_timesteps >= 2")
     check_number("--guidance_scale", args.guidance_scale, minimum=0)
     if args.num_train_timesteps < 1:
         raise ValueError(f"--num_train_timesteps must be >= 1, got {args.num_train_timesteps}")
@@ -460,16 +458,22 @@ def check_unet_input_size(unet, size, resolution, latent=False):
 
 
 def make_noise_schedule(args, scheduler):
-    """``--noise_schedule learned``: the pretrained pipeline's ``noise_schedule`` if it has one, else a
-    ``LearnedNoiseSchedule`` linear in log-SNR between the ends of the fixed table; None for a fixed schedule."""
-    if args.noise_schedule != "learned":
+    """``--noise_schedule learned``/``linear``: the pretrained pipeline's ``noise_schedule`` if it has one, else a
+    ``LearnedNoiseSchedule`` linear in log-SNR between the ends of the fixed table, frozen for ``linear``; None for
+    ``fixed``."""
+    if args.noise_schedule == "fixed":
         return None
+    schedule = None
     if args.pretrained_model_name_or_path is not None:
         try:
-            return LearnedNoiseSchedule.from_pretrained(args.pretrained_model_name_or_path, subfolder="noise_schedule")
+            schedule = LearnedNoiseSchedule.from_pretrained(
+                args.pretrained_model_name_or_path, subfolder="noise_schedule"
+            )
         except (OSError, ValueError):  # no learned schedule there: start one from the scheduler's table
-            pass
-    return LearnedNoiseSchedule.from_alphas_cumprod(scheduler.alphas_cumprod)
+            schedule = None
+    if schedule is None:
+        schedule = LearnedNoiseSchedule.from_alphas_cumprod(scheduler.alphas_cumprod)
+    return schedule.requires_grad_(args.noise_schedule == "learned")
 
 
 def unet_config_of(args):
