@@ -212,3 +212,38 @@ def test_shape_gets_the_gradient_of_the_second_moment_and_the_rest_that_of_the_b
     for name, gradient in expected.items():
         assert torch.allclose(hooked[name].double(), gradient.double(), rtol=1e-4, atol=1e-8), name
         assert gradient.abs().max() > 0, name
+
+
+# ------------------------------------------------------------------------------------------- hvae-train
+
+
+def test_hvae_train_learns_the_schedule_and_saves_it_with_the_pipeline(tmp_path):
+    from hvae_diffusion.commands import train
+    from hvae_diffusion.training.cli import UsageError
+
+    def argv(output_dir, *extra):
+        return [
+            *["--output_dir", str(output_dir), "--max_train_steps", "3", "--train_batch_size", "8"],
+            *["--checkpointing_steps", "0", "--report_to", "none", "--num_inference_steps", "3", "--skip_elbo"],
+            *["--num_train_timesteps", "50", "--learning_rate", "0.05", *extra],
+        ]
+
+    with pytest.raises(UsageError, match="--noise_schedule learned trains on the ELBO.*--loss_weighting elbo"):
+        train.run(train.parse_args(argv(tmp_path / "refused", "--noise_schedule", "learned")))
+    train.run(train.parse_args(argv(tmp_path / "run", "--noise_schedule", "learned", "--loss_weighting", "elbo")))
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "run")
+    start = LearnedNoiseSchedule.from_alphas_cumprod(
+        HVAEScheduler(50, beta_schedule="squaredcos_cap_v2").alphas_cumprod
+    )
+    trained = pipe.noise_schedule
+    assert isinstance(trained, LearnedNoiseSchedule)
+    assert not torch.equal(trained.gamma_0, start.gamma_0) and not torch.equal(
+        trained.feature_weight, start.feature_weight
+    )
+    # the saved scheduler's tables are the saved schedule's, and every Diffusers scheduler reads them
+    assert np.array_equal(np.asarray(pipe.scheduler.config.trained_betas), trained.betas(50))
+    expected = torch.sigmoid(trained.log_snr(50))
+    assert torch.allclose(pipe.scheduler.alphas_cumprod, expected, rtol=1e-12, atol=0)
+    assert torch.allclose(
+        DDIMScheduler.from_config(pipe.scheduler.config).alphas_cumprod.double(), expected, atol=1e-6
+    )
