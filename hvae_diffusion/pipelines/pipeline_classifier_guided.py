@@ -94,6 +94,7 @@ class ClassifierGuidedPipeline(HVAESamplingPipeline):
         self.check_components(unet, transformer, vae)
         self.register_modules(unet=unet, transformer=transformer, scheduler=scheduler, classifier=classifier, vae=vae)
         self.register_to_config(classifier_input=classifier_input, prediction_type=prediction_type)
+        self.note_optional_components()
 
     @property
     def num_classes(self) -> int:
