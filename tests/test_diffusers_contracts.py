@@ -178,6 +178,22 @@ class TestClassifierFreeGuidancePipelineAsStableDiffusionPipeline(
         super().test_encode_prompt_works_in_isolation()
 
 
+class TestClassifierFreeGuidancePipelineAsStableDiffusionPipelineMemory(
+    StableDiffusionComponents, test_stable_diffusion.TestStableDiffusionPipelineMemory
+):
+    pass
+
+
+@pytest.mark.skip(
+    reason="IP-Adapter (image prompts through an image_encoder and IPAdapterMixin) is a feature this package does not "
+    "support"
+)
+class TestClassifierFreeGuidancePipelineAsStableDiffusionPipelineIPAdapter(
+    StableDiffusionComponents, test_stable_diffusion.TestStableDiffusionPipelineIPAdapter
+):
+    pass
+
+
 # ---------------------------------------------------------------------------------------------- side by side
 
 

@@ -7,7 +7,12 @@ from diffusers import StableDiffusionPipeline
 from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.utils import replace_example_docstring
 
-from ..guidance import check_guidance_scale, classifier_free_guidance, rescale_guided_prediction
+from ..guidance import (
+    DEFAULT_GUIDANCE_SCALE,
+    check_guidance_scale,
+    classifier_free_guidance,
+    rescale_guided_prediction,
+)
 from ..parameterization import split_learned_variance
 from . import sampling
 from .sampling import HVAESamplingPipeline, check_batch_size, exclusive_call, labels_tensor
@@ -18,9 +23,9 @@ from .sampling import HVAESamplingPipeline, check_batch_size, exclusive_call, la
 # choice may differ between runs, and the two agree only up to float rounding).
 GUIDANCE_BATCHING = ("batched", "separate", "auto")
 
-# The default guidance weight w, Diffusers' for the same components: StableDiffusionPipeline's for text prompts,
-# DiTPipeline's for class labels (this package's class-conditional UNets included; docs/pipelines.md).
-DEFAULT_GUIDANCE_SCALE = {"text": 7.5, "class_labels": 4.0}
+# The default guidance weight w for the components of Diffusers' pipelines: StableDiffusionPipeline's for text,
+# DiTPipeline's for a DiT; the package's own class-conditional models take ``guidance.DEFAULT_GUIDANCE_SCALE``.
+DIFFUSERS_GUIDANCE_SCALES = {"text": 7.5, "dit": 4.0}
 
 
 def is_prompt(prompt) -> bool:
@@ -41,7 +46,7 @@ EXAMPLE_DOC_STRING = """
         ...                    down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
         ...                    layers_per_block=1, norm_num_groups=8, num_class_embeds=4)  # 3 classes and ∅
         >>> pipe = ClassifierFreeGuidancePipeline(unet, HVAEScheduler())
-        >>> images = pipe(class_labels=[0, 2], guidance_scale=3.0, num_inference_steps=10).images
+        >>> images = pipe(class_labels=[0, 2], guidance_scale=2.0, num_inference_steps=10).images
         ```
 """
 
@@ -152,6 +157,16 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline, StableDiffusionMixin)
     @property
     def is_text_conditional(self) -> bool:
         return self.denoiser is not None and getattr(self.denoiser.config, "cross_attention_dim", None) is not None
+
+    def default_guidance_scale(self, text: bool) -> float:
+        """w when the call gives none: Diffusers' for the denoisers of its pipelines (7.5 for text as
+        ``StableDiffusionPipeline``, 4.0 for a DiT transformer as ``DiTPipeline``), else the package's one default
+        for its own class-conditional models, ``guidance.DEFAULT_GUIDANCE_SCALE`` (2.0)."""
+        if text:
+            return DIFFUSERS_GUIDANCE_SCALES["text"]
+        if self.unet is None:
+            return DIFFUSERS_GUIDANCE_SCALES["dit"]
+        return DEFAULT_GUIDANCE_SCALE
 
     @property
     def guidance_scale(self) -> float:
@@ -356,8 +371,10 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline, StableDiffusionMixin)
             timesteps, sigmas (`list`, *optional*): a custom schedule, for schedulers whose ``set_timesteps`` takes
                 one (Diffusers' ``retrieve_timesteps``).
             guidance_scale (`float`, *optional*): w ≥ 0: 1 is the conditional model, 0 the unconditional one, > 1
-                sharpens. By default ``DEFAULT_GUIDANCE_SCALE[...]``: 7.5 for text (``StableDiffusionPipeline``'s),
-                4.0 for class labels (``DiTPipeline``'s, also for this package's class-conditional UNets).
+                sharpens. By default Diffusers' for the components of its pipelines, 7.5 for text
+                (``StableDiffusionPipeline``'s) and 4.0 for a DiT (``DiTPipeline``'s), and the package's
+                ``guidance.DEFAULT_GUIDANCE_SCALE`` (2.0) for its own class-conditional models
+                (``default_guidance_scale``).
             negative_prompt (`str` or `list[str]`, *optional*): what ∅ means for text (default the empty prompt), one
                 or one per prompt.
             num_images_per_prompt (`int`): samples per prompt or class label.
@@ -401,7 +418,7 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline, StableDiffusionMixin)
         if class_labels is not None and (negative_prompt is not None or negative_prompt_embeds is not None):
             raise ValueError("negative_prompt and negative_prompt_embeds are for prompts, not class_labels")
         if guidance_scale is None:
-            guidance_scale = DEFAULT_GUIDANCE_SCALE["text" if text else "class_labels"]
+            guidance_scale = self.default_guidance_scale(text)
         check_guidance_scale(guidance_scale, "guidance_scale")
         if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, (int, float)):
             raise ValueError(f"guidance_rescale must be a number in [0, 1], got {guidance_rescale!r}")
