@@ -9,11 +9,16 @@ from diffusers.utils import replace_example_docstring
 
 from ..guidance import (
     DEFAULT_GUIDANCE_SCALE,
+    adaptive_projected_guidance,
+    cfg_plus_plus_scale,
+    cfg_zero_star_guidance,
+    check_guidance_interval,
     check_guidance_scale,
     classifier_free_guidance,
+    in_guidance_interval,
     rescale_guided_prediction,
 )
-from ..parameterization import split_learned_variance
+from ..parameterization import convert_prediction, split_learned_variance
 from . import sampling
 from .sampling import HVAESamplingPipeline, check_batch_size, exclusive_call, labels_tensor
 
@@ -22,6 +27,16 @@ from .sampling import HVAESamplingPipeline, check_batch_size, exclusive_call, la
 # whichever of the two was faster when timed once for this pipeline, device, dtype and shape (opt-in: a timed
 # choice may differ between runs, and the two agree only up to float rounding).
 GUIDANCE_BATCHING = ("batched", "separate", "auto")
+
+# How a guided step combines ε(x_t, ∅) and ε(x_t, y) (hvae_diffusion.guidance), with the settings each takes in
+# ``guidance_kwargs``: plain classifier-free guidance, CFG++ (w = λ in [0, 1]), adaptive projected guidance and
+# CFG-Zero*.
+GUIDANCE_METHODS = {
+    "cfg": (),
+    "cfg++": (),
+    "apg": ("eta", "norm_threshold", "momentum"),
+    "cfg-zero*": ("zero_init_steps",),
+}
 
 # The default guidance weight w for the components of Diffusers' pipelines: StableDiffusionPipeline's for text,
 # DiTPipeline's for a DiT; the package's own class-conditional models take ``guidance.DEFAULT_GUIDANCE_SCALE``.
@@ -179,8 +194,78 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline, StableDiffusionMixin)
 
     @property
     def do_classifier_free_guidance(self) -> bool:
-        """Whether a step combines two predictions: w = 0 and w = 1 need only the unconditional or conditional one."""
+        """Whether a step combines two predictions: w = 0 and w = 1 need only the unconditional or conditional one
+        (for CFG++, whose λ = 1 is not the conditional model, only λ = 0 needs one)."""
+        if getattr(self, "_guidance_method", "cfg") == "cfg++":
+            return self._guidance_scale != 0
         return self._guidance_scale not in (0, 1)
+
+    def cfg_plus_plus_eta(self, eta: float) -> float:
+        """η of the DDIM form the scheduler steps: its own ``eta`` for DDIM, 1 for the ancestral step of
+        ``HVAEScheduler`` and ``DDPMScheduler`` (the posterior mean is DDIM's η = 1 mean); CFG++'s equivalent weight
+        (``guidance.cfg_plus_plus_scale``) depends on it."""
+        from diffusers import DDIMScheduler, DDPMScheduler
+
+        from ..scheduling_hvae import HVAEScheduler
+
+        if isinstance(self.scheduler, DDIMScheduler):
+            return eta
+        if isinstance(self.scheduler, (HVAEScheduler, DDPMScheduler)):
+            return 1.0
+        raise ValueError(
+            f"guidance_method='cfg++' needs a scheduler that steps DDIM's form (HVAEScheduler, DDPMScheduler, "
+            f"DDIMScheduler), got {type(self.scheduler).__name__}"
+        )
+
+    def guided_prediction(self, method, kwargs, unconditional, conditional, model_input, step_index, alphas_cumprod):
+        """(prediction, its type) of a guided step by ``method`` (``GUIDANCE_METHODS``), from the two predictions in
+        the model's parameterization; ``kwargs`` holds the method's settings and, for APG, its running average."""
+        prediction_type = self.model_prediction_type
+        if method == "cfg":
+            return classifier_free_guidance(unconditional, conditional, self.guidance_scale), prediction_type
+        alphas_cumprod_t = alphas_cumprod[step_index]
+        if method == "cfg++":
+            prev_alphas_cumprod = alphas_cumprod[step_index + 1] if step_index + 1 < len(alphas_cumprod) else 1.0
+            weight = cfg_plus_plus_scale(self.guidance_scale, alphas_cumprod_t, prev_alphas_cumprod, kwargs["eta"])
+            return classifier_free_guidance(unconditional, conditional, weight), prediction_type
+        # APG works on x̂_0 as its paper does, CFG-Zero* on ε (its zero is DDIM's probability flow at rest)
+        to_type = "sample" if method == "apg" else "epsilon"
+        unconditional, conditional = (
+            convert_prediction(p, model_input, alphas_cumprod_t, prediction_type, to_type)
+            for p in (unconditional, conditional)
+        )
+        if method == "apg":
+            guided, kwargs["running_average"] = adaptive_projected_guidance(
+                unconditional,
+                conditional,
+                self.guidance_scale,
+                eta=kwargs.get("eta", 0.0),
+                norm_threshold=kwargs.get("norm_threshold", 0.0),
+                momentum=kwargs.get("momentum", 0.0),
+                running_average=kwargs.get("running_average"),
+            )
+            return guided, to_type
+        zero_init_steps = kwargs.get("zero_init_steps", 0)
+        return cfg_zero_star_guidance(
+            unconditional, conditional, self.guidance_scale, step_index, zero_init_steps
+        ), to_type
+
+    def guider_prediction(self, guider, step_index, num_steps, timestep, model_input, name, conditions):
+        """(prediction, variance) of a Diffusers guider, called as Diffusers' modular denoise step calls it:
+        ``set_state``, ``prepare_inputs`` of (y, ∅), one denoiser forward per batch it returns, ``guider(batches)``."""
+        unconditional, conditional = conditions.chunk(2)
+        guider.set_state(step=step_index, num_inference_steps=num_steps, timestep=timestep)
+        batches = guider.prepare_inputs({name: (conditional, unconditional)})
+        variance = None
+        for batch in batches:
+            guider.prepare_models(self.denoiser)
+            output = self.run_denoiser(model_input, timestep, **{name: getattr(batch, name)})
+            batch.noise_pred, batch_variance = split_learned_variance(output, model_input)
+            # a learned variance is the conditional model's, as in Diffusers' DiTPipeline
+            if variance is None or getattr(batch, guider._identifier_key) == "pred_cond":
+                variance = batch_variance
+            guider.cleanup_models(self.denoiser)
+        return guider(batches).pred, variance
 
     # ------------------------------------------------------------------ conditions
 
@@ -355,6 +440,10 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline, StableDiffusionMixin)
         class_labels: int | list[int] | torch.Tensor | None = None,
         batch_size: int | None = None,
         guidance_batching: str = "batched",
+        guidance_interval: tuple[float, float] | None = None,
+        guidance_method: str = "cfg",
+        guidance_kwargs: dict | None = None,
+        guider=None,
     ):
         """Draw ``num_images_per_prompt`` samples per prompt or class label with guidance weight w =
         ``guidance_scale``. The arguments are ``StableDiffusionPipeline``'s, then ``class_labels``
@@ -395,6 +484,20 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline, StableDiffusionMixin)
                 batch a step), "separate" (two forwards: half the activation memory) or "auto" (the faster of the
                 two, timed once per pipeline, device, dtype and shape: opt-in, as a timed choice may differ between
                 runs); the samples agree up to float rounding.
+            guidance_interval (`tuple[float, float]`, *optional*): (t_lo, t_hi): guide only the steps with
+                t_lo < t ≤ t_hi (Kynkäänniemi et al. 2024, ``guidance.in_guidance_interval``); the other steps run the
+                conditional model alone, one forward (w = 1, as the paper does). ``None`` guides every step.
+            guidance_method (`str`): how a guided step combines the two predictions: "cfg" (the default),
+                "cfg++" (Chung et al. 2024; ``guidance_scale`` is λ in [0, 1], run as the CFG weight that gives the
+                same DDIM step, ``guidance.cfg_plus_plus_scale``; exact without clipping), "apg" (Sadat et al. 2024,
+                on x̂_0) or "cfg-zero*" (Fan et al. 2025, on ε).
+            guidance_kwargs (`dict`, *optional*): the method's settings: for "apg" ``eta`` (default 0),
+                ``norm_threshold`` (r, default 0: no rescaling) and ``momentum`` (β, default 0); for "cfg-zero*"
+                ``zero_init_steps`` (default 0).
+            guider (`diffusers.guiders.BaseGuidance`, *optional*): a Diffusers guider (``ClassifierFreeGuidance``,
+                ``AdaptiveProjectedGuidance``, ``ClassifierFreeZeroStarGuidance``, ...) that combines the
+                predictions instead, called as Diffusers' modular denoise step calls it, with its own scale and
+                start/stop; ``guidance_scale``, ``guidance_interval`` and ``guidance_method`` are then not used.
 
         Examples:
 
@@ -426,6 +529,28 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline, StableDiffusionMixin)
             raise ValueError(f"guidance_rescale must be a number in [0, 1], got {guidance_rescale!r}")
         if guidance_batching not in GUIDANCE_BATCHING:
             raise ValueError(f"guidance_batching must be one of {GUIDANCE_BATCHING}, got {guidance_batching!r}")
+        check_guidance_interval(guidance_interval, "guidance_interval")
+        if guidance_method not in GUIDANCE_METHODS:
+            raise ValueError(f"guidance_method must be one of {tuple(GUIDANCE_METHODS)}, got {guidance_method!r}")
+        method_kwargs = dict(guidance_kwargs or {})
+        unknown = set(method_kwargs) - set(GUIDANCE_METHODS[guidance_method])
+        if unknown:
+            raise ValueError(
+                f"guidance_kwargs {sorted(unknown)} are not settings of guidance_method={guidance_method!r} "
+                f"(it takes {GUIDANCE_METHODS[guidance_method] or 'none'})"
+            )
+        if guidance_method == "cfg++" and guidance_scale > 1:
+            raise ValueError(f"guidance_method='cfg++' takes guidance_scale = λ in [0, 1], got {guidance_scale}")
+        if guider is not None:
+            from diffusers.guiders import BaseGuidance
+
+            if not isinstance(guider, BaseGuidance):
+                raise TypeError(f"guider must be a diffusers.guiders.BaseGuidance, got {type(guider).__name__}")
+            if guidance_interval is not None or guidance_method != "cfg":
+                raise ValueError(
+                    "guider combines the predictions itself: give its start/stop to the guider, and leave "
+                    "guidance_interval and guidance_method unset"
+                )
         if batch_size is not None:
             check_batch_size(batch_size)
         check_batch_size(num_images_per_prompt, "num_images_per_prompt")
@@ -446,8 +571,11 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline, StableDiffusionMixin)
         output_type = output_type or self.default_output_type
         self._guidance_scale = guidance_scale
         self._guidance_rescale = guidance_rescale
+        self._guidance_method = guidance_method
         self._interrupt = False
         device = self._execution_device
+        if guidance_method == "cfg++":
+            method_kwargs["eta"] = self.cfg_plus_plus_eta(eta)
 
         # 2. encode the conditions: ∅ then y while guiding, else the one half a step needs
         if class_labels is not None:
@@ -460,7 +588,7 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline, StableDiffusionMixin)
                 prompt_embeds,
                 negative_prompt_embeds,
                 num_images_per_prompt,
-                do_classifier_free_guidance=guidance_scale != 1,
+                do_classifier_free_guidance=guidance_scale != 1 or guider is not None,
             )
         shape = self.check_inputs(
             len(conditional),
@@ -473,7 +601,7 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline, StableDiffusionMixin)
             height=height,
             width=width,
         )
-        if self.do_classifier_free_guidance:
+        if self.do_classifier_free_guidance or guider is not None:
             conditions = torch.cat([unconditional, conditional])
         else:
             conditions = conditional if guidance_scale == 1 else unconditional
@@ -494,25 +622,45 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline, StableDiffusionMixin)
                 if self.interrupt:
                     continue
                 model_input = self.scheduler.scale_model_input(latents, t)
-                if self.do_classifier_free_guidance:
+                prediction_type = self.model_prediction_type
+                if guider is not None:
+                    prediction, variance = self.guider_prediction(
+                        guider, i, len(timesteps), t, model_input, name, conditions
+                    )
+                elif self.do_classifier_free_guidance and in_guidance_interval(t, guidance_interval):
                     unconditional_output, conditional_output = self.unconditional_and_conditional(
                         model_input, t, name, conditions, guidance_batching, **denoiser_kwargs
                     )
                     unconditional_prediction, _ = split_learned_variance(unconditional_output, model_input)
                     conditional_prediction, variance = split_learned_variance(conditional_output, model_input)
-                    prediction = classifier_free_guidance(
-                        unconditional_prediction, conditional_prediction, self.guidance_scale
+                    prediction, prediction_type = self.guided_prediction(
+                        guidance_method,
+                        method_kwargs,
+                        unconditional_prediction,
+                        conditional_prediction,
+                        model_input,
+                        i,
+                        alphas_cumprod,
                     )
                     if self.guidance_rescale > 0:
+                        conditional_prediction = convert_prediction(
+                            conditional_prediction,
+                            model_input,
+                            alphas_cumprod[i],
+                            self.model_prediction_type,
+                            prediction_type,
+                        )
                         prediction = rescale_guided_prediction(
                             prediction, conditional_prediction, self.guidance_rescale
                         )
                 else:
-                    output = self.run_denoiser(model_input, t, **{name: conditions}, **denoiser_kwargs)
+                    # outside the interval: the conditional model alone (the y half of the conditions)
+                    step_conditions = conditions.chunk(2)[1] if self.do_classifier_free_guidance else conditions
+                    output = self.run_denoiser(model_input, t, **{name: step_conditions}, **denoiser_kwargs)
                     prediction, variance = split_learned_variance(output, model_input)
                 latents, original_sample = self.scheduler_step(
                     prediction,
-                    self.model_prediction_type,
+                    prediction_type,
                     variance,
                     model_input,
                     latents,

@@ -6,10 +6,12 @@ from diffusers.utils import replace_example_docstring
 from ..guidance import (
     DEFAULT_GUIDANCE_SCALE,
     GUIDANCE_FORMS,
+    check_guidance_interval,
     check_guidance_scale,
     classifier_guided_score,
     classifier_log_prob_gradient,
     denoised_classifier_log_prob_gradient,
+    in_guidance_interval,
     mean_guided_original_sample,
 )
 from ..parameterization import convert_prediction, split_learned_variance
@@ -154,6 +156,7 @@ class ClassifierGuidedPipeline(HVAESamplingPipeline):
         batch_size: int | None = None,
         guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
         guidance_form: str = "score",
+        guidance_interval: tuple[float, float] | None = None,
         num_inference_steps: int = 1000,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
@@ -173,6 +176,9 @@ class ClassifierGuidedPipeline(HVAESamplingPipeline):
                 package's ``guidance.DEFAULT_GUIDANCE_SCALE``, 2.0, which sharpens p(y | x) as learned models need).
             guidance_form (`str`): "score" (the default: ε̃ = ε − √(1 − ᾱ_t) γ ∇log p(y | x_t)) or "mean"
                 (guided-diffusion's μ + γ Σ ∇log p(y | x_t)); see docs/theory.md.
+            guidance_interval (`tuple[float, float]`, *optional*): (t_lo, t_hi): guide only the steps with
+                t_lo < t ≤ t_hi (Kynkäänniemi et al. 2024, ``guidance.in_guidance_interval``); the other steps make no
+                classifier pass and step the unguided prediction. ``None`` guides every step.
             num_inference_steps, generator, latents, eta, output_type, return_dict, callback_on_step_end,
             callback_on_step_end_tensor_inputs: as for ``HVAEPipeline``.
 
@@ -185,6 +191,7 @@ class ClassifierGuidedPipeline(HVAESamplingPipeline):
         check_guidance_scale(guidance_scale, "guidance_scale")
         if guidance_form not in GUIDANCE_FORMS:
             raise ValueError(f"guidance_form must be one of {GUIDANCE_FORMS}, got {guidance_form!r}")
+        check_guidance_interval(guidance_interval, "guidance_interval")
         device = self._execution_device
         labels = labels_tensor(class_labels, batch_size, self.num_classes, device)
         output_type = output_type or self.default_output_type
@@ -213,7 +220,8 @@ class ClassifierGuidedPipeline(HVAESamplingPipeline):
                 if self.interrupt:
                     continue
                 model_input = self.scheduler.scale_model_input(latents, t)
-                if self.guidance_scale > 0 and self.config.classifier_input == "denoised":
+                guided = self.guidance_scale > 0 and in_guidance_interval(t, guidance_interval)
+                if guided and self.config.classifier_input == "denoised":
                     gradient, prediction, variance = self.denoised_gradient(
                         model_input, t, alphas_cumprod[i], labels, denoiser_kwargs
                     )
@@ -225,7 +233,7 @@ class ClassifierGuidedPipeline(HVAESamplingPipeline):
                         prediction, self.model_prediction_type, model_input, alphas_cumprod[i]
                     )
                     gradient = None
-                    if self.guidance_scale > 0:
+                    if guided:
                         gradient = classifier_log_prob_gradient(
                             self.classifier, model_input, t, labels, self.num_classes
                         )
