@@ -55,6 +55,7 @@ from ..training.evaluation import (
     elbo_report,
     feature_frechet_distance,
     image_grid,
+    images_label,
     load_or_train_feature_classifier,
     noisy_classifier_calibration,
     plot_denoising_terms,
@@ -74,7 +75,7 @@ from ..training.sampling import load_sampling_pipeline, sample
 
 def parse_args(argv=None):
     parser = program_parser("hvae-evaluate", __doc__)
-    add_data_arguments(parser)
+    add_data_arguments(parser, augmentation=False)
     parser.add_argument("--pipeline_dir", required=True, help="the trained denoiser pipeline")
     parser.add_argument("--classifier_dir", default=None, help="noisy classifier, for the classifier-guidance sweep")
     parser.add_argument(
@@ -404,13 +405,6 @@ def main(argv=None):
     summary["bits_per_dim_summary"] = elbo["summary"]
     print(json.dumps(summary, indent=1))
     return report
-
-
-def images_label(num_used, num_test):
-    """Which images a bits/dim was computed on, for the reports that print it."""
-    if num_used == num_test:
-        return f"all {num_test} images of the test split"
-    return f"the first {num_used} of the {num_test} images of the test split"
 
 
 def quality_of(feature_classifier, inception, samples, reference, seed):

@@ -33,7 +33,7 @@ from ..training.cli import (
     warn_if_single_threaded,
 )
 from ..training.components import classifier_guided_pipeline, default_classifier_config
-from ..training.data import stack_dataset
+from ..training.data import RandomFlip, stack_dataset
 from ..training.hub import render_model_card
 from ..training.latents import (
     LatentDataset,
@@ -160,6 +160,12 @@ def run(args):
             check_latent_setting(vae, args.resolution)
         train_dataset, test_dataset, num_classes, resolution, channels = load_training_data(args, need_labels=True)
         loss_fn = NoisyClassifierLoss(scheduler)
+        if args.random_flip:
+            if vae is not None:
+                raise ValueError(
+                    "--random_flip flips images, and a latent classifier trains on latents encoded once: drop it"
+                )
+            loss_fn = RandomFlip(loss_fn)
         test_samples, test_labels = stack_dataset(test_dataset)
         if vae is not None:
             check_latent_setting(vae, resolution, channels=channels)
