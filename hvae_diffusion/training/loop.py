@@ -581,7 +581,7 @@ def _train(
     ema_model = None
     parameter_names = [name for name, _ in model.named_parameters()]
     if config.use_ema:
-        if is_sharded(accelerator) and accelerator.distributed_type.name == "FSDP":
+        if accelerator.distributed_type.name == "FSDP":
             raise ValueError("--use_ema with FSDP: its parameters are flat shards that EMAModel cannot follow; "
                              "use DeepSpeed ZeRO (whose parameters EMAModel gathers) or DDP")  # fmt: skip
         ema_model = EMAModel(
@@ -593,6 +593,11 @@ def _train(
             model_cls=type(model),
             model_config=model.config,
         )
+    if accelerator.distributed_type.name == "DEEPSPEED":
+        # DeepSpeed reads the batch size from a prepared DataLoader, and the loop's sampler is its own
+        deepspeed_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        if deepspeed_config.get("train_micro_batch_size_per_gpu") in (None, "auto"):
+            deepspeed_config["train_micro_batch_size_per_gpu"] = config.train_batch_size
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     if ema_model is not None:
         ema_model.to(accelerator.device)
