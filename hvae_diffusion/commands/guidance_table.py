@@ -20,6 +20,7 @@ from ..training.cli import (
     add_num_threads_argument,
     add_overwrite_argument,
     apply_num_threads,
+    check_number,
     check_output_dir,
     checked_before_work,
     load_training_data,
@@ -45,6 +46,16 @@ def parse_args(argv=None):
     parser.add_argument("--output_dir", required=True)
     add_overwrite_argument(parser)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    for name, key in (("cfg", "cfg"), ("cfg_plus_plus", "cfg++"), ("classifier", "classifier")):
+        parser.add_argument(
+            f"--{name}_scales",
+            type=float,
+            nargs="+",
+            default=list(DEFAULT_SCALES[key]),
+            help=f"the scales of the {key} method(s)"
+            if key != "cfg"
+            else "the w of cfg, cfg-interval, apg, cfg-zero*",
+        )
     parser.add_argument("--num_samples_per_class", type=int, default=50)
     parser.add_argument("--num_inference_steps", type=int, default=100)
     parser.add_argument(
@@ -71,18 +82,23 @@ def check_arguments(args):
     low, high = args.interval_sigmas
     if not 0 <= low < high < float("inf"):
         raise ValueError(f"--interval_sigmas needs 0 <= SIGMA_LO < SIGMA_HI (finite), got {low} {high}")
+    for flag in ("cfg_scales", "cfg_plus_plus_scales", "classifier_scales"):
+        for scale in getattr(args, flag):
+            check_number(f"--{flag}", scale, minimum=0, maximum=1 if flag == "cfg_plus_plus_scales" else None)
     if any(method.startswith("classifier") for method in args.methods) and args.classifier_dir is None:
         raise ValueError("--methods classifier and classifier-interval need --classifier_dir")
 
 
-def table_settings(methods, cfg_pipe, guided_pipe, interval):
-    """The cells: ``{"method", "guidance_scale", "pipeline", "kwargs"}`` for each method and its three scales."""
+def table_settings(methods, cfg_pipe, guided_pipe, interval, scales=None):
+    """The cells: ``{"method", "guidance_scale", "pipeline", "kwargs"}`` for each method and its scales
+    (``scales``: "cfg", "cfg++" and "classifier" to their scales, default ``DEFAULT_SCALES``)."""
+    scales_of = {**DEFAULT_SCALES, **(scales or {})}
     settings = []
     for method in methods:
         if method.startswith("classifier"):
-            pipeline, scales = guided_pipe, DEFAULT_SCALES["classifier"]
+            pipeline, scales = guided_pipe, scales_of["classifier"]
         else:
-            pipeline, scales = cfg_pipe, DEFAULT_SCALES["cfg++" if method == "cfg++" else "cfg"]
+            pipeline, scales = cfg_pipe, scales_of["cfg++" if method == "cfg++" else "cfg"]
         kwargs = {}
         if method.endswith("interval"):
             kwargs["guidance_interval"] = interval
@@ -150,7 +166,8 @@ def main(argv=None):
             json.dump(report, handle, indent=2)
         os.replace(path + ".tmp", path)
 
-    settings = table_settings(args.methods, cfg_pipe, guided_pipe, interval)
+    scales = {"cfg": args.cfg_scales, "cfg++": args.cfg_plus_plus_scales, "classifier": args.classifier_scales}
+    settings = table_settings(args.methods, cfg_pipe, guided_pipe, interval, scales)
     rows = guidance_table(
         settings,
         judge,
