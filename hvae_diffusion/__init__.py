@@ -35,6 +35,6 @@ from .parameterization import (
     velocity_from_epsilon,
 )
 from .pipelines import ClassifierFreeGuidancePipeline, ClassifierGuidedPipeline, HVAEPipeline
-from .scheduling_hvae import HVAEScheduler, HVAESchedulerOutput
+from .scheduling_hvae import HVAEScheduler
 
 __version__ = "0.1.0"

@@ -15,6 +15,7 @@ import torch
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 
 
+# Adapted from diffusers.schedulers.scheduling_ddpm.betas_for_alpha_bar (alpha_transform_type="cosine"), in float64
 def cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:
     """Betas of the improved-DDPM cosine schedule ("squaredcos_cap_v2").
 
@@ -31,6 +32,7 @@ def cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> torch.Ten
     return torch.tensor(betas, dtype=torch.float64)
 
 
+# Adapted from diffusers.schedulers.scheduling_ddpm.DDPMScheduler.__init__ (its beta_schedule branches), in float64
 def make_betas(
     beta_schedule: str = "linear",
     num_train_timesteps: int = 1000,
@@ -60,6 +62,7 @@ def make_betas(
     )
 
 
+# Adapted from diffusers.schedulers.scheduling_ddim.rescale_zero_terminal_snr, in float64
 def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     """Rescale betas so that SNR(T) = 0 (Lin et al. 2023, Algorithm 1).
 
@@ -72,6 +75,24 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     alphas_cumprod = sqrt_alphas_cumprod**2
     alphas = torch.cat([alphas_cumprod[:1], alphas_cumprod[1:] / alphas_cumprod[:-1]])
     return 1 - alphas
+
+
+def clamp_zero_terminal_alphas_cumprod(alphas_cumprod: torch.Tensor, floor: float = 2**-24) -> torch.Tensor:
+    """ᾱ with a last value of 0 (zero terminal SNR) raised to a positive one that keeps ᾱ strictly decreasing.
+
+    x̂_0 from ε or a score is undefined at ᾱ_T = 0, so the last value becomes
+    ᾱ_T = min(``floor``, ᾱ_{T−1}² / ᾱ_{T−2}) (ᾱ_{T−2} = 1 when there is no such step): at most Diffusers' 2⁻²⁴ (its
+    Euler scheduler's), and never above the value before it, where a fixed 2⁻²⁴ would make ᾱ rise again (the
+    rescaled linear schedule at T = 1000 has ᾱ_{T−1} ≈ 4e-9) and the last step's posterior variance negative.
+    The geometric continuation of the last step keeps log-SNR smooth there. Other tables are returned unchanged.
+    """
+    alphas_cumprod = alphas_cumprod.clone()
+    if alphas_cumprod[-1] != 0:
+        return alphas_cumprod
+    before = alphas_cumprod[-2] if len(alphas_cumprod) > 1 else alphas_cumprod.new_tensor(1.0)
+    earlier = alphas_cumprod[-3] if len(alphas_cumprod) > 2 else alphas_cumprod.new_tensor(1.0)
+    alphas_cumprod[-1] = torch.minimum(before**2 / earlier, alphas_cumprod.new_tensor(floor))
+    return alphas_cumprod
 
 
 def alphas_cumprod_from_betas(betas: torch.Tensor) -> torch.Tensor:

@@ -183,6 +183,7 @@ def classifier_free_guidance(unconditional_output, conditional_output, guidance_
     return unconditional_output + guidance_scale * (conditional_output - unconditional_output)
 
 
+# Adapted from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion.rescale_noise_cfg
 def rescale_guided_prediction(guided: torch.Tensor, conditional: torch.Tensor, guidance_rescale: float):
     """Lin et al. 2023 ("Common diffusion noise schedules and sample steps are flawed", section 3.4), as Diffusers'
     ``rescale_noise_cfg``: x̃ = φ x̂ σ_cond / σ_guided + (1 − φ) x̂, with σ the per-sample standard deviation over all

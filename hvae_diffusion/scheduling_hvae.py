@@ -4,23 +4,23 @@ It is Diffusers' ``DDPMScheduler``, whose ``step`` already is the HVAE's p_θ(x_
 between the kept latents of a respaced chain), plus what the HVAE view adds: the "score" parameterization, float64
 schedule tables, each step's coefficients precomputed once per chain, a check for non-finite input, and the HVAE
 quantities (q(x_t | x_0), the posterior q(x_{t'} | x_t, x_0), p_θ(x_{t'} | x_t) and the loss weights) that ``elbo``
-and the training code read. The timestep spacings, dynamic thresholding, ``scale_model_input`` and ``__len__`` are
-DDPMScheduler's own, inherited.
+and the training code read. Its constructor runs DDPMScheduler's, then puts float64 tables in place of the float32
+ones, so every method it inherits (the timestep spacings, ``_get_variance``, dynamic thresholding,
+``scale_model_input``, ``__len__``, saving and loading) is DDPMScheduler's own and gives DDPMScheduler's results.
 """
 
 import math
 import numbers
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from diffusers import DDPMScheduler
 from diffusers.configuration_utils import register_to_config
+from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
 
 # Diffusers' pipeline loader imports a component's module and looks up the loadable base classes there by name, so
 # SchedulerMixin must be importable from this module for saved pipelines to load.
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin  # noqa: F401
-from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from . import elbo
@@ -28,6 +28,7 @@ from .forward_process import (
     BETA_SCHEDULES,
     alphas_cumprod_from_betas,
     broadcast_to,
+    clamp_zero_terminal_alphas_cumprod,
     learned_range_log_variance,
     make_betas,
     posterior_mean_coefficients,
@@ -48,21 +49,6 @@ from .parameterization import (
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
 LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
-
-
-@dataclass
-class HVAESchedulerOutput(BaseOutput):
-    """Output of ``HVAEScheduler.step``.
-
-    Args:
-        prev_sample (`torch.Tensor` of shape `(batch_size, num_channels, height, width)`):
-            x_{t−1} ~ p_θ(x_{t−1} | x_t), the next latent of the reverse chain (the data estimate at the last step).
-        pred_original_sample (`torch.Tensor` of the same shape):
-            x̂_0, the model's estimate of the clean sample (after clipping or thresholding).
-    """
-
-    prev_sample: torch.Tensor
-    pred_original_sample: torch.Tensor | None = None
 
 
 def _check_choice(name, value, allowed):
@@ -181,21 +167,31 @@ class HVAEScheduler(DDPMScheduler):
         if rescale_betas_zero_snr:
             betas = rescale_zero_terminal_snr(betas)
 
-        # DDPMScheduler's attributes with float64 tables; its __init__ would build float32 ones, so it is not called.
+        # DDPMScheduler's constructor sets every attribute its methods read; its float32 tables are then replaced by
+        # float64 ones of the same schedule.
+        super().__init__(
+            num_train_timesteps=num_train_timesteps,
+            beta_start=beta_start,
+            beta_end=beta_end,
+            beta_schedule=beta_schedule,
+            trained_betas=trained_betas,
+            variance_type=variance_type,
+            clip_sample=clip_sample,
+            prediction_type=prediction_type,
+            thresholding=thresholding,
+            dynamic_thresholding_ratio=dynamic_thresholding_ratio,
+            clip_sample_range=clip_sample_range,
+            sample_max_value=sample_max_value,
+            timestep_spacing=timestep_spacing,
+            steps_offset=steps_offset,
+            rescale_betas_zero_snr=rescale_betas_zero_snr,
+        )
         self.betas = betas
         self.alphas = 1.0 - betas
-        self.alphas_cumprod = alphas_cumprod_from_betas(betas)
-        if self.alphas_cumprod[-1] == 0:
-            # ᾱ_T = 0 (zero terminal SNR, or a β_T = 1 given explicitly) makes x̂_0 from ε or a score undefined at
-            # the first step; like Diffusers' Euler scheduler we keep it a hair above 0 so every parameterization
-            # stays usable.
-            self.alphas_cumprod[-1] = 2**-24
-        self.init_noise_sigma = 1.0
-        self.custom_timesteps = False
-        self.num_inference_steps = None
-        self.variance_type = variance_type
+        # ᾱ_T = 0 (zero terminal SNR, or a β_T = 1 given explicitly) makes x̂_0 from ε or a score undefined at the
+        # first step; like Diffusers' Euler scheduler it is kept a hair above 0, and below ᾱ_{T−1} so the ELBO holds.
+        self.alphas_cumprod = clamp_zero_terminal_alphas_cumprod(alphas_cumprod_from_betas(betas))
         self._begin_index = None
-        self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1)
         self._set_chain(self.timesteps)
 
     @classmethod
@@ -305,14 +301,20 @@ class HVAEScheduler(DDPMScheduler):
     # Diffusers' step-index convention (as in EulerDiscreteScheduler): a counter set by the first ``step`` (or by
     # ``set_begin_index``) and advanced by each step, so a timestep on an accelerator is never read back to the host.
 
+    # Copied from diffusers.schedulers.scheduling_dpmsolver_multistep.DPMSolverMultistepScheduler.step_index
     @property
-    def step_index(self) -> int | None:
-        """The chain position of the next ``step``; ``None`` before the first step of a chain."""
+    def step_index(self):
+        """
+        The index counter for current timestep. It will increase 1 after each scheduler step.
+        """
         return self._step_index
 
+    # Copied from diffusers.schedulers.scheduling_dpmsolver_multistep.DPMSolverMultistepScheduler.begin_index
     @property
-    def begin_index(self) -> int | None:
-        """The chain position of the first step, when a pipeline set it with ``set_begin_index``."""
+    def begin_index(self):
+        """
+        The index for the first timestep. It should be set from pipeline with `set_begin_index` method.
+        """
         return self._begin_index
 
     # Copied from diffusers.schedulers.scheduling_dpmsolver_multistep.DPMSolverMultistepScheduler.set_begin_index
@@ -399,7 +401,7 @@ class HVAEScheduler(DDPMScheduler):
         sample: torch.Tensor,
         generator: torch.Generator | list[torch.Generator] | None = None,
         return_dict: bool = True,
-    ) -> HVAESchedulerOutput | tuple:
+    ) -> DDPMSchedulerOutput | tuple:
         """Draw x_{t'} ~ p_θ(x_{t'} | x_t), t' the previous timestep of the chain.
 
         x̂_0 is the model output converted from ``prediction_type`` (then clipped or thresholded), the mean is
@@ -466,7 +468,7 @@ class HVAEScheduler(DDPMScheduler):
 
         if not return_dict:
             return (prev_sample, predicted_x0)
-        return HVAESchedulerOutput(prev_sample=prev_sample, pred_original_sample=predicted_x0)
+        return DDPMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=predicted_x0)
 
     # ------------------------------------------------------------------ forward process and HVAE quantities
 

@@ -9,7 +9,15 @@ import textwrap
 
 import pytest
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline
+from diffusers import (
+    DDIMScheduler,
+    DDPMPipeline,
+    DDPMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+)
 from test_pipelines import quiet, seeded, tiny_classifier, tiny_text_components, tiny_unet
 
 from hvae_diffusion import ClassifierFreeGuidancePipeline, ClassifierGuidedPipeline, HVAEPipeline, HVAEScheduler
@@ -207,3 +215,96 @@ def test_loader_hook_that_cannot_be_installed_names_the_cause(monkeypatch, versi
         monkeypatch.setattr(pipeline_loading_utils, "get_class_from_dynamic_module", loader)
     with pytest.raises(ImportError, match=rf"diffusers {version}: .*{cause}.*install diffusers>=0\.38"):
         register_pipeline_classes(HVAEPipeline)
+
+
+# ---------------------------------------------------------------------- any Diffusers scheduler, score models included
+
+MIXTURE_MEANS = [[-1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]
+SWAPPED_SCHEDULERS = [
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,  # its default algorithm_type is "dpmsolver++"
+    EulerDiscreteScheduler,
+    EulerAncestralDiscreteScheduler,
+]
+
+
+def exact_mixture_denoiser(prediction_type, scheduler):
+    """The exact denoiser of a 2-D Gaussian mixture in ``prediction_type``: its ε and score versions are the same model
+    converted exactly."""
+    from hvae_diffusion.testing import ExactMixtureDenoiser
+
+    table = scheduler.alphas_cumprod.tolist()
+    return ExactMixtureDenoiser(
+        MIXTURE_MEANS, 0.3, alphas_cumprod=table, in_channels=2, prediction_type=prediction_type
+    )
+
+
+@pytest.fixture(scope="module")
+def saved_score_pipeline(tmp_path_factory):
+    """A score model saved as a pipeline with an HVAEScheduler built for it (prediction_type="score")."""
+    folder = tmp_path_factory.mktemp("score")
+    scheduler = HVAEScheduler(num_train_timesteps=100, prediction_type="score")
+    pipeline = quiet(HVAEPipeline(exact_mixture_denoiser("score", scheduler), scheduler))
+    pipeline.save_pretrained(folder)
+    return pipeline, folder
+
+
+def sample_mixture(pipeline, num_inference_steps=10):
+    return pipeline(batch_size=6, num_inference_steps=num_inference_steps, generator=seeded()).images
+
+
+def test_a_score_pipeline_is_saved_with_an_epsilon_scheduler_and_samples_the_same(saved_score_pipeline):
+    from hvae_diffusion.pipelines.serialization import denoiser_scheduler, load_denoiser_scheduler
+
+    pipeline, folder = saved_score_pipeline
+    assert json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "epsilon"
+    assert json.loads((folder / "model_index.json").read_text())["prediction_type"] == "score"
+    assert pipeline.scheduler.config.prediction_type == "score"  # the pipeline in memory is left as it was
+    loaded = quiet(DiffusionPipeline.from_pretrained(folder))
+    assert loaded.config.prediction_type == "score" and loaded.scheduler.config.prediction_type == "epsilon"
+    torch.testing.assert_close(sample_mixture(loaded), sample_mixture(pipeline), rtol=1e-5, atol=1e-5)
+    # what the ELBO and fine-tuning read: the scheduler in the denoiser's own parameterization
+    assert denoiser_scheduler(loaded).config.prediction_type == "score"
+    assert load_denoiser_scheduler(folder).config.prediction_type == "score"
+
+
+@pytest.mark.parametrize("scheduler_class", SWAPPED_SCHEDULERS, ids=lambda cls: cls.__name__)
+def test_one_line_scheduler_swap_on_a_saved_score_pipeline(saved_score_pipeline, scheduler_class):
+    """``pipe.scheduler = AnyScheduler.from_config(pipe.scheduler.config)`` on a saved score model samples what the same
+    scheduler gives the exact ε model (the score model converted by hand)."""
+    _, folder = saved_score_pipeline
+    loaded = quiet(DiffusionPipeline.from_pretrained(folder))
+    loaded.scheduler = scheduler_class.from_config(loaded.scheduler.config)
+    # the ε model of the same mixture, sampled by the same scheduler built from the same (saved) config
+    by_hand = quiet(
+        HVAEPipeline(
+            exact_mixture_denoiser("epsilon", HVAEScheduler(num_train_timesteps=100)),
+            scheduler_class.from_config(loaded.scheduler.config),
+        )
+    )
+    for num_inference_steps in (10, 4):  # two calls in a row with different step counts
+        samples = sample_mixture(loaded, num_inference_steps)
+        assert bool(torch.isfinite(samples).all())
+        torch.testing.assert_close(samples, sample_mixture(by_hand, num_inference_steps), rtol=1e-4, atol=1e-4)
+
+
+def test_an_old_score_pipeline_folder_still_loads_and_samples_the_same(saved_score_pipeline, tmp_path):
+    """Folders saved before score schedulers were saved as ε: scheduler prediction_type="score", none in the pipeline."""
+    import shutil
+
+    pipeline, folder = saved_score_pipeline
+    old = tmp_path / "old"
+    shutil.copytree(folder, old)
+    for path, key, value in (
+        (old / "scheduler" / "scheduler_config.json", "prediction_type", "score"),
+        (old / "model_index.json", "prediction_type", None),
+    ):
+        content = json.loads(path.read_text())
+        content[key] = value
+        path.write_text(json.dumps(content))
+    loaded = quiet(DiffusionPipeline.from_pretrained(old))
+    assert loaded.scheduler.config.prediction_type == "score" and loaded.config.prediction_type is None
+    torch.testing.assert_close(sample_mixture(loaded), sample_mixture(pipeline), rtol=1e-5, atol=1e-5)
+    # saving it again writes the new layout
+    loaded.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "model_index.json").read_text())["prediction_type"] == "score"

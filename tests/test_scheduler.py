@@ -1,5 +1,7 @@
 """HVAEScheduler: side by side with Diffusers' DDPMScheduler, the exact respaced HVAE, compatibility and bad input."""
 
+import inspect
+
 import pytest
 import torch
 from diffusers import (
@@ -8,9 +10,10 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
 )
+from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
 from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr as diffusers_rescale
 
-from hvae_diffusion import HVAEScheduler, HVAESchedulerOutput
+from hvae_diffusion import HVAEScheduler
 from hvae_diffusion.forward_process import signal_to_noise_ratio
 from hvae_diffusion.parameterization import PREDICTION_TYPES, convert_prediction, training_target
 
@@ -79,7 +82,7 @@ SIDE_BY_SIDE_CASES = [
 def test_matches_ddpm_scheduler_from_the_same_seed(config, num_inference_steps):
     steps = run_side_by_side(config, num_inference_steps)
     for index, (t, ours, theirs) in enumerate(steps):
-        assert isinstance(ours, HVAESchedulerOutput)
+        assert isinstance(ours, DDPMSchedulerOutput)
         torch.testing.assert_close(ours.pred_original_sample, theirs.pred_original_sample, rtol=1e-4, atol=1e-4)
         is_last = index == len(steps) - 1
         if is_last and t > 0 and not config.get("variance_type", "fixed_small").startswith("fixed_small"):
@@ -433,3 +436,163 @@ def test_step_index_follows_diffusers_convention():
     assert scheduler.index_for_timestep(scheduler.timesteps[3]) == 3
     with pytest.raises(ValueError, match="not in the schedule"):
         scheduler.index_for_timestep(998)
+
+
+# ---------------------------------------------------------------------- every method HVAEScheduler inherits
+
+BOOKKEEPING = {"_class_name", "_diffusers_version", "_use_default_values"}
+# One config that switches on every branch the inherited methods read (thresholding, a respaced chain).
+INHERITED_CONFIG = dict(num_train_timesteps=50, thresholding=True, sample_max_value=1.5, timestep_spacing="trailing")
+
+
+def inherited_methods(cls=HVAEScheduler) -> set[str]:
+    """The methods and properties ``cls`` takes unchanged from DDPMScheduler and its bases (``object``'s aside)."""
+    names = set()
+    for name in dir(cls):
+        owner = next(base for base in cls.__mro__ if name in base.__dict__)
+        attribute = inspect.getattr_static(cls, name)
+        is_method = inspect.isfunction(attribute) or isinstance(attribute, (staticmethod, classmethod, property))
+        if owner not in (cls, object) and is_method:
+            names.add(name)
+    return names
+
+
+def comparable(value):
+    """``value`` with what names the class (or the run) left out: configs without bookkeeping keys, class names
+    unified, tensors as float64."""
+    if isinstance(value, torch.Tensor):
+        return value.double()
+    if isinstance(value, str):
+        return value.replace("HVAEScheduler", "DDPMScheduler")
+    if isinstance(value, dict):
+        return {key: comparable(item) for key, item in value.items() if key not in BOOKKEEPING}
+    if isinstance(value, (list, tuple)):
+        return type(value)(comparable(item) for item in value)
+    if isinstance(value, type):
+        return value.__name__.replace("HVAEScheduler", "DDPMScheduler")
+    return value
+
+
+def _variances(scheduler):
+    """``_get_variance`` at every timestep of a respaced chain, for every variance type (learned ones with a
+    predicted variance)."""
+    scheduler.set_timesteps(7)
+    predicted = torch.linspace(-0.9, 0.9, 4).reshape(1, 4, 1, 1)
+    variances = []
+    for variance_type in ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned_range"):
+        for t in scheduler.timesteps:
+            variances.append(scheduler._get_variance(t, predicted_variance=predicted, variance_type=variance_type))
+    return torch.stack([v.expand(1, 4, 1, 1).double() for v in variances])
+
+
+def _json_round_trip(scheduler, folder):
+    scheduler.to_json_file(folder / "config.json")
+    return type(scheduler)._dict_from_json_file(folder / "config.json"), scheduler.to_json_string()
+
+
+def _saved_and_loaded(scheduler, folder):
+    scheduler.save_pretrained(folder / "pretrained")
+    scheduler.save_config(folder / "config")
+    config, unused = type(scheduler).load_config(folder / "config", return_unused_kwargs=True)
+    config_dict = type(scheduler).get_config_dict(folder / "config")
+    return type(scheduler).from_pretrained(folder / "pretrained").config, config, unused, config_dict
+
+
+def _registered_for_auto_class(scheduler):
+    # on a subclass, so the class under test keeps no auto_map
+    subclass = type("Registered", (type(scheduler),), {})
+    subclass.register_for_auto_class("AutoModel")
+    return subclass._auto_class
+
+
+def _registered_to_config(scheduler):
+    scheduler.register_to_config(clip_sample=False)
+    return scheduler.config
+
+
+def _config_attribute(scheduler):
+    with pytest.warns(FutureWarning, match="direct config name access|deprecated"):
+        return scheduler.__getattr__("beta_schedule")
+
+
+# name -> what to run on a scheduler of INHERITED_CONFIG (and a fresh folder); both classes must give the same.
+INHERITED_CALLS = {
+    "__len__": lambda s, folder: len(s),
+    "__repr__": lambda s, folder: repr(s),
+    "__getattr__": lambda s, folder: _config_attribute(s),
+    "_dict_from_json_file": _json_round_trip,
+    "to_json_file": _json_round_trip,
+    "to_json_string": _json_round_trip,
+    "_get_compatibles": lambda s, folder: sorted(c.__name__ for c in type(s)._get_compatibles()),
+    "compatibles": lambda s, folder: sorted(c.__name__ for c in s.compatibles),
+    "_get_init_keys": lambda s, folder: type(s)._get_init_keys(type(s)),
+    "_get_variance": lambda s, folder: _variances(s),
+    "_threshold_sample": lambda s, folder: s._threshold_sample(
+        3 * torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    ),
+    "scale_model_input": lambda s, folder: s.scale_model_input(torch.arange(4.0), 3),
+    "config": lambda s, folder: s.config,
+    "extract_init_dict": lambda s, folder: type(s).extract_init_dict(dict(s.config))[:2],
+    "from_config": lambda s, folder: type(s).from_config(DDPMScheduler(**INHERITED_CONFIG).config).config,
+    "from_pretrained": _saved_and_loaded,
+    "save_pretrained": _saved_and_loaded,
+    "save_config": _saved_and_loaded,
+    "load_config": _saved_and_loaded,
+    "get_config_dict": _saved_and_loaded,
+    "register_for_auto_class": lambda s, folder: _registered_for_auto_class(s),
+    "register_to_config": lambda s, folder: _registered_to_config(s),
+}
+# Upload methods, run against the loopback Hub stand-in by test_inherited_upload_methods_agree_with_ddpm_scheduler.
+UPLOAD_METHODS = {"push_to_hub", "_upload_folder"}
+
+
+def test_every_inherited_method_is_checked():
+    """A method that a new Diffusers adds to DDPMScheduler (or its bases) fails here until it gets a check below."""
+    assert inherited_methods() <= set(INHERITED_CALLS) | UPLOAD_METHODS
+    assert {"_get_variance", "_threshold_sample", "scale_model_input", "__len__"} <= inherited_methods()
+
+
+@pytest.mark.parametrize("name", sorted(set(INHERITED_CALLS) & inherited_methods()))
+def test_inherited_method_runs_and_agrees_with_ddpm_scheduler(name, tmp_path):
+    results = []
+    for cls in (HVAEScheduler, DDPMScheduler):
+        folder = tmp_path / cls.__name__
+        folder.mkdir()
+        results.append(comparable(INHERITED_CALLS[name](cls(**INHERITED_CONFIG), folder)))
+    ours, theirs = results
+    if isinstance(ours, torch.Tensor):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)  # DDPMScheduler's tables are float32
+    else:
+        assert ours == theirs
+
+
+UPLOADS = """
+import sys
+from diffusers import DDPMScheduler
+from hvae_diffusion import HVAEScheduler
+config = dict(num_train_timesteps=50, thresholding=True)
+for cls in (HVAEScheduler, DDPMScheduler):
+    scheduler = cls(**config)
+    scheduler.push_to_hub(f"someone/{cls.__name__}-pushed", token="hf_fake")
+    scheduler.save_config(sys.argv[1] + "/" + cls.__name__)
+    scheduler._upload_folder(sys.argv[1] + "/" + cls.__name__, f"someone/{cls.__name__}-pushed", token="hf_fake")
+"""
+
+
+def test_inherited_upload_methods_agree_with_ddpm_scheduler(tmp_path):
+    import json
+
+    from hub_server import FakeHub
+    from test_hub import run_with_hub
+
+    assert UPLOAD_METHODS <= inherited_methods()
+    with FakeHub() as hub:
+        hub.repos_created.clear()
+        result = run_with_hub(UPLOADS, hub, str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    configs = {
+        name: comparable(json.loads(hub.repos[f"someone/{name}-pushed"]["scheduler_config.json"]))
+        for name in ("HVAEScheduler", "DDPMScheduler")
+    }
+    assert configs["HVAEScheduler"] == configs["DDPMScheduler"]
+    assert {"thresholding": True, "num_train_timesteps": 50}.items() <= configs["HVAEScheduler"].items()

@@ -28,8 +28,9 @@ import time
 
 import torch
 
+from .. import HVAEScheduler
 from ..elbo_estimation import BPD_ESTIMATORS
-from ..scheduling_hvae import HVAEScheduler
+from ..pipelines.serialization import denoiser_scheduler
 from ..training.cli import (
     add_data_arguments,
     add_guidance_variant_arguments,
@@ -56,6 +57,7 @@ from ..training.evaluation import (
     elbo_report,
     feature_frechet_distance,
     image_grid,
+    images_label,
     load_or_train_feature_classifier,
     noisy_classifier_calibration,
     plot_denoising_terms,
@@ -75,7 +77,7 @@ from ..training.sampling import load_sampling_pipeline, sample
 
 def parse_args(argv=None):
     parser = program_parser("hvae-evaluate", __doc__)
-    add_data_arguments(parser)
+    add_data_arguments(parser, augmentation=False)
     parser.add_argument("--pipeline_dir", required=True, help="the trained denoiser pipeline")
     parser.add_argument("--classifier_dir", default=None, help="noisy classifier, for the classifier-guidance sweep")
     parser.add_argument(
@@ -198,7 +200,7 @@ def bits_per_dim_report(pipe, test_samples, args):
     """The test bits/dim of an unconditional pipeline with ``--bpd_estimator``: ``elbo_report`` of a pixel model;
     for a latent model, the bound in pixels through its VAE (``latent_elbo_report``, the estimator giving the
     diffusion part) with its three parts and the diffusion's own bits per latent dimension."""
-    scheduler = HVAEScheduler.from_config(pipe.scheduler.config)
+    scheduler = denoiser_scheduler(pipe)
     num_latents = len(scheduler.timesteps) - 1
     nfe = None if args.bpd_estimator == "full" else args.bpd_nfe
     generator = torch.Generator().manual_seed(args.seed)
@@ -326,7 +328,7 @@ def main(argv=None):
         }
         write_report(report, report_path)
         print(f"test bits/dim of {args.compare_pipeline_dir}: {other_elbo['summary']}", flush=True)
-    scheduler = HVAEScheduler.from_config(unconditional.scheduler.config)
+    scheduler = denoiser_scheduler(unconditional)
 
     # --- the noisy classifier of classifier guidance: accuracy and calibration against t
     if guided is not None:
@@ -415,13 +417,6 @@ def main(argv=None):
     summary["bits_per_dim_summary"] = elbo["summary"]
     print(json.dumps(summary, indent=1))
     return report
-
-
-def images_label(num_used, num_test):
-    """Which images a bits/dim was computed on, for the reports that print it."""
-    if num_used == num_test:
-        return f"all {num_test} images of the test split"
-    return f"the first {num_used} of the {num_test} images of the test split"
 
 
 def quality_of(feature_classifier, inception, samples, reference, seed):

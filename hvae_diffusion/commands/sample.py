@@ -125,6 +125,7 @@ def main(argv=None):
     args = parse_args(argv)
     from ..training.data import tensor_to_uint8
     from ..training.evaluation import image_grid
+    from ..training.runs import write_output_file
 
     with checked_before_work():
         check_arguments(args)
@@ -157,7 +158,12 @@ def main(argv=None):
     for path in (args.grid, args.output):
         if path and os.path.dirname(path):
             os.makedirs(os.path.dirname(path), exist_ok=True)
-    if args.output:  # the samples first: the grid is only a view of them
-        np.savez(args.output, images=tensor_to_uint8(samples), labels=sample_labels)
-    image_grid(samples, args.num_columns).save(args.grid)
+    # the samples first (the grid is only a view of them); atomic writes, refused when another run writes the file
+    if args.output:
+        arrays = {"images": tensor_to_uint8(samples), "labels": sample_labels}
+        write_output_file(
+            args.output, lambda handle: np.savez(handle, **arrays), args.overwrite_output_dir, "--output"
+        )
+    grid = image_grid(samples, args.num_columns)
+    write_output_file(args.grid, grid.save, args.overwrite_output_dir, "--grid")
     print(json.dumps({"grid": args.grid, "output": args.output, "num_samples": num_samples}))

@@ -100,6 +100,7 @@ def train_toy_model(name, make_model, loss_fn, dataset, pipeline_of, args):
 
     config = TrainingConfig(
         output_dir=os.path.join(args.work_dir, name),
+        overwrite_output_dir=args.overwrite_output_dir,  # work_dir was checked as a whole
         train_batch_size=args.train_batch_size,
         max_train_steps=args.max_train_steps,
         learning_rate=args.learning_rate,

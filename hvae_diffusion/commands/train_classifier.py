@@ -18,6 +18,7 @@ import torch
 from .. import HVAEScheduler
 from ..models import NoisyClassifier
 from ..models.noisy_classifier import POOLINGS
+from ..pipelines.serialization import load_denoiser_scheduler
 from ..training.cli import (
     add_data_arguments,
     add_training_arguments,
@@ -32,7 +33,7 @@ from ..training.cli import (
     warn_if_single_threaded,
 )
 from ..training.components import classifier_guided_pipeline, default_classifier_config
-from ..training.data import stack_dataset
+from ..training.data import RandomFlip, stack_dataset
 from ..training.hub import render_model_card
 from ..training.latents import (
     LatentDataset,
@@ -171,7 +172,7 @@ def run(args):
         check_arguments(args)
         config = training_config_from_args(args)
         if args.denoiser_dir is not None:
-            scheduler = HVAEScheduler.from_pretrained(args.denoiser_dir, subfolder="scheduler")
+            scheduler = load_denoiser_scheduler(args.denoiser_dir)
         else:
             scheduler = HVAEScheduler(num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule)
         if args.num_timestep_bands > scheduler.config.num_train_timesteps:
@@ -189,6 +190,12 @@ def run(args):
         loss_fn = NoisyClassifierLoss(scheduler)
         if args.gradient_matching_weight > 0:
             loss_fn = score_matched_loss(args.denoiser_dir, scheduler, num_classes, args.gradient_matching_weight)
+        if args.random_flip:
+            if vae is not None:
+                raise ValueError(
+                    "--random_flip flips images, and a latent classifier trains on latents encoded once: drop it"
+                )
+            loss_fn = RandomFlip(loss_fn)
         test_samples, test_labels = stack_dataset(test_dataset)
         if vae is not None:
             check_latent_setting(vae, resolution, channels=channels)

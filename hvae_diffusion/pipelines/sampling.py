@@ -471,7 +471,7 @@ class HVAESamplingPipeline(DiffusionPipeline):
                     "callback_on_step_end must return a dict (callback_kwargs, or {} to change nothing), got "
                     f"{type(outputs).__name__}"
                 )
-            tensors.update((name, outputs[name]) for name in tensors if name in outputs)
+            tensors = {name: outputs.get(name, value) for name, value in tensors.items()}
         # schedulers of order k (Heun) take k timesteps per inference step, as Diffusers' pipelines count them
         if step_index == self._num_timesteps - 1 or (
             step_index + 1 > self._num_warmup_steps and (step_index + 1) % self.scheduler.order == 0

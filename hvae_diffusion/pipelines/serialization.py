@@ -43,6 +43,37 @@ def _write_reference_module(folder, module_name: str, class_name: str) -> None:
         file.write(_REFERENCE_MODULE.format(class_name=class_name))
 
 
+def write_steppable_scheduler_config(save_directory) -> None:
+    """Save a score model's scheduler as one that steps ε, and the model's parameterization in the pipeline config.
+
+    Every Diffusers scheduler steps "epsilon", "sample" or "v_prediction", none steps "score". A scheduler saved with
+    ``prediction_type="score"`` is rewritten to ``"epsilon"`` (the same sampler: the pipeline converts the model's
+    score to ε with ᾱ_t of each step), and model_index.json's ``prediction_type``, the model's own parameterization,
+    becomes ``"score"`` unless it names one already. So ``pipe.scheduler = AnyScheduler.from_config(
+    pipe.scheduler.config)`` works on every saved pipeline.
+    """
+    index_path = os.path.join(save_directory, "model_index.json")
+    scheduler_path = os.path.join(save_directory, "scheduler", "scheduler_config.json")
+    if not os.path.isfile(scheduler_path):
+        return
+    with open(scheduler_path, encoding="utf-8") as file:
+        scheduler_config = json.load(file)
+    if scheduler_config.get("prediction_type") != "score":
+        return
+    with open(index_path, encoding="utf-8") as file:
+        model_index = json.load(file)
+    model_index["prediction_type"] = model_index.get("prediction_type") or "score"
+    scheduler_config["prediction_type"] = "epsilon"
+    _write_json(scheduler_path, scheduler_config)
+    _write_json(index_path, model_index)
+
+
+def _write_json(path, content: dict) -> None:
+    with open(path, "w", encoding="utf-8") as file:
+        json.dump(content, file, indent=2, sort_keys=True)
+        file.write("\n")
+
+
 def write_pipeline_reference(save_directory, pipeline_class: type) -> None:
     """Rewrite ``save_directory``'s model_index.json to name ``pipeline_class`` and the package's own components by
     the reference modules, and write those modules (see the module docstring).
@@ -68,9 +99,8 @@ def write_pipeline_reference(save_directory, pipeline_class: type) -> None:
             continue
         model_index[name] = [COMPONENT_MODULE_NAME, class_name]
         _write_reference_module(os.path.join(save_directory, name), COMPONENT_MODULE_NAME, class_name)
-    with open(index_path, "w", encoding="utf-8") as file:
-        json.dump(model_index, file, indent=2, sort_keys=True)
-        file.write("\n")
+    _write_json(index_path, model_index)
+    write_steppable_scheduler_config(save_directory)
 
 
 def check_components_present(folder, config: dict) -> None:
@@ -158,3 +188,34 @@ def register_pipeline_classes(*pipeline_classes: type) -> None:
 
     get_class_from_dynamic_module._resolves_hvae_diffusion = True
     pipeline_loading_utils.get_class_from_dynamic_module = get_class_from_dynamic_module
+
+
+def denoiser_prediction_type(pipeline_config: dict, scheduler_config: dict) -> str:
+    """The parameterization a saved pipeline's denoiser was trained in: the pipeline's ``prediction_type``, else its
+    scheduler's (``write_steppable_scheduler_config`` saves a score model's scheduler as ε)."""
+    return pipeline_config.get("prediction_type") or scheduler_config["prediction_type"]
+
+
+def denoiser_scheduler(pipeline):
+    """An ``HVAEScheduler`` with ``pipeline``'s forward process, in the parameterization of its denoiser: what the
+    ELBO and the training losses need, which read the model's output as ``scheduler.config.prediction_type``."""
+    from ..scheduling_hvae import HVAEScheduler
+
+    prediction_type = denoiser_prediction_type(pipeline.config, pipeline.scheduler.config)
+    return HVAEScheduler.from_config(pipeline.scheduler.config, prediction_type=prediction_type)
+
+
+def load_denoiser_scheduler(pretrained_model_name_or_path, **kwargs):
+    """``denoiser_scheduler`` of a saved pipeline (a folder or Hub repo), loading only its scheduler and
+    model_index.json; ``kwargs`` go to both ``from_pretrained`` calls (``revision``, ``token``, ...)."""
+    from diffusers import DiffusionPipeline
+
+    from ..scheduling_hvae import HVAEScheduler
+
+    scheduler = HVAEScheduler.from_pretrained(pretrained_model_name_or_path, subfolder="scheduler", **kwargs)
+    try:
+        pipeline_config = DiffusionPipeline.load_config(pretrained_model_name_or_path, **kwargs)
+    except OSError:  # a scheduler saved on its own, without a pipeline around it
+        pipeline_config = {}
+    prediction_type = denoiser_prediction_type(pipeline_config, scheduler.config)
+    return HVAEScheduler.from_config(scheduler.config, prediction_type=prediction_type)

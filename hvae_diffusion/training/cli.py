@@ -26,7 +26,8 @@ import warnings
 from dataclasses import fields
 
 from .data import image_dataset_to_tensors, load_image_dataset, num_classes_of
-from .loop import TrainingConfig
+from .loop import TrainingConfig, check_run_folder
+from .runs import run_flags_from_args
 
 
 class UsageError(ValueError):
@@ -94,7 +95,8 @@ def require_extras(program, *extras):
             )
 
 
-def add_data_arguments(parser):
+def add_data_arguments(parser, augmentation=True):
+    """The data flags of Diffusers' training examples; ``augmentation``: also ``--random_flip`` (training programs)."""
     group = parser.add_argument_group("data")
     group.add_argument(
         "--dataset_name",
@@ -119,6 +121,19 @@ def add_data_arguments(parser):
         default=None,
         help="the class count (default: from the label column's ClassLabel, else max label + 1)",
     )
+    group.add_argument(
+        "--center_crop",
+        action="store_true",
+        help="with --resolution: resize the shorter side to it and cut out the central square (aspect ratio kept); "
+        "without, images are resized to resolution x resolution",
+    )
+    if augmentation:
+        group.add_argument(
+            "--random_flip",
+            action="store_true",
+            help="mirror each training image left-right with probability 1/2 at every step (drawn from the run's "
+            "seeded randomness, so a resumed run flips the same images)",
+        )
 
 
 def add_num_threads_argument(parser):
@@ -311,8 +326,9 @@ def training_config_from_args(args, **overrides):
     if values.get("checkpoints_total_limit") == 0:
         values["checkpoints_total_limit"] = None
     values.update(overrides)
+    values["run_settings"] = run_flags_from_args(args, values.get("extra_log_config"))
     config = TrainingConfig(**values)
-    check_output_dir(config.output_dir, args.overwrite_output_dir, config.resume_from_checkpoint, resumable=True)
+    check_run_folder(config)  # the output-folder guard of a training run: lock, finished run, checkpoint, flags
     check_num_threads(getattr(args, "num_threads", 0))
     return config
 
@@ -325,6 +341,8 @@ def check_data_arguments(args):
         raise ValueError(f"--num_classes must be >= 1, got {args.num_classes}")
     if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
         raise ValueError(f"--train_data_dir={args.train_data_dir!r}: no such folder")
+    if args.center_crop and args.resolution is None:
+        raise ValueError("--center_crop needs --resolution (the size of the square it cuts out)")
 
 
 def load_training_data(args, need_labels=False, need_captions=False):
@@ -346,7 +364,9 @@ def load_training_data(args, need_labels=False, need_captions=False):
     caption_column = args.caption_column if need_captions else None
     resolution = args.resolution
     datasets = [
-        image_dataset_to_tensors(split, args.image_column, resolution, label_column, caption_column, num_classes)
+        image_dataset_to_tensors(
+            split, args.image_column, resolution, label_column, caption_column, num_classes, args.center_crop
+        )
         for split in (train_split, splits["test"])
     ]
     first = datasets[0][0]["sample"]

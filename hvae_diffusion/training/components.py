@@ -107,5 +107,9 @@ def classifier_guided_pipeline(denoiser_pipeline_or_dir, classifier):
     if isinstance(pipe, (str, os.PathLike)):
         pipe = DiffusionPipeline.from_pretrained(pipe)
     return ClassifierGuidedPipeline(
-        unet=pipe.unet, scheduler=pipe.scheduler, classifier=classifier, vae=getattr(pipe, "vae", None)
+        unet=pipe.unet,
+        scheduler=pipe.scheduler,
+        classifier=classifier,
+        prediction_type=pipe.config.get("prediction_type"),
+        vae=getattr(pipe, "vae", None),
     )

@@ -68,7 +68,12 @@ def load_sampling_pipeline(pipeline_dir, guidance, classifier_dir=None):
         subfolder = "classifier" if os.path.isdir(os.path.join(classifier_dir, "classifier")) else None
         classifier = NoisyClassifier.from_pretrained(classifier_dir, subfolder=subfolder)
         return classifier_guided_pipeline(pipe, classifier)
-    return HVAEPipeline(unet=pipe.unet, scheduler=pipe.scheduler, vae=getattr(pipe, "vae", None))
+    return HVAEPipeline(
+        unet=pipe.unet,
+        scheduler=pipe.scheduler,
+        prediction_type=pipe.config.get("prediction_type"),
+        vae=getattr(pipe, "vae", None),
+    )
 
 
 def num_classes_of_pipeline(pipe):
