@@ -9,10 +9,11 @@ import os
 import numpy as np
 import torch
 
+# the programs' default guidance scale: the package's one default (classifier-free and classifier guidance alike)
+from ..guidance import DEFAULT_GUIDANCE_SCALE  # noqa: F401
+
 GUIDANCES = ("none", "classifier", "cfg")
 SCHEDULERS = ("hvae", "ddim", "dpmsolver", "euler")
-# the one default guidance scale of every program (classifier-free and classifier guidance alike)
-DEFAULT_GUIDANCE_SCALE = 2.0
 
 
 def swap_scheduler(pipe, name):
