@@ -404,3 +404,43 @@ def push_output_dir(args):
     except HubUploadError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
+
+
+def add_guidance_variant_arguments(parser, methods=True):
+    """``--guidance_interval T_LO T_HI`` (both kinds of guidance) and ``--guidance_method`` (classifier-free)."""
+    parser.add_argument(
+        "--guidance_interval",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("T_LO", "T_HI"),
+        help="guide only the steps with T_LO < t <= T_HI (train timesteps; Kynkäänniemi et al. 2024); the others "
+        "run the conditional model (cfg) or take no classifier gradient (classifier)",
+    )
+    if methods:
+        from ..pipelines.pipeline_classifier_free import GUIDANCE_METHODS
+
+        parser.add_argument(
+            "--guidance_method",
+            default="cfg",
+            choices=tuple(GUIDANCE_METHODS),
+            help="with cfg guidance: how a step combines the two predictions (cfg++ takes --guidance_scale = λ in "
+            "[0, 1]; apg and cfg-zero* run with their defaults, see ClassifierFreeGuidancePipeline)",
+        )
+
+
+def guidance_variant_kwargs(args, guidance):
+    """The pipeline call arguments of ``--guidance_interval`` and ``--guidance_method`` for ``guidance``, checked
+    (a ``ValueError`` naming the flag)."""
+    from ..guidance import check_guidance_interval
+
+    kwargs = {}
+    if args.guidance_interval is not None:
+        check_guidance_interval(tuple(args.guidance_interval), "--guidance_interval")
+        kwargs["guidance_interval"] = tuple(args.guidance_interval)
+    method = getattr(args, "guidance_method", "cfg")
+    if method != "cfg":
+        if guidance != "cfg":
+            raise ValueError(f"--guidance_method {method} needs --guidance cfg")
+        kwargs["guidance_method"] = method
+    return kwargs
