@@ -31,6 +31,10 @@ if Version(Version(diffusers.__version__).base_version) < VENDORED_FOR:
         allow_module_level=True,
     )
 
+# what the vendored tests import besides Diffusers (setup.cfg's test extra)
+pytest.importorskip("parameterized", reason="Diffusers' vendored tests need the test extra: pip install -e '.[test]'")
+pytest.importorskip("requests_mock", reason="Diffusers' vendored tests need the test extra: pip install -e '.[test]'")
+
 from diffusers import (  # noqa: E402
     DDIMScheduler,
     DiTPipeline,
@@ -40,6 +44,7 @@ from diffusers import (  # noqa: E402
     PNDMScheduler,
     StableDiffusionPipeline,
 )
+from diffusers.schedulers import AysSchedules  # noqa: E402
 from diffusers_tests.pipelines.ddim import test_ddim  # noqa: E402
 from diffusers_tests.pipelines.dit import test_dit  # noqa: E402
 from diffusers_tests.pipelines.stable_diffusion import test_stable_diffusion  # noqa: E402
@@ -206,6 +211,12 @@ STABLE_DIFFUSION_CALLS = {
     "k_euler_ancestral": (EulerAncestralDiscreteScheduler.from_config, {}),
     "k_euler": (EulerDiscreteScheduler.from_config, {}),
     "negative_prompt": (lambda config: PNDMScheduler(skip_prk_steps=True), {"negative_prompt": "french fries"}),
+    # arguments of StableDiffusionPipeline's call that those tests leave at their defaults
+    "num_images_per_prompt": (None, {"num_images_per_prompt": 2}),
+    "ays_sigmas": (
+        EulerDiscreteScheduler.from_config,
+        {"sigmas": AysSchedules["StableDiffusionSigmas"], "num_inference_steps": None},
+    ),
     # StableDiffusionPipeline's defaults: guidance_scale 7.5, 50 steps
     "defaults": (None, {"guidance_scale": None, "num_inference_steps": None}),
 }

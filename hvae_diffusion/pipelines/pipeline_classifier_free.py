@@ -335,6 +335,7 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline, StableDiffusionMixin)
         negative_prompt_embeds=None,
         num_images_per_prompt: int = 1,
         do_classifier_free_guidance: bool = True,
+        clip_skip: int | None = None,
     ):
         """(∅, y) for the unet: the embeddings of ``negative_prompt`` (default "") and of ``prompt``, or those given;
         ∅ is None without ``do_classifier_free_guidance`` (a call with w = 1 needs only y)."""
@@ -368,6 +369,7 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline, StableDiffusionMixin)
             negative_prompt,
             prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds,
+            clip_skip=clip_skip,
         )
         return unconditional, conditional
 
@@ -435,6 +437,7 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline, StableDiffusionMixin)
         return_dict: bool = True,
         cross_attention_kwargs: dict | None = None,
         guidance_rescale: float = 0.0,
+        clip_skip: int | None = None,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         class_labels: int | list[int] | torch.Tensor | None = None,
@@ -472,6 +475,8 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline, StableDiffusionMixin)
                 ``prompt`` and ``negative_prompt`` (as ``encode_prompt`` returns them).
             cross_attention_kwargs (`dict`, *optional*): passed to the unet's attention processors.
             guidance_rescale (`float`): φ in [0, 1] of Lin et al. 2023 (``guidance.rescale_guided_prediction``).
+            clip_skip (`int`, *optional*): how many of the text encoder's last layers to skip (as in
+                ``StableDiffusionPipeline``).
             callback_on_step_end, callback_on_step_end_tensor_inputs: as for ``HVAEPipeline``; the tensors may also
                 be the denoiser's conditions, ``"prompt_embeds"`` (text) or ``"class_labels"`` (class labels): ∅
                 then y while guiding, and a callback may return replacements (Diffusers' ``SDCFGCutoffCallback``
@@ -589,6 +594,7 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline, StableDiffusionMixin)
                 negative_prompt_embeds,
                 num_images_per_prompt,
                 do_classifier_free_guidance=guidance_scale != 1 or guider is not None,
+                clip_skip=clip_skip,
             )
         shape = self.check_inputs(
             len(conditional),
