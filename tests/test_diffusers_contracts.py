@@ -40,6 +40,7 @@ from diffusers import (  # noqa: E402
     DiTPipeline,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    LCMScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionPipeline,
@@ -62,10 +63,6 @@ EXPECTED_VALUES = (
     "rewrote the dummy scheduler's steps_offset from 0 to 1 (a deprecated fix-up of old configs that this pipeline "
     "does not make); test_same_images_as_stable_diffusion_pipeline makes the same call side by side with "
     "StableDiffusionPipeline instead"
-)
-LCM = (
-    "Latent Consistency Models (a unet with time_cond_proj_dim, which StableDiffusionPipeline feeds a guidance "
-    "embedding instead of guiding) are not supported: this pipeline guides every conditional denoiser"
 )
 
 
@@ -165,8 +162,8 @@ class TestClassifierFreeGuidancePipelineAsStableDiffusionPipeline(
     test_stable_diffusion_k_euler_ancestral = skipped(EXPECTED_VALUES)
     test_stable_diffusion_k_euler = skipped(EXPECTED_VALUES)
     test_stable_diffusion_negative_prompt = skipped(EXPECTED_VALUES)
-    test_stable_diffusion_lcm = skipped(LCM)
-    test_stable_diffusion_lcm_custom_timesteps = skipped(LCM)
+    test_stable_diffusion_lcm = skipped(EXPECTED_VALUES)
+    test_stable_diffusion_lcm_custom_timesteps = skipped(EXPECTED_VALUES)
     test_stable_diffusion_no_safety_checker = skipped(
         "tests StableDiffusionPipeline itself (not pipeline_class) on a checkpoint from the Hub, with its safety "
         "checker, which this package leaves out"
@@ -211,6 +208,9 @@ STABLE_DIFFUSION_CALLS = {
     "k_euler_ancestral": (EulerAncestralDiscreteScheduler.from_config, {}),
     "k_euler": (EulerDiscreteScheduler.from_config, {}),
     "negative_prompt": (lambda config: PNDMScheduler(skip_prk_steps=True), {"negative_prompt": "french fries"}),
+    # a Latent Consistency Model's unet (the dummies with time_cond_proj_dim=256): w embedded, not guided
+    "lcm": (LCMScheduler.from_config, {}),
+    "lcm_custom_timesteps": (LCMScheduler.from_config, {"timesteps": [999, 499], "num_inference_steps": None}),
     # arguments of StableDiffusionPipeline's call that those tests leave at their defaults
     "num_images_per_prompt": (None, {"num_images_per_prompt": 2}),
     "ays_sigmas": (
@@ -232,7 +232,7 @@ def test_same_images_as_stable_diffusion_pipeline(call, tmp_path):
     config.tokenizer_path = tmp_path
     components = test_stable_diffusion.StableDiffusionPipelineTesterConfig.get_dummy_components
     with offline_tokenizer(tmp_path):
-        components = components(config)
+        components = components(config, time_cond_proj_dim=256 if call.startswith("lcm") else None)
     if make_scheduler is not None:
         components["scheduler"] = make_scheduler(components["scheduler"].config)
     images = []
