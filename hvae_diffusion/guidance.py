@@ -9,7 +9,17 @@ The pipelines guide after clipping, as guided-diffusion does (docs/theory.md, "G
 clipped first, the guidance then moves the prediction made from the clipped x̂_0, and the guided x̂_0 is not clipped
 again. Classifier guidance has two forms (``GUIDANCE_FORMS``): on the score (``classifier_guided_score``, the
 default) or on the mean of p(x_{t'} | x_t) (``mean_guided_original_sample``).
+
+What came after plain guidance, each from its paper:
+
+- guidance intervals (Kynkäänniemi et al. 2024): guidance only where ``in_guidance_interval``;
+- CFG++ (Chung et al. 2024): x̂_0 from the guided ε, re-noised with the unconditional ε (``cfg_plus_plus_step``,
+  and the CFG weight that gives the same step, ``cfg_plus_plus_scale``);
+- adaptive projected guidance (Sadat et al. 2024, ``adaptive_projected_guidance``);
+- CFG-Zero* (Fan et al. 2025, ``cfg_zero_star_guidance``).
 """
+
+import math
 
 import torch
 
@@ -24,6 +34,47 @@ def check_guidance_scale(value, name: str) -> None:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     if not (value >= 0 and value != float("inf")):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def check_guidance_interval(interval, name: str = "guidance_interval") -> None:
+    """Raise a ``ValueError`` naming ``name`` unless ``interval`` is ``None`` or a pair (t_lo, t_hi) of finite
+    numbers with t_lo < t_hi (timesteps of the scheduler's training chain, 0 … num_train_timesteps − 1)."""
+    if interval is None:
+        return
+    if isinstance(interval, (str, bytes)) or not hasattr(interval, "__len__") or len(interval) != 2:
+        raise ValueError(f"{name} must be None or a pair (t_lo, t_hi) of timesteps, got {interval!r}")
+    low, high = interval
+    for value in (low, high):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name} must hold two finite numbers (t_lo, t_hi), got {interval!r}")
+    if not low < high:
+        raise ValueError(f"{name}=(t_lo, t_hi) needs t_lo < t_hi, got {interval!r}")
+
+
+def in_guidance_interval(timestep, interval) -> bool:
+    """Whether the step at ``timestep`` is guided: t_lo < t ≤ t_hi, or every step when ``interval`` is ``None``.
+
+    Kynkäänniemi et al. 2024 ("Applying guidance in a limited interval improves sample and distribution quality in
+    diffusion models") guide only for noise levels σ_t ∈ (σ_lo, σ_hi]; σ_t grows with t, so that is an interval of
+    timesteps (``guidance_interval_from_sigmas``). Outside it they use the conditional model alone (w = 1): strong
+    guidance at high noise collapses the sample's layout onto few modes, and at low noise it does little but cost.
+    In hierarchical-VAE terms the interval says which latents x_t are tilted toward y.
+    """
+    return interval is None or interval[0] < float(timestep) <= interval[1]
+
+
+def guidance_interval_from_sigmas(sigma_low: float, sigma_high: float, alphas_cumprod) -> tuple[int, int]:
+    """(t_lo, t_hi) such that t_lo < t ≤ t_hi exactly when σ_lo < σ_t ≤ σ_hi, σ_t = √((1 − ᾱ_t) / ᾱ_t).
+
+    The interval of a paper given in EDM's σ (EDM2 on ImageNet-512: (0.28, 2.9]) as the timesteps of a
+    variance-preserving chain with ``alphas_cumprod`` (σ_t increasing in t). t_lo is the last t with σ_t ≤ σ_lo (−1
+    if none), t_hi the last t with σ_t ≤ σ_hi.
+    """
+    if not 0 <= sigma_low < sigma_high:
+        raise ValueError(f"the sigmas must satisfy 0 <= sigma_low < sigma_high, got ({sigma_low}, {sigma_high})")
+    alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+    sigmas = ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
+    return int((sigmas <= sigma_low).sum()) - 1, int((sigmas <= sigma_high).sum()) - 1
 
 
 def logits_of(output) -> torch.Tensor:
@@ -140,3 +191,129 @@ def rescale_guided_prediction(guided: torch.Tensor, conditional: torch.Tensor, g
     dims = list(range(1, guided.ndim))
     rescaled = guided * (conditional.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
     return guidance_rescale * rescaled + (1 - guidance_rescale) * guided
+
+
+def cfg_plus_plus_step(
+    sample: torch.Tensor,
+    unconditional_noise: torch.Tensor,
+    conditional_noise: torch.Tensor,
+    guidance_scale: float,
+    alphas_cumprod_t: float,
+    prev_alphas_cumprod: float,
+    eta: float = 0.0,
+    noise: torch.Tensor | None = None,
+):
+    """One CFG++ step (Chung et al. 2024, "CFG++: Manifold-constrained classifier free guidance", Algorithm 1 for
+    DDIM; with η as DDIM's):
+
+        ε_λ = ε_∅ + λ (ε_y − ε_∅),   x̂_0 = (x_t − √(1 − ᾱ_t) ε_λ) / √ᾱ_t,
+        x_{t'} = √ᾱ_{t'} x̂_0 + √(1 − ᾱ_{t'} − σ²) ε_∅ + σ z,   σ² = η² (1 − ᾱ_{t'}) / (1 − ᾱ_t) · (1 − ᾱ_t / ᾱ_{t'}).
+
+    The guided ε only moves x̂_0; the step back up to noise level t' re-noises with the unconditional ε, which keeps
+    x_{t'} near the data manifold the unconditional model knows. λ = ``guidance_scale`` ∈ [0, 1]; λ = 0 is the
+    unconditional DDIM step. η = 1 is the ancestral step (the posterior mean of q(x_{t'} | x_t, x̂_0) plus σ_q z).
+    ``noise`` z is needed when η > 0.
+    """
+    alphas_cumprod_t = torch.tensor(alphas_cumprod_t, dtype=torch.float64)
+    prev_alphas_cumprod = torch.tensor(prev_alphas_cumprod, dtype=torch.float64)
+    variance = eta**2 * posterior_variance(alphas_cumprod_t, prev_alphas_cumprod)
+    if eta > 0 and noise is None:
+        raise ValueError("cfg_plus_plus_step with eta > 0 needs noise")
+    guided_noise = classifier_free_guidance(unconditional_noise, conditional_noise, guidance_scale)
+    original_sample = (sample - float((1 - alphas_cumprod_t).sqrt()) * guided_noise) / float(alphas_cumprod_t.sqrt())
+    direction = float((1 - prev_alphas_cumprod - variance).clamp(min=0).sqrt()) * unconditional_noise
+    prev_sample = float(prev_alphas_cumprod.sqrt()) * original_sample + direction
+    return prev_sample if eta == 0 else prev_sample + float(variance.sqrt()) * noise
+
+
+def cfg_plus_plus_scale(guidance_scale: float, alphas_cumprod_t: float, prev_alphas_cumprod: float, eta: float = 0.0):
+    """The classifier-free weight w_t whose ordinary DDIM step (η as given) equals the CFG++ step with λ:
+
+        w_t = λ a / (a − b),   a = √(ᾱ_{t'} (1 − ᾱ_t) / ᾱ_t),   b = √(1 − ᾱ_{t'} − σ²)
+
+    (σ as in ``cfg_plus_plus_step``). Both steps are affine in the ε they are given: CFG++ moves x_{t'} by −a λ d
+    and CFG by −(a − b) w d, d = ε_y − ε_∅. a² − b² = ᾱ_{t'}/ᾱ_t − 1 + σ² > 0, so w_t is finite; it grows as the
+    steps shrink (a − b → 0), which is why λ lives in [0, 1]. At the last step (ᾱ_{t'} = 1) w_t = λ. A pipeline can
+    therefore run CFG++ through any scheduler that steps DDIM's form, with its own noise and clipping.
+    """
+    alphas_cumprod_t = torch.tensor(alphas_cumprod_t, dtype=torch.float64)
+    prev_alphas_cumprod = torch.tensor(prev_alphas_cumprod, dtype=torch.float64)
+    variance = eta**2 * posterior_variance(alphas_cumprod_t, prev_alphas_cumprod)
+    a = (prev_alphas_cumprod * (1 - alphas_cumprod_t) / alphas_cumprod_t).sqrt()
+    b = (1 - prev_alphas_cumprod - variance).clamp(min=0).sqrt()
+    return float(guidance_scale * a / (a - b))
+
+
+def adaptive_projected_guidance(
+    unconditional_output: torch.Tensor,
+    conditional_output: torch.Tensor,
+    guidance_scale: float,
+    eta: float = 0.0,
+    norm_threshold: float = 0.0,
+    momentum: float = 0.0,
+    running_average: torch.Tensor | None = None,
+):
+    """Adaptive projected guidance (Sadat et al. 2024, "Eliminating oversaturation and artifacts of high guidance
+    scales in diffusion models", Algorithm 1), on denoised predictions D (x̂_0) as the paper applies it:
+
+        Δ = D(x_t, y) − D(x_t, ∅);   with momentum β: Δ ← Δ + β Δ̄_prev (Δ̄ the running average, returned);
+        with rescaling r > 0: Δ ← Δ · min(1, r / ‖Δ‖);
+        Δ_∥ = (⟨Δ, D_y⟩ / ‖D_y‖²) D_y,   Δ_⊥ = Δ − Δ_∥;
+        D̃ = D(x_t, y) + (w − 1) (Δ_⊥ + η Δ_∥).
+
+    The parallel part is what oversaturates at large w; η = 0 drops it. Norms and inner products are per sample,
+    over all but the batch dimension. η = 1, r = 0, β = 0 is ordinary classifier-free guidance; w = 1 is the
+    conditional model whatever η, r and β (Diffusers' ``AdaptiveProjectedGuidance`` moves D_∅ by w·update
+    instead, which differs from this when η ≠ 1 or with rescaling or momentum).
+
+    Returns:
+        ``(guided, running_average)``: D̃, and Δ̄ to pass as ``running_average`` at the next step (``None``
+        without momentum).
+    """
+    difference = conditional_output - unconditional_output
+    if momentum != 0:
+        if running_average is not None:
+            difference = difference + momentum * running_average
+        running_average = difference
+    else:
+        running_average = None
+    dims = list(range(1, difference.ndim))
+    work, direction = difference.double(), conditional_output.double()
+    if norm_threshold > 0:
+        norm = torch.linalg.vector_norm(work, dim=dims, keepdim=True)
+        work = work * torch.clamp(norm_threshold / norm, max=1.0)
+    unit = torch.nn.functional.normalize(direction.flatten(1), dim=1).reshape(direction.shape)
+    parallel = (work * unit).sum(dim=dims, keepdim=True) * unit
+    update = (work - parallel) + eta * parallel
+    guided = conditional_output + (guidance_scale - 1) * update.to(conditional_output.dtype)
+    return guided, running_average
+
+
+def cfg_zero_star_scale(unconditional_output: torch.Tensor, conditional_output: torch.Tensor) -> torch.Tensor:
+    """CFG-Zero*'s optimized scale s* = ⟨v_y, v_∅⟩ / ‖v_∅‖², per sample ``[B, 1, …]`` (Fan et al. 2025, eq. 9): the
+    multiple of the unconditional prediction closest to the conditional one."""
+    dims = list(range(1, conditional_output.ndim))
+    conditional, unconditional = conditional_output.double(), unconditional_output.double()
+    scale = (conditional * unconditional).sum(dim=dims, keepdim=True) / (unconditional**2).sum(dim=dims, keepdim=True)
+    return scale.to(conditional_output.dtype)
+
+
+def cfg_zero_star_guidance(
+    unconditional_output: torch.Tensor,
+    conditional_output: torch.Tensor,
+    guidance_scale: float,
+    step_index: int = 0,
+    zero_init_steps: int = 0,
+):
+    """CFG-Zero* (Fan et al. 2025, "CFG-Zero*: Improved classifier-free guidance for flow matching models"):
+
+        ṽ = s* v_∅ + w (v_y − s* v_∅),   s* = ``cfg_zero_star_scale``,
+
+    and ṽ = 0 for the first ``zero_init_steps`` steps ("zero-init"). In the paper v is the flow's velocity, whose
+    zero leaves the sample where it is; for an ε-prediction the same holds for DDIM's probability-flow step, which
+    then keeps x_t / √ᾱ_t (and an ancestral step adds only its noise). At w = 1 the result is v_y without zero-init.
+    """
+    if step_index < zero_init_steps:
+        return torch.zeros_like(conditional_output)
+    scaled_unconditional = cfg_zero_star_scale(unconditional_output, conditional_output) * unconditional_output
+    return classifier_free_guidance(scaled_unconditional, conditional_output, guidance_scale)

@@ -35,8 +35,15 @@ def gaussian_entropy(log_variance: torch.Tensor) -> torch.Tensor:
 
 
 def scale_latents(latents: torch.Tensor, scaling_factor: float, shift_factor: float | None = None) -> torch.Tensor:
-    """The diffusion's variable y = (z_0 − shift)·s, as Diffusers' latent pipelines scale VAE latents."""
+    """The diffusion's variable y = (z_0 − shift)·s, as Diffusers' latent pipelines scale VAE latents; its inverse is
+    ``unscale_latents``."""
     return (latents - (shift_factor or 0.0)) * scaling_factor
+
+
+def unscale_latents(latents: torch.Tensor, scaling_factor: float, shift_factor: float | None = None) -> torch.Tensor:
+    """z_0 = y / s + shift, the inverse of ``scale_latents``: what the VAE's decoder takes."""
+    latents = latents / scaling_factor
+    return latents + shift_factor if shift_factor else latents
 
 
 def scaling_log_det(num_latent_dims: int, scaling_factor: float) -> float:

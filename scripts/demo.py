@@ -1,4 +1,4 @@
-from hvae_diffusion.commands.demo import main
+from hvae_diffusion.commands import demo_cli
 
 if __name__ == "__main__":
-    main()
+    demo_cli()

@@ -1,4 +1,4 @@
-from hvae_diffusion.commands.evaluate import main
+from hvae_diffusion.commands import evaluate_cli
 
 if __name__ == "__main__":
-    main()
+    evaluate_cli()

@@ -1,4 +1,4 @@
-from hvae_diffusion.commands.sample import main
+from hvae_diffusion.commands import sample_cli
 
 if __name__ == "__main__":
-    main()
+    sample_cli()

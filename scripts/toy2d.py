@@ -1,4 +1,4 @@
-from hvae_diffusion.commands.toy2d import main
+from hvae_diffusion.commands import toy2d_cli
 
 if __name__ == "__main__":
-    main()
+    toy2d_cli()

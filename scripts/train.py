@@ -1,4 +1,4 @@
-from hvae_diffusion.commands.train import main
+from hvae_diffusion.commands import train_cli
 
 if __name__ == "__main__":
-    main()
+    train_cli()

@@ -1,4 +1,4 @@
-from hvae_diffusion.commands.train_classifier import main
+from hvae_diffusion.commands import train_classifier_cli
 
 if __name__ == "__main__":
-    main()
+    train_classifier_cli()

@@ -1,4 +1,4 @@
-from hvae_diffusion.commands.train_vae import main
+from hvae_diffusion.commands import train_vae_cli
 
 if __name__ == "__main__":
-    main()
+    train_vae_cli()

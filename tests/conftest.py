@@ -25,3 +25,7 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+# Diffusers' vendored tests run through tests/test_diffusers_contracts.py, against this package's pipelines.
+collect_ignore = ["diffusers_tests"]

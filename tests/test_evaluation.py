@@ -65,7 +65,12 @@ def test_the_exact_noisy_classifier_is_calibrated_at_every_t_and_loses_accuracy_
         (["--bpd_nfe", "1"], "--bpd_nfe must be >= 2 for --bpd_estimator importance"),
         (["--bpd_num_samples", "0"], "--bpd_num_samples must be >= 1"),
         (["--calibration_bands", "0"], "--calibration_bands must be >= 1"),
-        (["--guidance_scales", "-1"], "--guidance_scales must be >= 0"),
+        (["--guidance_scales", "-1"], "--guidance_scales must be a finite number >= 0, got -1"),
+        (["--guidance_scales", "1", "nan"], "--guidance_scales must be a finite number >= 0, got nan"),
+        (["--num_inference_steps", "0"], "--num_inference_steps must be >= 1"),
+        (["--inception_weights", "missing.pt"], "--inception_weights='missing.pt': no such file"),
+        (["--num_classes", "0"], "--num_classes must be >= 1"),
+        ([], "--pipeline_dir='.*missing': no such folder"),
         (["--num_threads", "-2"], "--num_threads must be an integer >= 0"),
     ],
 )

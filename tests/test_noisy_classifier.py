@@ -146,3 +146,50 @@ def test_bad_config(kwargs, match):
 def test_wrong_input_shape(classifier):
     with pytest.raises(ValueError, match=r"sample must have shape \[B, 1, H, W\]"):
         classifier(torch.randn(2, 3, 8, 8), 1)
+
+
+def _encoder_features(model, sample, timesteps, **kwargs):
+    """The mid block's output (the end of the encoder half) of a UNet2DModel or a NoisyClassifier."""
+    captured = []
+    handle = model.mid_block.register_forward_hook(lambda module, inputs, output: captured.append(output))
+    with torch.no_grad():
+        model(sample, timesteps, **kwargs)
+    handle.remove()
+    return captured[0]
+
+
+@pytest.mark.parametrize("num_class_embeds", [None, 4])
+def test_from_unet_starts_with_the_denoisers_features(generator, num_class_embeds):
+    """The copied encoder computes what the UNet's encoder computes for ε(x_t, ∅): the null-label embedding folded
+    into the time embedding's bias is exact."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=4,
+        num_class_embeds=num_class_embeds,
+    ).eval()
+    null = None if num_class_embeds is None else num_class_embeds - 1
+    classifier = NoisyClassifier.from_unet(unet, num_classes=3, null_class_label=null).eval()
+    sample, timesteps = torch.randn(3, 1, 8, 8, generator=generator), torch.tensor([3, 400, 990])
+    kwargs = {} if null is None else {"class_labels": torch.full((3,), null)}
+    torch.testing.assert_close(
+        _encoder_features(classifier, sample, timesteps), _encoder_features(unet, sample, timesteps, **kwargs)
+    )
+    assert classifier(sample, timesteps).logits.shape == (3, 3)
+    if null is not None:
+        # another label's embedding is not what was folded in
+        other = _encoder_features(unet, sample, timesteps, class_labels=torch.zeros(3, dtype=torch.long))
+        assert not torch.allclose(_encoder_features(classifier, sample, timesteps), other)
+        with pytest.raises(ValueError, match="null_class_label"):
+            NoisyClassifier.from_unet(unet, num_classes=3)
+    else:
+        with pytest.raises(ValueError, match="no class embedding"):
+            NoisyClassifier.from_unet(unet, num_classes=3, null_class_label=0)

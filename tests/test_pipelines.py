@@ -5,7 +5,9 @@ classifier, a correct sampler reproduces the mixture (or its class-conditional p
 Wasserstein distances to fresh mixture draws, judged against the distance between two fresh draw sets.
 """
 
+import copy
 import json
+import threading
 
 import numpy as np
 import PIL.Image
@@ -490,9 +492,9 @@ def test_classifier_free_runs_one_batched_forward_per_step():
         guidance_scale=3.0,
         num_inference_steps=4,
         output_type="pt",
-        guidance_batching="batched",
     )
-    assert calls == [6] * 4
+    assert calls == [6] * 4  # by default, as in Diffusers: one forward of the doubled batch, and no timing
+    assert pipeline.guidance_batching_choices == {}
     calls.clear()
     pipeline(class_labels=[0, 1, 1], guidance_scale=1.0, num_inference_steps=4, output_type="pt")
     assert calls == [3] * 4  # w = 1 needs only the conditional half
@@ -722,3 +724,57 @@ def test_cfg_guidance_batching_options_agree():
     torch.testing.assert_close(samples["batched"], samples["separate"], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="guidance_batching"):
         pipeline(class_labels=[0], num_inference_steps=2, guidance_batching="doubled")
+
+
+# ---------------------------------------------------------------------------------------------- threads
+
+
+def threaded_pipelines():
+    scheduler = HVAEScheduler(num_train_timesteps=20)
+    return {
+        "hvae": (HVAEPipeline(tiny_unet(), scheduler), {}),
+        "classifier": (ClassifierGuidedPipeline(tiny_unet(), scheduler, tiny_classifier(3)), {"class_labels": [0]}),
+        "free": (ClassifierFreeGuidancePipeline(tiny_unet(num_class_embeds=3), scheduler), {"class_labels": [0]}),
+    }
+
+
+@pytest.mark.parametrize("name", ["hvae", "classifier", "free"])
+def test_a_second_concurrent_call_raises(name):
+    """While one thread samples (held inside its first step's callback), a call from another thread on the same object
+    raises at once, as does a call from the callback itself; a deep copy taken meanwhile samples freely, and the first
+    call's samples are those of an undisturbed call."""
+    pipeline, kwargs = threaded_pipelines()[name]
+    pipeline = quiet(pipeline)
+    kwargs = dict(num_inference_steps=3, output_type="latent", **kwargs)
+    expected = pipeline(generator=seeded(), **kwargs).images
+    inside, release, results, errors = threading.Event(), threading.Event(), {}, []
+
+    def hold(pipe, step_index, timestep, callback_kwargs):
+        if step_index == 0:
+            with pytest.raises(RuntimeError, match="already sampling"):
+                pipe(**kwargs)
+            inside.set()
+            release.wait(timeout=60)
+        return callback_kwargs
+
+    def first_call():
+        try:
+            results["first"] = pipeline(generator=seeded(), callback_on_step_end=hold, **kwargs).images
+        except BaseException as error:  # reported in the main thread
+            errors.append(error)
+            inside.set()
+
+    thread = threading.Thread(target=first_call)
+    thread.start()
+    try:
+        assert inside.wait(timeout=60)
+        with pytest.raises(RuntimeError, match="already sampling in another thread|one call at a time"):
+            pipeline(generator=seeded(), **kwargs)
+        copied = copy.deepcopy(pipeline)
+        torch.testing.assert_close(copied(generator=seeded(), **kwargs).images, expected)
+    finally:
+        release.set()
+        thread.join(timeout=60)
+    assert not errors, errors
+    torch.testing.assert_close(results["first"], expected)
+    torch.testing.assert_close(pipeline(generator=seeded(), **kwargs).images, expected)  # free again

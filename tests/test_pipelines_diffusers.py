@@ -1,7 +1,7 @@
-"""Side by side with Diffusers' own latent pipelines: ClassifierFreeGuidancePipeline reproduces ``DiTPipeline`` (a
-class-conditional DiT ``transformer`` with learned σ) and ``StableDiffusionPipeline`` (a text-conditional
-``UNet2DConditionModel`` with a CLIP text encoder), from the same tiny components and seed, and loads the folders those
-pipelines save."""
+"""Side by side with Diffusers' own pipelines, from the same tiny components and seed, with each one's own defaults:
+HVAEPipeline reproduces ``DDPMPipeline`` and ``DDIMPipeline`` (clipping on and off), and ClassifierFreeGuidancePipeline
+reproduces ``DiTPipeline`` (a class-conditional DiT ``transformer`` with learned σ) and ``StableDiffusionPipeline`` (a
+text-conditional ``UNet2DConditionModel`` with a CLIP text encoder) and loads the folders those pipelines save."""
 
 from types import SimpleNamespace
 
@@ -10,13 +10,17 @@ import pytest
 import torch
 from diffusers import (
     AutoencoderKL,
+    DDIMPipeline,
     DDIMScheduler,
+    DDPMPipeline,
+    DDPMScheduler,
     DiTPipeline,
     DiTTransformer2DModel,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     StableDiffusionPipeline,
     UNet2DConditionModel,
+    UNet2DModel,
 )
 from test_pipelines import quiet, seeded, tiny_clip, tiny_conditional_unet
 
@@ -29,8 +33,7 @@ SCHEDULERS = {
     "dpmsolver++": lambda config: DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++"),
     "euler": lambda config: EulerDiscreteScheduler.from_config(config),
 }
-# Stable Diffusion's schedule; clip_sample=False as Stable Diffusion and DiT ship DDIM (with clipping, this package
-# steps DDIM as published, with the clipped x̂_0's ε, while Diffusers' DDIM keeps the unclipped ε: docs/theory.md)
+# Stable Diffusion's schedule; clip_sample=False as Stable Diffusion and DiT ship DDIM
 SCHEDULE = dict(
     num_train_timesteps=1000,
     beta_start=0.00085,
@@ -39,6 +42,63 @@ SCHEDULE = dict(
     clip_sample=False,
     set_alpha_to_one=False,
 )
+
+
+# ---------------------------------------------------------------------------------------------- DDPM and DDIM
+
+
+def pixels(images):
+    return np.stack([np.asarray(image) for image in images])
+
+
+def one_block_unet():
+    """A one-level UNet2DModel on 4×4 images: DDPMPipeline's default is 1000 steps."""
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=4,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(4,),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D",),
+        up_block_types=("UpBlock2D",),
+        norm_num_groups=2,
+        add_attention=False,
+    ).eval()
+
+
+@pytest.mark.parametrize("clip_sample", [True, False])
+def test_reproduces_ddpm_pipeline_with_its_defaults(clip_sample):
+    """HVAEPipeline's defaults are DDPMPipeline's (1000 steps, PIL images): with Diffusers' DDPMScheduler and its
+    defaults (clip_sample=True) the same pixels; with clipping off the same too (50 steps, to keep the test short)."""
+    unet = one_block_unet()
+    scheduler = DDPMScheduler(clip_sample=clip_sample)
+    kwargs = {} if clip_sample else {"num_inference_steps": 50}
+    expected = quiet(DDPMPipeline(unet, scheduler))(generator=seeded(), **kwargs).images
+    images = quiet(HVAEPipeline(unet, DDPMScheduler.from_config(scheduler.config)))(generator=seeded(), **kwargs)
+    np.testing.assert_array_equal(pixels(images.images), pixels(expected))
+
+
+@pytest.mark.parametrize("use_clipped_model_output", [None, True])
+@pytest.mark.parametrize("clip_sample", [True, False])
+def test_reproduces_ddim_pipeline_with_its_defaults(clip_sample, use_clipped_model_output):
+    """With DDIMPipeline's defaults (η = 0, use_clipped_model_output=None, DDIMScheduler's clip_sample=True) and its
+    50 steps (HVAEPipeline's own default is DDPMPipeline's 1000), the same pixels; use_clipped_model_output=True too."""
+    unet = one_block_unet()
+    scheduler = DDIMScheduler(clip_sample=clip_sample)
+    kwargs = {} if use_clipped_model_output is None else {"use_clipped_model_output": use_clipped_model_output}
+    expected = quiet(DDIMPipeline(unet, scheduler))(batch_size=2, generator=seeded(), **kwargs).images
+    ours = quiet(HVAEPipeline(unet, DDIMScheduler.from_config(scheduler.config)))
+    images = ours(batch_size=2, num_inference_steps=50, generator=seeded(), **kwargs).images
+    np.testing.assert_array_equal(pixels(images), pixels(expected))
+    if clip_sample and use_clipped_model_output:  # the case at stake: the two DDIMs differ where x̂_0 is clipped
+        default = ours(batch_size=2, num_inference_steps=50, generator=seeded(), output_type="np").images
+        published = ours(batch_size=2, num_inference_steps=50, generator=seeded(), output_type="np", **kwargs).images
+        assert np.abs(default - published).max() > 1e-3
+    assert ours.scheduler.config.clip_sample == clip_sample
+
+
+# ---------------------------------------------------------------------------------------------- DiT and Stable Diffusion
 
 
 def tiny_vae(block_out_channels=(8, 8)):

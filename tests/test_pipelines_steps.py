@@ -19,7 +19,6 @@ from hvae_diffusion import ClassifierFreeGuidancePipeline, ClassifierGuidedPipel
 from hvae_diffusion.forward_process import posterior_mean, posterior_mean_coefficients, posterior_variance
 from hvae_diffusion.guidance import rescale_guided_prediction
 from hvae_diffusion.parameterization import convert_prediction
-from hvae_diffusion.pipelines import pipeline_classifier_free
 from hvae_diffusion.testing import ExactMixtureClassifier, ExactMixtureDenoiser
 
 MEANS = [[-1.5, 0.0], [1.5, 0.5]]
@@ -65,11 +64,12 @@ SCHEDULERS = [
 def test_two_calls_match_diffusers_loop(scheduler_class, extra, spacing, clip_sample):
     """Timesteps are set before x_T is scaled by init_noise_sigma, on the scheduler that steps, at every call.
 
-    With the HVAE config's default clip_sample=True, DDIM clips as published (the clipped x̂_0's ε) and schedulers
-    without a clip_sample option (Euler, DPM-Solver) ignore the key their config inherited, as in Diffusers."""
+    With the HVAE config's default clip_sample=True, DDIM clips as Diffusers' does (the model's ε, unless
+    use_clipped_model_output) and schedulers without a clip_sample option (Euler, DPM-Solver) ignore the key their
+    config inherited, as in Diffusers."""
     unet = tiny_unet()
     config = base_config(timestep_spacing=spacing, clip_sample=clip_sample, **extra)
-    step_kwargs = {"use_clipped_model_output": True} if scheduler_class is DDIMScheduler else {}
+    step_kwargs = {}
     pipeline = quiet(HVAEPipeline(unet, scheduler_class.from_config(config)))
     for num_inference_steps, seed in ((10, 0), (3, 1)):
         samples = pipeline(
@@ -202,23 +202,34 @@ def test_guidance_after_clipping_is_guided_diffusions_order(scheduler_class):
         expected, old_order = hvae(epsilon, clip=False), hvae(unclipped_guided, clip=True)
     torch.testing.assert_close(guided, expected, atol=2e-6, rtol=0)
     assert (guided - old_order).abs().max() > 1e-2
-    assert scheduler.config.clip_sample  # restored after every step
+    assert scheduler.config.clip_sample  # never written
 
 
-def test_unguided_ddim_with_clipping_is_ddim_as_published():
-    """Without guidance the step uses the ε of the clipped x̂_0 (``use_clipped_model_output=True``)."""
+@pytest.mark.parametrize("use_clipped_model_output", [None, True])
+def test_unguided_ddim_with_clipping_takes_use_clipped_model_output(use_clipped_model_output):
+    """``use_clipped_model_output=True`` steps with the ε of the clipped x̂_0 (DDIM as published, guided-diffusion's
+    sampler); Diffusers' default keeps the model's ε. The two differ where x̂_0 is clipped."""
     config = base_config(clip_sample=True, clip_sample_range=0.5)
     unet = tiny_unet()
     pipeline = quiet(HVAEPipeline(unet, DDIMScheduler.from_config(config)))
-    samples = pipeline(batch_size=2, num_inference_steps=5, generator=seeded(), output_type="latent").images
+    samples = {}
+    for clipped in (use_clipped_model_output, not use_clipped_model_output):
+        samples[clipped] = pipeline(
+            batch_size=2,
+            num_inference_steps=5,
+            generator=seeded(),
+            output_type="latent",
+            use_clipped_model_output=clipped,
+        ).images
     reference = DDIMScheduler.from_config(config)
     reference.set_timesteps(5)
     latents = randn_tensor((2, 1, 8, 8), generator=seeded())
     for t in reference.timesteps:
         with torch.no_grad():
             noise_pred = unet(latents, t).sample
-        latents = reference.step(noise_pred, t, latents, use_clipped_model_output=True).prev_sample
-    torch.testing.assert_close(samples, latents, atol=1e-5, rtol=1e-5)
+        latents = reference.step(noise_pred, t, latents, use_clipped_model_output=use_clipped_model_output).prev_sample
+    torch.testing.assert_close(samples[use_clipped_model_output], latents, atol=1e-5, rtol=1e-5)
+    assert (samples[use_clipped_model_output] - samples[not use_clipped_model_output]).abs().max() > 1e-3
 
 
 def test_mean_form_moves_the_mean_by_scale_variance_gradient():
@@ -484,15 +495,19 @@ def test_guidance_batching_modes_give_the_same_samples(mode):
     unet = tiny_unet(num_class_embeds=4)
     pipeline = quiet(ClassifierFreeGuidancePipeline(unet, HVAEScheduler(num_train_timesteps=20)))
     kwargs = dict(class_labels=[0, 2], guidance_scale=3.0, num_inference_steps=3, output_type="latent")
-    expected = pipeline(generator=seeded(), guidance_batching="separate", **kwargs).images
-    pipeline_classifier_free.GUIDANCE_BATCHING_CHOICES.clear()
+    expected = quiet(ClassifierFreeGuidancePipeline(unet, HVAEScheduler(num_train_timesteps=20)))(
+        generator=seeded(), guidance_batching="separate", **kwargs
+    ).images
     samples = pipeline(generator=seeded(), guidance_batching=mode, **kwargs).images
     torch.testing.assert_close(samples, expected, atol=1e-5, rtol=1e-5)
-    choices = pipeline_classifier_free.GUIDANCE_BATCHING_CHOICES
+    choices = pipeline.guidance_batching_choices
     if mode == "auto":
+        # the timed choice lives on the pipeline, for its denoiser, and is forgotten when the denoiser is replaced
         assert list(choices.values()) in (["batched"], ["separate"])
         (key,) = choices
-        assert key == ("cpu", torch.float32, (2, 1, 8, 8), (4,), id(unet))
+        assert key == ("cpu", torch.float32, (2, 1, 8, 8), (4,))
+        pipeline.unet = tiny_unet(num_class_embeds=4)
+        assert pipeline.guidance_batching_choices == {}
     else:
         assert not choices
 

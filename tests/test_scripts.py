@@ -53,11 +53,16 @@ def test_every_command_has_help_and_the_shared_flags(name, capsys):
 
 @pytest.mark.parametrize("name", COMMANDS)
 def test_scripts_are_wrappers_and_entry_points_name_the_commands(name):
-    """scripts/<name>.py only runs hvae_diffusion.commands.<name>.main; setup.cfg's hvae-<name> runs it through
-    ``<name>_cli``, which returns None (a console script exits with status 1 on any other return value)."""
+    """scripts/<name>.py only runs the program as setup.cfg's hvae-<name> does, through ``<name>_cli``, which runs
+    hvae_diffusion.commands.<name>.main and returns None (a console script exits with status 1 on any other
+    return value)."""
     with open(os.path.join(SCRIPTS, f"{name}.py")) as handle:
         lines = [line for line in handle.read().splitlines() if line.strip()]
-    assert lines == [f"from hvae_diffusion.commands.{name} import main", 'if __name__ == "__main__":', "    main()"]
+    assert lines == [
+        f"from hvae_diffusion.commands import {name}_cli",
+        'if __name__ == "__main__":',
+        f"    {name}_cli()",
+    ]
     import configparser
 
     config = configparser.ConfigParser()

@@ -308,13 +308,13 @@ def test_resume_skips_truncated_and_empty_checkpoints_and_says_so(tmp_path, caps
     weights.write_bytes(weights.read_bytes()[:100])  # truncated
     (tmp_path / "cut" / "checkpoint-12").mkdir()  # emptied
     assert [step for step, _ in list_checkpoints(str(tmp_path / "cut"))] == [3, 6]
-    with pytest.raises(ValueError, match="checkpoint-9'.*incomplete checkpoint.*diffusion_pytorch_model"):
+    with pytest.raises(ValueError, match="checkpoint-9'.*unusable checkpoint.*diffusion_pytorch_model"):
         resolve_checkpoint(str(tmp_path / "cut"), "checkpoint-9")
     capsys.readouterr()
     resumed, _, _ = run(tmp_path, "cut", max_train_steps=9, resume_from_checkpoint="latest")
     out = capsys.readouterr().out
     assert resumed.resumed_from.endswith("checkpoint-6") and resumed.global_step == 9
-    assert "skipping the incomplete checkpoint" in out and "checkpoint-9" in out and "checkpoint-12" in out
+    assert "skipping the checkpoint" in out and "checkpoint-9" in out and "checkpoint-12" in out
 
 
 def test_resume_refuses_a_later_checkpoint_or_another_learning_rate_before_any_work(tmp_path):

@@ -23,19 +23,29 @@ Everything lands in --output_dir (``demo_report.json`` sums it up, with the wall
 already holds files is written over only with --overwrite_output_dir.
 """
 
-import argparse
 import json
 import os
 import shutil
 import time
 
-from ..training.cli import add_num_threads_argument, add_overwrite_argument, apply_num_threads, check_output_dir
+from ..training.cli import (
+    add_num_threads_argument,
+    add_overwrite_argument,
+    apply_num_threads,
+    check_num_threads,
+    check_number,
+    check_output_dir,
+    checked_before_work,
+    parse_with_defaults_shown,
+    program_parser,
+    require_extras,
+)
 from ..training.sampling import DEFAULT_GUIDANCE_SCALE
 from . import evaluate, sample, train, train_classifier, train_vae
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = program_parser("hvae-demo", __doc__)
     parser.add_argument(
         "--output_dir",
         default=None,
@@ -69,15 +79,38 @@ def parse_args(argv=None):
         default=None,
         help="with --latent: a pixel pipeline whose test bits/dim the report puts beside the latent model's",
     )
-    return parser.parse_args(argv)
+    return parse_with_defaults_shown(parser, argv)
+
+
+def output_dir_of(args):
+    return args.output_dir or ("runs/demo" + ("-latent" if args.latent else "") + ("-quick" if args.quick else ""))
+
+
+def check_arguments(args):
+    """Every flag against its range and the others, before the first stage (each stage checks its own again)."""
+    if args.compare_pipeline_dir is not None and not args.latent:
+        raise ValueError("--compare_pipeline_dir needs --latent (it compares the latent model with a pixel one)")
+    if args.compare_pipeline_dir is not None and not os.path.isdir(args.compare_pipeline_dir):
+        raise ValueError(f"--compare_pipeline_dir={args.compare_pipeline_dir!r}: no such folder")
+    for name in ("denoiser_steps", "classifier_steps", "vae_steps", "latent_resolution"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    # the stages train with the default 1000 timesteps
+    if not 1 <= args.num_inference_steps <= 1000:
+        raise ValueError(
+            f"--num_inference_steps must lie in [1, 1000] (the 1000 training timesteps), got {args.num_inference_steps}"
+        )
+    check_number("--guidance_scale", args.guidance_scale, minimum=0)
+    check_num_threads(args.num_threads)
+    check_output_dir(output_dir_of(args), args.overwrite_output_dir)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.compare_pipeline_dir is not None and not args.latent:
-        raise ValueError("--compare_pipeline_dir needs --latent (it compares the latent model with a pixel one)")
-    out = args.output_dir or ("runs/demo" + ("-latent" if args.latent else "") + ("-quick" if args.quick else ""))
-    check_output_dir(out, args.overwrite_output_dir)
+    with checked_before_work():
+        require_extras("hvae-demo", "training", "plots")
+        check_arguments(args)
+    out = output_dir_of(args)
     apply_num_threads(args.num_threads)
     if args.quick:
         args.denoiser_steps, args.classifier_steps, args.num_inference_steps, args.vae_steps = 4, 4, 5, 4

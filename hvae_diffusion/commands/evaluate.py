@@ -1,7 +1,7 @@
 """Evaluate a trained pipeline: test bits/dim with its standard error (three terms, plot over t), the noisy
 classifier's accuracy and calibration against t, Fréchet distance and guided accuracy.
 
-    python scripts/evaluate.py --pipeline_dir runs/demo/denoiser --classifier_dir runs/demo/classifier_guided \
+    python scripts/evaluate.py --pipeline_dir runs/demo/denoiser --classifier_dir runs/demo/classifier_guided \\
         --output_dir runs/eval --bpd_estimator importance --bpd_nfe 51
 
 The bits/dim are those of the unconditional model ε(x_t, ∅) (for a class-conditional pipeline, the null label).
@@ -28,6 +28,7 @@ import time
 
 import torch
 
+from .. import HVAEScheduler
 from ..elbo_estimation import BPD_ESTIMATORS
 from ..pipelines.serialization import denoiser_scheduler
 from ..training.cli import (
@@ -35,11 +36,21 @@ from ..training.cli import (
     add_num_threads_argument,
     add_overwrite_argument,
     apply_num_threads,
+    check_data_arguments,
+    check_folder_path,
+    check_num_threads,
+    check_number,
     check_output_dir,
+    check_pipeline_dir,
+    checked_before_work,
     load_training_data,
+    parse_with_defaults_shown,
+    program_parser,
+    require_extras,
 )
 from ..training.data import stack_dataset
 from ..training.evaluation import (
+    InceptionFeatures,
     classifier_accuracy,
     elbo_report,
     feature_frechet_distance,
@@ -47,6 +58,7 @@ from ..training.evaluation import (
     load_or_train_feature_classifier,
     noisy_classifier_calibration,
     plot_denoising_terms,
+    sample_quality,
 )
 from ..training.guidance_sweep import guided_accuracy_sweep, plot_guidance_sweep
 from ..training.latents import (
@@ -61,7 +73,7 @@ from ..training.sampling import load_sampling_pipeline, sample
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = program_parser("hvae-evaluate", __doc__)
     add_data_arguments(parser)
     parser.add_argument("--pipeline_dir", required=True, help="the trained denoiser pipeline")
     parser.add_argument("--classifier_dir", default=None, help="noisy classifier, for the classifier-guidance sweep")
@@ -106,13 +118,20 @@ def parse_args(argv=None):
         help="also sweep guided accuracy over guidance_scale 0 and --guidance_scales for both kinds of guidance, "
         "with clip_sample on and off (guidance_sweep.png)",
     )
+    parser.add_argument(
+        "--inception_weights",
+        default=None,
+        help="a local TorchScript Inception-v3 of FID (inception-2015-12-05.pt, docs/evaluation.md): adds the FID and "
+        "KID of the literature to every sample set (nothing is downloaded; TorchScript is code: only a file you trust)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     add_num_threads_argument(parser)
-    return parser.parse_args(argv)
+    return parse_with_defaults_shown(parser, argv)
 
 
 def check_arguments(args):
-    """Every numeric flag against its range, before any work."""
+    """Every flag against its range and the others, before anything is loaded (``check_pipeline`` checks them
+    against the loaded pipeline)."""
     for name in ("num_samples_per_class", "num_unconditional_samples", "num_inference_steps", "bpd_batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -128,8 +147,37 @@ def check_arguments(args):
         )
     if args.calibration_bands < 1:
         raise ValueError(f"--calibration_bands must be >= 1, got {args.calibration_bands}")
-    if any(scale < 0 for scale in args.guidance_scales):
-        raise ValueError(f"--guidance_scales must be >= 0, got {args.guidance_scales}")
+    for scale in args.guidance_scales:
+        check_number("--guidance_scales", scale, minimum=0)
+    check_num_threads(args.num_threads)
+    check_data_arguments(args)
+    check_folder_path("--output_dir", args.output_dir)
+    check_output_dir(args.output_dir, args.overwrite_output_dir)
+    if args.inception_weights is not None and not os.path.isfile(args.inception_weights):
+        raise ValueError(f"--inception_weights={args.inception_weights!r}: no such file")
+    for flag in ("--pipeline_dir", "--classifier_dir", "--compare_pipeline_dir"):
+        path = getattr(args, flag[2:])
+        if path is not None:
+            check_pipeline_dir(flag, path)
+
+
+def check_pipeline(args, scheduler):
+    """The flags against the loaded pipeline's noise schedule."""
+    try:  # the sampler's own check, as the sampling will run it
+        HVAEScheduler.from_config(scheduler.config).set_timesteps(args.num_inference_steps)
+    except ValueError as error:
+        raise ValueError(
+            f"--num_inference_steps={args.num_inference_steps} does not fit the pipeline's noise schedule of "
+            f"{scheduler.config.num_train_timesteps} training timesteps: {error}"
+        ) from error
+    num_latents = len(HVAEScheduler.from_config(scheduler.config).timesteps) - 1
+    if args.bpd_estimator != "full" and args.bpd_nfe > num_latents + 1:
+        raise ValueError(f"--bpd_nfe must be <= {num_latents + 1} (every latent and the decoder), got {args.bpd_nfe}")
+    if args.calibration_bands > scheduler.config.num_train_timesteps:
+        raise ValueError(
+            f"--calibration_bands must be <= {scheduler.config.num_train_timesteps} (the training timesteps), got "
+            f"{args.calibration_bands}"
+        )
 
 
 def load_test_split(args, resolution):
@@ -149,8 +197,6 @@ def bits_per_dim_report(pipe, test_samples, args):
     diffusion part) with its three parts and the diffusion's own bits per latent dimension."""
     scheduler = denoiser_scheduler(pipe)
     num_latents = len(scheduler.timesteps) - 1
-    if args.bpd_estimator != "full" and args.bpd_nfe > num_latents + 1:
-        raise ValueError(f"--bpd_nfe must be <= {num_latents + 1} (every latent and the decoder), got {args.bpd_nfe}")
     nfe = None if args.bpd_estimator == "full" else args.bpd_nfe
     generator = torch.Generator().manual_seed(args.seed)
     samples = test_samples[: args.bpd_num_samples]
@@ -189,25 +235,50 @@ def format_scale(scale):
     return f"{scale:g}"
 
 
+def write_report(report, path):
+    """Write the report so far, atomically: what is computed is saved before anything that can still fail."""
+    temporary = f"{path}.tmp"
+    with open(temporary, "w") as handle:
+        json.dump(report, handle, indent=2)
+    os.replace(temporary, path)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    from diffusers import DiffusionPipeline
+
     from ..pipelines import ClassifierFreeGuidancePipeline, ClassifierGuidedPipeline
 
-    check_arguments(args)
-    check_output_dir(args.output_dir, args.overwrite_output_dir)
+    with checked_before_work():
+        require_extras("hvae-evaluate", "training", "plots")
+        check_arguments(args)
+        unconditional = load_sampling_pipeline(args.pipeline_dir, "none")
+        check_pipeline(args, unconditional.scheduler)
+        vae = unconditional.vae
+        if vae is not None:
+            check_continuous_vae(vae, argument="--pipeline_dir")
+            check_latent_setting(vae, args.resolution, argument="--resolution")
+        # classifier-free guidance needs a ClassifierFreeGuidancePipeline: other pipelines evaluate without it
+        cfg_pipe = DiffusionPipeline.from_pretrained(args.pipeline_dir)
+        if not isinstance(cfg_pipe, ClassifierFreeGuidancePipeline):
+            cfg_pipe = None
+        other = None
+        if args.compare_pipeline_dir is not None:
+            other = load_sampling_pipeline(args.compare_pipeline_dir, "none")
+            check_pipeline(args, other.scheduler)
+        guided = None
+        if args.classifier_dir is not None:
+            guided = load_sampling_pipeline(args.pipeline_dir, "classifier", args.classifier_dir)
+        inception = InceptionFeatures(args.inception_weights) if args.inception_weights is not None else None
+        train_dataset, test_dataset, num_classes, _, _ = load_test_split(
+            args, args.resolution or pipeline_resolution(unconditional)
+        )
+        train_samples, train_labels = stack_dataset(train_dataset)
+        test_samples, test_labels = stack_dataset(test_dataset)
     apply_num_threads(args.num_threads)
     started = time.time()
     os.makedirs(args.output_dir, exist_ok=True)
-    unconditional = load_sampling_pipeline(args.pipeline_dir, "none")
-    vae = unconditional.vae
-    if vae is not None:
-        check_continuous_vae(vae, argument="--pipeline_dir")
-        check_latent_setting(vae, args.resolution, argument="--resolution")
-    train_dataset, test_dataset, num_classes, _, _ = load_test_split(
-        args, args.resolution or pipeline_resolution(unconditional)
-    )
-    train_samples, train_labels = stack_dataset(train_dataset)
-    test_samples, test_labels = stack_dataset(test_dataset)
+    report_path = os.path.join(args.output_dir, "evaluation.json")
     feature_classifier = load_or_train_feature_classifier(
         os.path.join(args.output_dir, "feature_classifier.safetensors"),
         train_samples,
@@ -218,22 +289,27 @@ def main(argv=None):
     report = {
         "pipeline_dir": args.pipeline_dir,
         "num_inference_steps": args.num_inference_steps,
+        "feature_space": "the feature classifier (feature_classifier.safetensors, trained on the train split): "
+        "frechet_distance and kid here are not Inception FID/KID"
+        + ("; fid and inception_kid are" if inception is not None else ""),
         "feature_classifier_test_accuracy": classifier_accuracy(feature_classifier, test_samples, test_labels),
     }
-    # the Fréchet distance between real sets of the same size: the floor that sample noise alone gives
+    # the distances between real sets of the same size: the floor that sample noise alone gives
     reference = train_samples[
         torch.randperm(len(train_samples), generator=torch.Generator().manual_seed(0))[: len(test_samples)]
     ]
     report["frechet_distance_train_vs_test"] = feature_frechet_distance(feature_classifier, reference, test_samples)
+    report["train_vs_test"] = quality_of(feature_classifier, inception, reference, test_samples, args.seed)
 
     # --- bits/dim of the unconditional model ε(x_t, ∅): in pixels, through the VAE for a latent model
     elbo = bits_per_dim_report(unconditional, test_samples, args)
+    elbo["images"] = images_label(elbo["num_samples"], len(test_samples))
+    report["elbo"] = elbo
+    write_report(report, report_path)
     if vae is None:
         plot_denoising_terms(elbo, os.path.join(args.output_dir, "elbo_denoising_terms.png"))
-    report["elbo"] = elbo
-    print(f"test bits/dim: {elbo['summary']}", flush=True)
-    if args.compare_pipeline_dir is not None:
-        other = load_sampling_pipeline(args.compare_pipeline_dir, "none")
+    print(f"test bits/dim ({elbo['images']}): {elbo['summary']}", flush=True)
+    if other is not None:
         resolution = pipeline_resolution(other)
         other_test_samples, _ = stack_dataset(load_test_split(args, resolution)[1])
         other_elbo = bits_per_dim_report(other, other_test_samples, args)
@@ -245,13 +321,12 @@ def main(argv=None):
                 for key in ("bits_per_dim", "standard_error", "bits_per_image", "summary", "num_samples")
             },
         }
+        write_report(report, report_path)
         print(f"test bits/dim of {args.compare_pipeline_dir}: {other_elbo['summary']}", flush=True)
     scheduler = denoiser_scheduler(unconditional)
 
     # --- the noisy classifier of classifier guidance: accuracy and calibration against t
-    guided = None
-    if args.classifier_dir is not None:
-        guided = load_sampling_pipeline(args.pipeline_dir, "classifier", args.classifier_dir)
+    if guided is not None:
         report["classifier_calibration"] = noisy_classifier_calibration(
             guided.classifier.eval(),
             scheduler,
@@ -262,6 +337,7 @@ def main(argv=None):
             num_bands=args.calibration_bands,
             generator=torch.Generator().manual_seed(args.seed),
         )
+        write_report(report, report_path)
 
     # --- sample quality
     def evaluate_samples(name, pipe, guidance, scale, labels, count):
@@ -272,10 +348,7 @@ def main(argv=None):
         image_grid(samples[: 10 * min(10, -(-count // 10))], num_columns=10).save(
             os.path.join(args.output_dir, f"grid_{name}.png")
         )
-        result = {
-            "num_samples": count,
-            "frechet_distance": feature_frechet_distance(feature_classifier, samples, test_samples),
-        }
+        result = {"num_samples": count, **quality_of(feature_classifier, inception, samples, test_samples, args.seed)}
         if guidance != "none":
             result["guided_accuracy"] = classifier_accuracy(
                 feature_classifier, samples, torch.as_tensor(sample_labels)
@@ -285,19 +358,23 @@ def main(argv=None):
     report["unconditional"] = evaluate_samples(
         "unconditional", unconditional, "none", 0.0, None, args.num_unconditional_samples
     )
+    write_report(report, report_path)
     labels = list(range(num_classes))
     count = args.num_samples_per_class * num_classes
-    cfg_pipe = load_sampling_pipeline(args.pipeline_dir, "cfg") if args.guidance_scales else None
-    if isinstance(cfg_pipe, ClassifierFreeGuidancePipeline):
-        report["cfg"] = {
-            format_scale(w): evaluate_samples(f"cfg_{format_scale(w)}", cfg_pipe, "cfg", w, labels, count)
-            for w in args.guidance_scales
-        }
+    if cfg_pipe is not None and args.guidance_scales:
+        report["cfg"] = {}
+        for w in args.guidance_scales:
+            report["cfg"][format_scale(w)] = evaluate_samples(
+                f"cfg_{format_scale(w)}", cfg_pipe, "cfg", w, labels, count
+            )
+            write_report(report, report_path)
     if guided is not None and args.guidance_scales:
-        report["classifier"] = {
-            format_scale(g): evaluate_samples(f"classifier_{format_scale(g)}", guided, "classifier", g, labels, count)
-            for g in args.guidance_scales
-        }
+        report["classifier"] = {}
+        for g in args.guidance_scales:
+            report["classifier"][format_scale(g)] = evaluate_samples(
+                f"classifier_{format_scale(g)}", guided, "classifier", g, labels, count
+            )
+            write_report(report, report_path)
     if args.clipping_sweep:
         swept = {"classifier-free": cfg_pipe, "classifier": guided}
         swept = {
@@ -314,19 +391,41 @@ def main(argv=None):
                 num_inference_steps=args.num_inference_steps,
                 seed=args.seed,
             )
+            write_report(report, report_path)
             plot_guidance_sweep(
                 report["guidance_sweep"], os.path.join(args.output_dir, "guidance_sweep.png"), chance=1 / num_classes
             )
     report["wall_time_seconds"] = time.time() - started
-    with open(os.path.join(args.output_dir, "evaluation.json"), "w") as handle:
-        json.dump(report, handle, indent=2)
+    write_report(report, report_path)
     summary = {key: value for key, value in report.items() if key != "elbo"}
     summary["bits_per_dim"] = elbo["bits_per_dim"]
     summary["bits_per_dim_standard_error"] = elbo["standard_error"]
+    summary["bits_per_dim_images"] = elbo["images"]
     summary["bits_per_dim_summary"] = elbo["summary"]
     print(json.dumps(summary, indent=1))
     return report
 
 
+def images_label(num_used, num_test):
+    """Which images a bits/dim was computed on, for the reports that print it."""
+    if num_used == num_test:
+        return f"all {num_test} images of the test split"
+    return f"the first {num_used} of the {num_test} images of the test split"
+
+
+def quality_of(feature_classifier, inception, samples, reference, seed):
+    """Fréchet distance and KID of ``samples`` against ``reference`` in the feature classifier's space, and with an
+    Inception file, the FID and KID of the literature (``fid``, ``inception_kid``)."""
+    result = sample_quality(feature_classifier, samples, reference, torch.Generator().manual_seed(seed))
+    if inception is not None:
+        inception_quality = sample_quality(inception, samples, reference, torch.Generator().manual_seed(seed))
+        result["fid"] = inception_quality["frechet_distance"]
+        result["inception_kid"] = inception_quality["kid"]
+        result["inception_kid_standard_error"] = inception_quality["kid_standard_error"]
+    return result
+
+
 if __name__ == "__main__":
-    main()
+    from . import evaluate_cli
+
+    evaluate_cli()

@@ -23,20 +23,29 @@ only with --overwrite_output_dir. The figures (PNG, in --output_dir) are drawn b
 --digits_dir is the output folder of ``hvae-demo`` (its ``denoiser/`` and ``classifier_guided/`` pipelines).
 """
 
-import argparse
 import json
 import os
 import time
 
 import torch
 
-from ..training.cli import add_num_threads_argument, add_overwrite_argument, apply_num_threads, check_output_dir
+from ..training.cli import (
+    add_num_threads_argument,
+    add_overwrite_argument,
+    apply_num_threads,
+    check_num_threads,
+    check_output_dir,
+    checked_before_work,
+    parse_with_defaults_shown,
+    program_parser,
+    require_extras,
+)
 
 OBJECTIVES = {"x0": "sample", "epsilon": "epsilon", "score": "score"}
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = program_parser("hvae-toy2d", __doc__)
     parser.add_argument("--output_dir", default="runs/toy2d/figures", help="where the PNGs go")
     add_overwrite_argument(parser)
     parser.add_argument(
@@ -61,7 +70,7 @@ def parse_args(argv=None):
     add_num_threads_argument(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a few steps of everything (a smoke test)")
-    return parser.parse_args(argv)
+    return parse_with_defaults_shown(parser, argv)
 
 
 def toy_scheduler(num_train_timesteps=1000, prediction_type="epsilon"):
@@ -91,6 +100,7 @@ def train_toy_model(name, make_model, loss_fn, dataset, pipeline_of, args):
 
     config = TrainingConfig(
         output_dir=os.path.join(args.work_dir, name),
+        overwrite_output_dir=args.overwrite_output_dir,  # work_dir was checked as a whole
         train_batch_size=args.train_batch_size,
         max_train_steps=args.max_train_steps,
         learning_rate=args.learning_rate,
@@ -291,13 +301,21 @@ def digits_figures(args):
     )
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def check_arguments(args):
+    """Every flag against its range and the others, before any work."""
     if args.skip_toy and args.digits_dir is None:
         raise ValueError("--skip_toy leaves nothing to draw without --digits_dir")
+    check_num_threads(args.num_threads)
     check_output_dir(args.output_dir, args.overwrite_output_dir)
     if not args.skip_toy:
         check_output_dir(args.work_dir, args.overwrite_output_dir)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    with checked_before_work():
+        require_extras("hvae-toy2d", "training", "plots")
+        check_arguments(args)
     apply_num_threads(args.num_threads)
     if args.quick:
         args.max_train_steps, args.num_samples, args.num_inference_steps, args.elbo_num_samples = 5, 512, 5, 64

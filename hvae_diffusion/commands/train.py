@@ -12,10 +12,8 @@ layout, a README.md model card, sample grids under ``samples/`` and checkpoints 
 final sample grid and the bits/dim evaluation.
 """
 
-import argparse
 import json
 import os
-import sys
 
 import torch
 
@@ -26,8 +24,14 @@ from ..scheduling_hvae import VARIANCE_TYPES
 from ..training.cli import (
     add_data_arguments,
     add_training_arguments,
+    apply_num_threads,
+    check_number,
+    checked_before_work,
     load_training_data,
+    parse_with_defaults_shown,
+    program_parser,
     push_output_dir,
+    require_extras,
     training_config_from_args,
     warn_if_single_threaded,
 )
@@ -45,13 +49,13 @@ from ..training.latents import (
     load_vae,
     vae_downsampling_factor,
 )
-from ..training.loop import NonFiniteLossError, make_accelerator, train
+from ..training.loop import make_accelerator, train
 from ..training.losses import DiffusionLoss
 from ..training.sampling import DEFAULT_GUIDANCE_SCALE
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = program_parser("hvae-train", __doc__)
     add_data_arguments(parser)
     model = parser.add_argument_group("model")
     model.add_argument(
@@ -112,7 +116,7 @@ def parse_args(argv=None):
     evaluation.add_argument("--skip_elbo", action="store_true", help="no test bits/dim at the end")
     evaluation.add_argument("--elbo_num_samples", type=int, default=256)
     add_training_arguments(parser, learning_rate=1e-3)
-    return parser.parse_args(argv)
+    return parse_with_defaults_shown(parser, argv)
 
 
 def make_scheduler(args):
@@ -158,19 +162,26 @@ def load_text_components(args):
 
 def check_arguments(args, scheduler):
     """Every flag against every other, before any data is loaded or any step is taken."""
+    check_number("--cond_drop_prob", args.cond_drop_prob, minimum=0, below=1)
     if args.cond_drop_prob > 0 and args.conditioning == "none":
         raise ValueError("--cond_drop_prob needs --conditioning class or text")
-    if not 0 <= args.cond_drop_prob < 1:
-        raise ValueError(f"--cond_drop_prob must lie in [0, 1), got {args.cond_drop_prob}")
-    if args.snr_gamma <= 0:
-        raise ValueError(f"--snr_gamma must be > 0, got {args.snr_gamma}")
-    if args.guidance_scale < 0:
-        raise ValueError(f"--guidance_scale must be >= 0, got {args.guidance_scale}")
-    if args.elbo_timesteps < 1 or args.elbo_num_samples < 1:
-        raise ValueError(
-            f"--elbo_timesteps and --elbo_num_samples must be >= 1, got {args.elbo_timesteps} and "
-            f"{args.elbo_num_samples} (pass --skip_elbo to skip the bits/dim)"
-        )
+    check_number("--snr_gamma", args.snr_gamma, above=0)
+    check_number("--guidance_scale", args.guidance_scale, minimum=0)
+    if args.num_train_timesteps < 1:
+        raise ValueError(f"--num_train_timesteps must be >= 1, got {args.num_train_timesteps}")
+    if args.num_inference_steps < 1:
+        raise ValueError(f"--num_inference_steps must be >= 1, got {args.num_inference_steps}")
+    if not args.skip_elbo:
+        if args.elbo_timesteps < 1 or args.elbo_num_samples < 1:
+            raise ValueError(
+                f"--elbo_timesteps and --elbo_num_samples must be >= 1, got {args.elbo_timesteps} and "
+                f"{args.elbo_num_samples} (pass --skip_elbo to skip the bits/dim)"
+            )
+        if scheduler.config.num_train_timesteps < 2:
+            raise ValueError(
+                f"--num_train_timesteps={scheduler.config.num_train_timesteps} leaves the bits/dim no latent to "
+                "sample (the bound needs T >= 2); pass --skip_elbo, or train with more timesteps"
+            )
     try:  # the sampler's own check, as the final sample grid will run it
         HVAEScheduler.from_config(scheduler.config).set_timesteps(args.num_inference_steps)
     except ValueError as error:
@@ -181,132 +192,135 @@ def check_arguments(args, scheduler):
 
 
 def main(argv=None) -> None:
-    """Run ``hvae-train``; a non-finite loss exits with status 1 and a report of what is known.
+    """Run ``hvae-train``: a ``UsageError`` for a flag or input refused before the first step; a non-finite loss
+    raises ``NonFiniteLossError`` (the console script prints it and exits with status 1).
 
     Returns nothing, so that the console script exits with status 0; ``run(parse_args(argv))`` returns the
     ``TrainingResult``."""
-    try:
-        run(parse_args(argv))
-    except NonFiniteLossError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    run(parse_args(argv))
 
 
 def run(args):
-    warn_if_single_threaded()
-    scheduler = make_scheduler(args)
-    check_arguments(args, scheduler)
-    config = training_config_from_args(
-        args,
-        extra_log_config={
-            "prediction_type": scheduler.config.prediction_type,
-            "variance_type": scheduler.config.variance_type,
-            "loss_weighting": args.loss_weighting,
-        },
-    )
-    vae = None
-    if args.vae_dir is not None:
-        vae = load_vae(args.vae_dir).eval().requires_grad_(False)
-        check_latent_setting(vae, args.resolution, unet_config_of(args))
-    train_dataset, test_dataset, num_classes, resolution, channels = load_training_data(
-        args, need_labels=args.conditioning == "class", need_captions=args.conditioning == "text"
-    )
-    if args.conditioning != "class":
-        train_dataset.label_column = None  # unconditional and text models ignore the labels
-    learned_variance = scheduler.config.variance_type == "learned_range"
-    num_class_embeds = num_classes + 1 if args.conditioning == "class" else None
-    model_resolution, model_channels = resolution, channels
-    if vae is not None:
-        check_latent_setting(vae, resolution, unet_config_of(args), channels)
-        model_resolution, model_channels = resolution // vae_downsampling_factor(vae), vae.config.latent_channels
-    torch.manual_seed(args.seed)
-    unet = build_unet(
-        args.unet_config,
-        args.pretrained_model_name_or_path,
-        resolution=model_resolution,
-        channels=model_channels,
-        num_class_embeds=num_class_embeds,
-        learned_variance=learned_variance,
-    )
-    if args.conditioning == "class" and getattr(unet.config, "num_class_embeds", None) != num_class_embeds:
-        raise ValueError(
-            f"--conditioning class needs a UNet with num_class_embeds = num_classes + 1 = {num_class_embeds} (the "
-            f"last is the null label), got {getattr(unet.config, 'num_class_embeds', None)}"
+    with checked_before_work():
+        require_extras("hvae-train", "training", *(["text"] if args.conditioning == "text" else []))
+        scheduler = make_scheduler(args)
+        check_arguments(args, scheduler)
+        config = training_config_from_args(
+            args,
+            extra_log_config={
+                "prediction_type": scheduler.config.prediction_type,
+                "variance_type": scheduler.config.variance_type,
+                "loss_weighting": args.loss_weighting,
+            },
         )
-    text_encoder = tokenizer = None
-    if args.conditioning == "text":
-        text_encoder, tokenizer = load_text_components(args)
-
-    def pipeline_of(model):
-        return denoiser_pipeline(
-            model, HVAEScheduler.from_config(scheduler.config), args.conditioning, text_encoder, tokenizer, vae=vae
+        vae = None
+        if args.vae_dir is not None:
+            vae = load_vae(args.vae_dir).eval().requires_grad_(False)
+            check_latent_setting(vae, args.resolution, unet_config_of(args))
+        train_dataset, test_dataset, num_classes, resolution, channels = load_training_data(
+            args, need_labels=args.conditioning == "class", need_captions=args.conditioning == "text"
         )
-
-    # the pipeline's prompt encoder is the one training conditions on
-    encode_prompt = pipeline_of(unet).encode_prompt if args.conditioning == "text" else None
-    loss_fn = DiffusionLoss(
-        scheduler,
-        args.loss_weighting,
-        args.snr_gamma,
-        args.cond_drop_prob,
-        null_label=num_classes if args.conditioning == "class" else None,
-    )
-    if vae is not None:
-        train_dataset = LatentDataset.encode(vae, train_dataset)
-        scaling_factor, shift_factor = latent_scaling(train_dataset.means, train_dataset.stds)
-        # the saved pipeline's vae/config.json carries the scaling the denoiser was trained with
-        vae.register_to_config(scaling_factor=scaling_factor, shift_factor=shift_factor)
-        loss_fn = LatentDiffusionLoss(loss_fn, scaling_factor, shift_factor)
-
-    def sample_fn(model, step):
-        pipe = pipeline_of(model)
-        pipe.set_progress_bar_config(disable=True)
-        generator = torch.Generator().manual_seed(args.seed)
-        kwargs = {"batch_size": 20}
-        if args.conditioning == "class":
-            labels = [i % num_classes for i in range(2 * num_classes)]
-            kwargs = {"class_labels": labels, "guidance_scale": args.guidance_scale}
-        elif args.conditioning == "text":
-            prompts = [test_dataset[i]["prompt"] for i in range(min(8, len(test_dataset)))]
-            kwargs = {"prompt": prompts, "guidance_scale": args.guidance_scale}
-        images = pipe(
-            num_inference_steps=args.num_inference_steps, generator=generator, output_type="pt", **kwargs
-        ).images
-        return image_grid(images * 2 - 1, num_columns=num_classes or 10)
-
-    def save_fn(model, output_dir):
-        pipeline_of(model).save_pretrained(output_dir)
-
-    def evaluate_fn(model):
-        test_samples, _ = stack_dataset(
-            torch.utils.data.Subset(test_dataset, range(min(args.elbo_num_samples, len(test_dataset))))
-        )
-        denoiser = null_conditioned(model, num_classes if args.conditioning == "class" else None, encode_prompt)
-        nfe = min(args.elbo_timesteps, scheduler.config.num_train_timesteps - 1) + 1
-        generator = torch.Generator().manual_seed(0)
+        if args.conditioning != "class":
+            train_dataset.label_column = None  # unconditional and text models ignore the labels
+        learned_variance = scheduler.config.variance_type == "learned_range"
+        num_class_embeds = num_classes + 1 if args.conditioning == "class" else None
+        model_resolution, model_channels = resolution, channels
         if vae is not None:
-            report = latent_elbo_report(
-                vae,
-                diffusion_elbo_of(HVAEScheduler.from_config(scheduler.config), denoiser, "importance", nfe, generator),
-                test_samples,
-                batch_size=len(test_samples),
-                generator=generator,
+            check_latent_setting(vae, resolution, unet_config_of(args), channels)
+            model_resolution, model_channels = resolution // vae_downsampling_factor(vae), vae.config.latent_channels
+        torch.manual_seed(args.seed)
+        unet = build_unet(
+            args.unet_config,
+            args.pretrained_model_name_or_path,
+            resolution=model_resolution,
+            channels=model_channels,
+            num_class_embeds=num_class_embeds,
+            learned_variance=learned_variance,
+        )
+        check_unet_input_size(unet, model_resolution, resolution, vae is not None)
+        if args.conditioning == "class" and getattr(unet.config, "num_class_embeds", None) != num_class_embeds:
+            raise ValueError(
+                f"--conditioning class needs a UNet with num_class_embeds = num_classes + 1 = {num_class_embeds} (the "
+                f"last is the null label), got {getattr(unet.config, 'num_class_embeds', None)}"
             )
-        else:
-            report = elbo_report(
-                HVAEScheduler.from_config(scheduler.config),
-                denoiser,
-                test_samples,
-                "importance",
-                nfe,
-                generator=generator,
-            )
-        return {
-            "test_bits_per_dim": report["bits_per_dim"],
-            "test_bits_per_dim_standard_error": report["standard_error"],
-        }
+        text_encoder = tokenizer = None
+        if args.conditioning == "text":
+            text_encoder, tokenizer = load_text_components(args)
 
-    accelerator = make_accelerator(config)
+        def pipeline_of(model):
+            return denoiser_pipeline(
+                model, HVAEScheduler.from_config(scheduler.config), args.conditioning, text_encoder, tokenizer, vae=vae
+            )
+
+        # the pipeline's prompt encoder is the one training conditions on
+        encode_prompt = pipeline_of(unet).encode_prompt if args.conditioning == "text" else None
+        loss_fn = DiffusionLoss(
+            scheduler,
+            args.loss_weighting,
+            args.snr_gamma,
+            args.cond_drop_prob,
+            null_label=num_classes if args.conditioning == "class" else None,
+        )
+        if vae is not None:
+            train_dataset = LatentDataset.encode(vae, train_dataset)
+            scaling_factor, shift_factor = latent_scaling(train_dataset.means, train_dataset.stds)
+            # the saved pipeline's vae/config.json carries the scaling the denoiser was trained with
+            vae.register_to_config(scaling_factor=scaling_factor, shift_factor=shift_factor)
+            loss_fn = LatentDiffusionLoss(loss_fn, scaling_factor, shift_factor)
+
+        def sample_fn(model, step):
+            pipe = pipeline_of(model)
+            pipe.set_progress_bar_config(disable=True)
+            generator = torch.Generator().manual_seed(args.seed)
+            kwargs = {"batch_size": 20}
+            if args.conditioning == "class":
+                labels = [i % num_classes for i in range(2 * num_classes)]
+                kwargs = {"class_labels": labels, "guidance_scale": args.guidance_scale}
+            elif args.conditioning == "text":
+                prompts = [test_dataset[i]["prompt"] for i in range(min(8, len(test_dataset)))]
+                kwargs = {"prompt": prompts, "guidance_scale": args.guidance_scale}
+            images = pipe(
+                num_inference_steps=args.num_inference_steps, generator=generator, output_type="pt", **kwargs
+            ).images
+            return image_grid(images * 2 - 1, num_columns=num_classes or 10)
+
+        def save_fn(model, output_dir):
+            pipeline_of(model).save_pretrained(output_dir)
+
+        def evaluate_fn(model):
+            test_samples, _ = stack_dataset(
+                torch.utils.data.Subset(test_dataset, range(min(args.elbo_num_samples, len(test_dataset))))
+            )
+            denoiser = null_conditioned(model, num_classes if args.conditioning == "class" else None, encode_prompt)
+            nfe = min(args.elbo_timesteps, scheduler.config.num_train_timesteps - 1) + 1
+            generator = torch.Generator().manual_seed(0)
+            if vae is not None:
+                report = latent_elbo_report(
+                    vae,
+                    diffusion_elbo_of(
+                        HVAEScheduler.from_config(scheduler.config), denoiser, "importance", nfe, generator
+                    ),
+                    test_samples,
+                    batch_size=len(test_samples),
+                    generator=generator,
+                )
+            else:
+                report = elbo_report(
+                    HVAEScheduler.from_config(scheduler.config),
+                    denoiser,
+                    test_samples,
+                    "importance",
+                    nfe,
+                    generator=generator,
+                )
+            return {
+                "test_bits_per_dim": report["bits_per_dim"],
+                "test_bits_per_dim_standard_error": report["standard_error"],
+            }
+
+        accelerator = make_accelerator(config)
+    apply_num_threads(args.num_threads)
+    warn_if_single_threaded()
     result = train(
         config,
         unet,
@@ -358,6 +372,19 @@ def run(args):
     if args.push_to_hub:
         push_output_dir(args)
     return result
+
+
+def check_unet_input_size(unet, size, resolution, latent=False):
+    """Refuse an input ``size`` the UNet's downsampling cannot take (its skip connections would not match at step
+    1): each down block but the last halves the size, so it must be a multiple of 2^(blocks − 1)."""
+    factor = 2 ** (len(unet.config.down_block_types) - 1)
+    if size % factor:
+        latents = f" (latents of {size}x{size})" if latent else ""
+        raise ValueError(
+            f"--resolution={resolution}{latents}: the UNet's {len(unet.config.down_block_types)} down blocks "
+            f"downsample by {factor}, so its input size must be a multiple of {factor}; pass a --resolution that "
+            "gives one"
+        )
 
 
 def unet_config_of(args):

@@ -10,21 +10,25 @@ of timesteps goes to ``classifier_accuracy.json``. With ``--vae_dir`` (or a late
 classifier is trained on a fresh z_0 ~ q(z_0 | x) per step, scaled as the VAE config says, like the denoiser.
 """
 
-import argparse
 import json
 import os
-import sys
 
 import torch
 
 from .. import HVAEScheduler
 from ..models import NoisyClassifier
+from ..models.noisy_classifier import POOLINGS
 from ..pipelines.serialization import load_denoiser_scheduler
 from ..training.cli import (
     add_data_arguments,
     add_training_arguments,
+    apply_num_threads,
+    checked_before_work,
     load_training_data,
+    parse_with_defaults_shown,
+    program_parser,
     push_output_dir,
+    require_extras,
     training_config_from_args,
     warn_if_single_threaded,
 )
@@ -39,12 +43,12 @@ from ..training.latents import (
     scaled_latents_of,
     vae_downsampling_factor,
 )
-from ..training.loop import NonFiniteLossError, make_accelerator, train
+from ..training.loop import make_accelerator, train
 from ..training.losses import NoisyClassifierLoss
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = program_parser("hvae-train-classifier", __doc__)
     add_data_arguments(parser)
     parser.add_argument(
         "--denoiser_dir",
@@ -59,11 +63,20 @@ def parse_args(argv=None):
         "default: the vae of --denoiser_dir, if it has one",
     )
     parser.add_argument("--classifier_config", default=None, help="a NoisyClassifier config.json")
+    parser.add_argument(
+        "--init_from_denoiser",
+        action="store_true",
+        help="start the classifier from the encoder half of --denoiser_dir's UNet (NoisyClassifier.from_unet): "
+        "its features already say what x_t tells of x_0 at every t",
+    )
+    parser.add_argument(
+        "--pooling", choices=POOLINGS, default="mean", help="with --init_from_denoiser: the new head's pooling"
+    )
     parser.add_argument("--num_train_timesteps", type=int, default=1000)
     parser.add_argument("--beta_schedule", default="squaredcos_cap_v2")
     parser.add_argument("--num_timestep_bands", type=int, default=5, help="accuracy is reported per band of t")
     add_training_arguments(parser, learning_rate=2e-3)
-    return parser.parse_args(argv)
+    return parse_with_defaults_shown(parser, argv)
 
 
 @torch.no_grad()
@@ -86,58 +99,97 @@ def accuracy_by_timestep_band(classifier, scheduler, samples, labels, num_bands,
 
 
 def main(argv=None) -> None:
-    """Run ``hvae-train-classifier``; a non-finite loss exits with status 1 and a report of what is known.
+    """Run ``hvae-train-classifier``: a ``UsageError`` for a flag or input refused before the first step; a
+    non-finite loss raises ``NonFiniteLossError`` (the console script prints it and exits with status 1).
 
     Returns nothing, so that the console script exits with status 0; ``run(parse_args(argv))`` returns the
     ``TrainingResult``."""
-    try:
-        run(parse_args(argv))
-    except NonFiniteLossError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    run(parse_args(argv))
+
+
+def classifier_from_denoiser(denoiser_dir, num_classes, pooling="mean"):
+    """``NoisyClassifier.from_unet`` on the UNet of a saved denoiser pipeline, with ∅ of a class-conditional one."""
+    from diffusers import UNet2DModel
+
+    from ..pipelines import null_class_label
+
+    unet = UNet2DModel.from_pretrained(denoiser_dir, subfolder="unet")
+    return NoisyClassifier.from_unet(
+        unet, num_classes, pooling=pooling, null_class_label=null_class_label(unet.config)
+    )
+
+
+def check_arguments(args):
+    """The program's own flags against their ranges, before any work (``training_config_from_args`` checks the
+    shared ones)."""
+    if args.num_timestep_bands < 1:
+        raise ValueError(f"--num_timestep_bands must be >= 1, got {args.num_timestep_bands}")
+    if args.num_train_timesteps < 1:
+        raise ValueError(f"--num_train_timesteps must be >= 1, got {args.num_train_timesteps}")
+    if args.denoiser_dir is not None and not os.path.isfile(
+        os.path.join(args.denoiser_dir, "scheduler", "scheduler_config.json")
+    ):
+        raise ValueError(f"--denoiser_dir={args.denoiser_dir!r} is not a saved pipeline (no scheduler/ folder)")
+    if args.init_from_denoiser and args.denoiser_dir is None:
+        raise ValueError("--init_from_denoiser needs --denoiser_dir (the UNet whose encoder it copies)")
+    if args.init_from_denoiser and args.classifier_config is not None:
+        raise ValueError("--init_from_denoiser and --classifier_config both choose the architecture: give one")
+    if args.init_from_denoiser and not os.path.isdir(os.path.join(args.denoiser_dir, "unet")):
+        raise ValueError(f"--init_from_denoiser needs a UNet2DModel in {args.denoiser_dir}/unet")
 
 
 def run(args):
-    warn_if_single_threaded()
-    config = training_config_from_args(args)
-    if args.denoiser_dir is not None:
-        if not os.path.isfile(os.path.join(args.denoiser_dir, "scheduler", "scheduler_config.json")):
-            raise ValueError(f"--denoiser_dir={args.denoiser_dir!r} is not a saved pipeline (no scheduler/ folder)")
-        scheduler = load_denoiser_scheduler(args.denoiser_dir)
-    else:
-        scheduler = HVAEScheduler(num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule)
-    vae_dir = args.vae_dir
-    if vae_dir is None and args.denoiser_dir is not None and os.path.isdir(os.path.join(args.denoiser_dir, "vae")):
-        vae_dir = args.denoiser_dir  # the denoiser's latents are the ones guidance will classify
-    vae = load_vae(vae_dir).eval().requires_grad_(False) if vae_dir is not None else None
-    if vae is not None:
-        check_latent_setting(vae, args.resolution)
-    train_dataset, test_dataset, num_classes, resolution, channels = load_training_data(args, need_labels=True)
-    loss_fn = NoisyClassifierLoss(scheduler)
-    test_samples, test_labels = stack_dataset(test_dataset)
-    if vae is not None:
-        check_latent_setting(vae, resolution, channels=channels)
-        resolution, channels = resolution // vae_downsampling_factor(vae), vae.config.latent_channels
-        scaling = (vae.config.scaling_factor, getattr(vae.config, "shift_factor", None))
-        train_dataset = LatentDataset.encode(vae, train_dataset)
-        loss_fn = LatentDiffusionLoss(loss_fn, *scaling)
-        test_samples = scaled_latents_of(vae, test_samples, torch.Generator().manual_seed(args.seed))
-    torch.manual_seed(args.seed)
-    if args.classifier_config is not None:
-        with open(args.classifier_config) as handle:
-            classifier = NoisyClassifier.from_config(json.load(handle))
-    else:
-        classifier = NoisyClassifier.from_config(default_classifier_config(resolution, channels, num_classes))
-    if classifier.config.num_classes != num_classes:
-        raise ValueError(f"the classifier has {classifier.config.num_classes} classes but the data has {num_classes}")
-
-    def save_fn(model, output_dir):
-        if args.denoiser_dir is None:
-            model.save_pretrained(output_dir)
+    with checked_before_work():
+        require_extras("hvae-train-classifier", "training")
+        check_arguments(args)
+        config = training_config_from_args(args)
+        if args.denoiser_dir is not None:
+            scheduler = load_denoiser_scheduler(args.denoiser_dir)
         else:
-            classifier_guided_pipeline(args.denoiser_dir, model).save_pretrained(output_dir)
+            scheduler = HVAEScheduler(num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule)
+        if args.num_timestep_bands > scheduler.config.num_train_timesteps:
+            raise ValueError(
+                f"--num_timestep_bands={args.num_timestep_bands} exceeds the {scheduler.config.num_train_timesteps} "
+                "training timesteps (each band needs at least one)"
+            )
+        vae_dir = args.vae_dir
+        if vae_dir is None and args.denoiser_dir is not None and os.path.isdir(os.path.join(args.denoiser_dir, "vae")):
+            vae_dir = args.denoiser_dir  # the denoiser's latents are the ones guidance will classify
+        vae = load_vae(vae_dir).eval().requires_grad_(False) if vae_dir is not None else None
+        if vae is not None:
+            check_latent_setting(vae, args.resolution)
+        train_dataset, test_dataset, num_classes, resolution, channels = load_training_data(args, need_labels=True)
+        loss_fn = NoisyClassifierLoss(scheduler)
+        test_samples, test_labels = stack_dataset(test_dataset)
+        if vae is not None:
+            check_latent_setting(vae, resolution, channels=channels)
+            resolution, channels = resolution // vae_downsampling_factor(vae), vae.config.latent_channels
+            scaling = (vae.config.scaling_factor, getattr(vae.config, "shift_factor", None))
+            train_dataset = LatentDataset.encode(vae, train_dataset)
+            loss_fn = LatentDiffusionLoss(loss_fn, *scaling)
+            test_samples = scaled_latents_of(vae, test_samples, torch.Generator().manual_seed(args.seed))
+        torch.manual_seed(args.seed)
+        if args.init_from_denoiser:
+            classifier = classifier_from_denoiser(args.denoiser_dir, num_classes, args.pooling)
+        elif args.classifier_config is not None:
+            with open(args.classifier_config) as handle:
+                classifier = NoisyClassifier.from_config(json.load(handle))
+        else:
+            classifier = NoisyClassifier.from_config(default_classifier_config(resolution, channels, num_classes))
+        if classifier.config.num_classes != num_classes:
+            raise ValueError(
+                f"the classifier has {classifier.config.num_classes} classes but the data has {num_classes}"
+            )
 
-    accelerator = make_accelerator(config)
+        def save_fn(model, output_dir):
+            if args.denoiser_dir is None:
+                model.save_pretrained(output_dir)
+            else:
+                classifier_guided_pipeline(args.denoiser_dir, model).save_pretrained(output_dir)
+
+        accelerator = make_accelerator(config)
+    apply_num_threads(args.num_threads)
+    warn_if_single_threaded()
     result = train(config, classifier, loss_fn, train_dataset, save_fn=save_fn, accelerator=accelerator)
     if not accelerator.is_main_process:
         return result

@@ -9,11 +9,9 @@ log-scale (``decoder_log_scale``, refitted by maximum likelihood on the training
 README.md model card, reconstruction grids under ``samples/`` and ``training_summary.json``. docs/latent.md has more.
 """
 
-import argparse
 import json
 import math
 import os
-import sys
 
 import torch
 
@@ -46,9 +44,9 @@ vae = AutoencoderKL.from_pretrained("{{ repo_id }}")
 
 
 def parse_args(argv=None):
-    from ..training.cli import add_data_arguments, add_training_arguments
+    from ..training.cli import add_data_arguments, add_training_arguments, parse_with_defaults_shown, program_parser
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = program_parser("hvae-train-vae", __doc__)
     add_data_arguments(parser)
     model = parser.add_argument_group("model")
     model.add_argument(
@@ -74,7 +72,7 @@ def parse_args(argv=None):
     )
     objective.add_argument("--eval_num_samples", type=int, default=256, help="test images for the summary (0: skip)")
     add_training_arguments(parser, learning_rate=1e-3)
-    return parser.parse_args(argv)
+    return parse_with_defaults_shown(parser, argv)
 
 
 def build_vae(args, resolution, channels):
@@ -118,8 +116,34 @@ def build_vae(args, resolution, channels):
     return vae
 
 
+def check_arguments(args):
+    """The program's own flags against their ranges, before any work (``training_config_from_args`` checks the
+    shared ones)."""
+    from ..training.cli import check_number
+
+    if args.eval_num_samples < 0:
+        raise ValueError(f"--eval_num_samples must be >= 0, got {args.eval_num_samples}")
+    for name in ("latent_channels", "layers_per_block", "norm_num_groups"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if any(width < 1 for width in args.block_out_channels):
+        raise ValueError(f"--block_out_channels must all be >= 1, got {args.block_out_channels}")
+    check_number("--kl_weight", args.kl_weight, minimum=0)
+    check_number("--initial_log_scale", args.initial_log_scale)
+
+
 def main(argv=None):
-    from ..training.cli import load_training_data, push_output_dir, training_config_from_args, warn_if_single_threaded
+    """Run ``hvae-train-vae``: a ``UsageError`` for a flag or input refused before the first step; a non-finite loss
+    raises ``NonFiniteLossError`` (the console script prints it and exits with status 1)."""
+    from ..training.cli import (
+        apply_num_threads,
+        checked_before_work,
+        load_training_data,
+        push_output_dir,
+        require_extras,
+        training_config_from_args,
+        warn_if_single_threaded,
+    )
     from ..training.data import stack_dataset
     from ..training.evaluation import image_grid
     from ..training.latents import encode_posteriors, latent_scaling
@@ -127,36 +151,38 @@ def main(argv=None):
     from ..training.vae import VAELoss, VAEWithLikelihood, fit_decoder_log_scale, vae_report
 
     args = parse_args(argv)
+    with checked_before_work():
+        require_extras("hvae-train-vae", "training")
+        check_arguments(args)
+        loss_fn = VAELoss(args.kl_weight)
+        config = training_config_from_args(
+            args, tracker_project_name="train_vae", extra_log_config={"kl_weight": args.kl_weight}
+        )
+        train_dataset, test_dataset, _, resolution, channels = load_training_data(args)
+        train_dataset.label_column = None  # the VAE ignores labels
+        torch.manual_seed(args.seed)
+        model = VAEWithLikelihood.from_vae(build_vae(args, resolution, channels), args.initial_log_scale)
+        test_samples, _ = stack_dataset(
+            torch.utils.data.Subset(test_dataset, range(min(max(args.eval_num_samples, 10), len(test_dataset))))
+        )
+
+        def sample_fn(model, step):
+            originals = test_samples[:10]
+            reconstructions = model.vae.decode(model.vae.encode(originals).latent_dist.mean).sample
+            return image_grid(torch.cat([originals, reconstructions.clamp(-1, 1)]), num_columns=10)
+
+        def save_fn(model, output_dir):
+            train_samples, _ = stack_dataset(train_dataset)
+            model.log_scale.data = fit_decoder_log_scale(
+                model.vae, train_samples, generator=torch.Generator().manual_seed(args.seed)
+            ).to(model.log_scale)
+            with torch.no_grad():
+                scaling_factor, shift_factor = latent_scaling(*encode_posteriors(model.vae, train_samples))
+            model.export_vae(scaling_factor=scaling_factor, shift_factor=shift_factor).save_pretrained(output_dir)
+
+        accelerator = make_accelerator(config)
+    apply_num_threads(args.num_threads)
     warn_if_single_threaded()
-    loss_fn = VAELoss(args.kl_weight)
-    if args.eval_num_samples < 0:
-        raise ValueError(f"--eval_num_samples must be >= 0, got {args.eval_num_samples}")
-    config = training_config_from_args(
-        args, tracker_project_name="train_vae", extra_log_config={"kl_weight": args.kl_weight}
-    )
-    train_dataset, test_dataset, _, resolution, channels = load_training_data(args)
-    train_dataset.label_column = None  # the VAE ignores labels
-    torch.manual_seed(args.seed)
-    model = VAEWithLikelihood.from_vae(build_vae(args, resolution, channels), args.initial_log_scale)
-    test_samples, _ = stack_dataset(
-        torch.utils.data.Subset(test_dataset, range(min(max(args.eval_num_samples, 10), len(test_dataset))))
-    )
-
-    def sample_fn(model, step):
-        originals = test_samples[:10]
-        reconstructions = model.vae.decode(model.vae.encode(originals).latent_dist.mean).sample
-        return image_grid(torch.cat([originals, reconstructions.clamp(-1, 1)]), num_columns=10)
-
-    def save_fn(model, output_dir):
-        train_samples, _ = stack_dataset(train_dataset)
-        model.log_scale.data = fit_decoder_log_scale(
-            model.vae, train_samples, generator=torch.Generator().manual_seed(args.seed)
-        ).to(model.log_scale)
-        with torch.no_grad():
-            scaling_factor, shift_factor = latent_scaling(*encode_posteriors(model.vae, train_samples))
-        model.export_vae(scaling_factor=scaling_factor, shift_factor=shift_factor).save_pretrained(output_dir)
-
-    accelerator = make_accelerator(config)
     result = train(
         config, model, loss_fn, train_dataset, sample_fn=sample_fn, save_fn=save_fn, accelerator=accelerator
     )
@@ -208,10 +234,6 @@ def render_card(args, summary):
 
 
 if __name__ == "__main__":
-    from ..training.loop import NonFiniteLossError
+    from . import train_vae_cli
 
-    try:
-        main()
-    except NonFiniteLossError as error:  # the message names the last good checkpoint, which is kept
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    train_vae_cli()

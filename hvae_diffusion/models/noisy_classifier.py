@@ -163,6 +163,70 @@ class NoisyClassifier(ModelMixin, ConfigMixin):
             self.attention_pool = AttentionPool2d(height * width, block_out_channels[-1], pooling_num_heads)
         self.classifier_head = nn.Linear(block_out_channels[-1], num_classes)
 
+    @classmethod
+    def from_unet(
+        cls, unet, num_classes: int, pooling: str = "mean", pooling_num_heads: int = 4, null_class_label=None
+    ):
+        """A classifier whose features start as the denoiser's: the encoder half of a trained ``UNet2DModel``
+        (``conv_in``, the timestep embedding, the down blocks and the mid block) with a new pooled linear head.
+
+        The denoiser has learned at every t what x_t says about x_0, which is what p(y | x_t) needs where a classifier
+        trained from scratch is weakest (large t). A class-conditional UNet's embedding of ``null_class_label`` (∅) is
+        added to the time embedding's output bias, so the copied blocks see the embedding ε(x_t, ∅) sees. Training
+        then fine-tunes every weight; sampling costs one classifier pass as before, not a denoiser backward.
+
+        Args:
+            unet: a ``UNet2DModel`` with positional time embedding, no timestep-type class embedding, default time
+                scale-shift and, if it has a mid block, one with attention.
+            num_classes: classes of the new head.
+            pooling, pooling_num_heads: as for ``NoisyClassifier``.
+            null_class_label: for a class-conditional UNet (``num_class_embeds``), the label of ∅; a ``ValueError``
+                if it is missing there or given for an unconditional UNet.
+        """
+        config = unet.config
+        unsupported = {
+            "time_embedding_type": (config.time_embedding_type, "positional"),
+            "resnet_time_scale_shift": (config.resnet_time_scale_shift, "default"),
+            "class_embed_type": (config.class_embed_type, None),
+            "add_attention": (config.add_attention, True),
+            "mid_block_scale_factor": (config.mid_block_scale_factor, 1),
+            "attn_norm_num_groups": (config.attn_norm_num_groups, None),
+        }
+        for name, (value, wanted) in unsupported.items():
+            if value != wanted:
+                raise ValueError(f"from_unet needs unet.config.{name}={wanted!r}, got {value!r}")
+        has_class_embedding = getattr(unet, "class_embedding", None) is not None
+        if has_class_embedding and null_class_label is None:
+            raise ValueError("the unet is class-conditional: give null_class_label, the label of ∅")
+        if not has_class_embedding and null_class_label is not None:
+            raise ValueError("null_class_label is given but the unet has no class embedding")
+        classifier = cls(
+            sample_size=config.sample_size,
+            in_channels=config.in_channels,
+            num_classes=num_classes,
+            down_block_types=tuple(config.down_block_types),
+            block_out_channels=tuple(config.block_out_channels),
+            layers_per_block=config.layers_per_block,
+            mid_block_type=None if unet.mid_block is None else "UNetMidBlock2D",
+            attention_head_dim=config.attention_head_dim,
+            norm_num_groups=config.norm_num_groups,
+            norm_eps=config.norm_eps,
+            act_fn=config.act_fn,
+            dropout=config.dropout,
+            flip_sin_to_cos=config.flip_sin_to_cos,
+            freq_shift=config.freq_shift,
+            pooling=pooling,
+            pooling_num_heads=pooling_num_heads,
+        )
+        for name in ("conv_in", "time_embedding", "down_blocks", "mid_block"):
+            if getattr(classifier, name) is not None:
+                getattr(classifier, name).load_state_dict(getattr(unet, name).state_dict())
+        if has_class_embedding:
+            with torch.no_grad():
+                null_embedding = unet.class_embedding.weight[null_class_label]
+                classifier.time_embedding.linear_2.bias += null_embedding.to(classifier.dtype)
+        return classifier
+
     @property
     def num_classes(self) -> int:
         return self.config.num_classes

@@ -5,18 +5,35 @@ import time
 import torch
 from diffusers.utils import replace_example_docstring
 
-from ..guidance import check_guidance_scale, classifier_free_guidance, rescale_guided_prediction
-from ..parameterization import split_learned_variance
+from ..guidance import (
+    adaptive_projected_guidance,
+    cfg_plus_plus_scale,
+    cfg_zero_star_guidance,
+    check_guidance_interval,
+    check_guidance_scale,
+    classifier_free_guidance,
+    in_guidance_interval,
+    rescale_guided_prediction,
+)
+from ..parameterization import convert_prediction, split_learned_variance
 from . import sampling
-from .sampling import HVAESamplingPipeline, check_batch_size, labels_tensor
+from .sampling import HVAESamplingPipeline, check_batch_size, exclusive_call, labels_tensor
 
-# How the unconditional and conditional halves run: "batched", one unet forward on the doubled batch, "separate",
-# two forwards of the batch (half the peak activation memory), or "auto", whichever of the two was faster when
-# timed once for this device, dtype, shape and model (``GUIDANCE_BATCHING_CHOICES``).
-GUIDANCE_BATCHING = ("auto", "batched", "separate")
+# How the unconditional and conditional halves run: "batched", one denoiser forward on the doubled batch (the
+# default, as in Diffusers), "separate", two forwards of the batch (half the peak activation memory), or "auto",
+# whichever of the two was faster when timed once for this pipeline, device, dtype and shape (opt-in: a timed
+# choice may differ between runs, and the two agree only up to float rounding).
+GUIDANCE_BATCHING = ("batched", "separate", "auto")
 
-# (device, dtype, sample shape, condition shape, id of the unet) -> "batched" or "separate", filled by "auto"
-GUIDANCE_BATCHING_CHOICES: dict[tuple, str] = {}
+# How a guided step combines ε(x_t, ∅) and ε(x_t, y) (hvae_diffusion.guidance), with the settings each takes in
+# ``guidance_kwargs``: plain classifier-free guidance, CFG++ (w = λ in [0, 1]), adaptive projected guidance and
+# CFG-Zero*.
+GUIDANCE_METHODS = {
+    "cfg": (),
+    "cfg++": (),
+    "apg": ("eta", "norm_threshold", "momentum"),
+    "cfg-zero*": ("zero_init_steps",),
+}
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -57,8 +74,8 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
     and is saved in the pipeline config), or text prompts, for a ``UNet2DConditionModel`` with a transformers
     ``text_encoder`` and ``tokenizer`` (∅ is the empty prompt, or ``negative_prompt``). The guided prediction is formed
     in the model's parameterization (the same combination in every one, see ``guidance.classifier_free_guidance``)
-    on the mean channels only (a learned variance is the conditional model's, as in Diffusers' ``DiTPipeline``), its
-    x̂_0 clipped if the scheduler's config asks, and converted for the scheduler.
+    on the mean channels only (a learned variance is the conditional model's, as in Diffusers' ``DiTPipeline``) and
+    converted for the scheduler, which clips its x̂_0 if its config asks, as in Diffusers' pipelines.
 
     As in Diffusers' pipelines the conditions of a guided step are one tensor, ∅ first then y (``prompt_embeds`` or
     ``class_labels`` in ``callback_kwargs``), and a step is guided while ``do_classifier_free_guidance`` (w ∉ {0, 1});
@@ -132,8 +149,78 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
 
     @property
     def do_classifier_free_guidance(self) -> bool:
-        """Whether a step combines two predictions: w = 0 and w = 1 need only the unconditional or conditional one."""
+        """Whether a step combines two predictions: w = 0 and w = 1 need only the unconditional or conditional one
+        (for CFG++, whose λ = 1 is not the conditional model, only λ = 0 needs one)."""
+        if getattr(self, "_guidance_method", "cfg") == "cfg++":
+            return self._guidance_scale != 0
         return self._guidance_scale not in (0, 1)
+
+    def cfg_plus_plus_eta(self, eta: float) -> float:
+        """η of the DDIM form the scheduler steps: its own ``eta`` for DDIM, 1 for the ancestral step of
+        ``HVAEScheduler`` and ``DDPMScheduler`` (the posterior mean is DDIM's η = 1 mean); CFG++'s equivalent weight
+        (``guidance.cfg_plus_plus_scale``) depends on it."""
+        from diffusers import DDIMScheduler, DDPMScheduler
+
+        from ..scheduling_hvae import HVAEScheduler
+
+        if isinstance(self.scheduler, DDIMScheduler):
+            return eta
+        if isinstance(self.scheduler, (HVAEScheduler, DDPMScheduler)):
+            return 1.0
+        raise ValueError(
+            f"guidance_method='cfg++' needs a scheduler that steps DDIM's form (HVAEScheduler, DDPMScheduler, "
+            f"DDIMScheduler), got {type(self.scheduler).__name__}"
+        )
+
+    def guided_prediction(self, method, kwargs, unconditional, conditional, model_input, step_index, alphas_cumprod):
+        """(prediction, its type) of a guided step by ``method`` (``GUIDANCE_METHODS``), from the two predictions in
+        the model's parameterization; ``kwargs`` holds the method's settings and, for APG, its running average."""
+        prediction_type = self.model_prediction_type
+        if method == "cfg":
+            return classifier_free_guidance(unconditional, conditional, self.guidance_scale), prediction_type
+        alphas_cumprod_t = alphas_cumprod[step_index]
+        if method == "cfg++":
+            prev_alphas_cumprod = alphas_cumprod[step_index + 1] if step_index + 1 < len(alphas_cumprod) else 1.0
+            weight = cfg_plus_plus_scale(self.guidance_scale, alphas_cumprod_t, prev_alphas_cumprod, kwargs["eta"])
+            return classifier_free_guidance(unconditional, conditional, weight), prediction_type
+        # APG works on x̂_0 as its paper does, CFG-Zero* on ε (its zero is DDIM's probability flow at rest)
+        to_type = "sample" if method == "apg" else "epsilon"
+        unconditional, conditional = (
+            convert_prediction(p, model_input, alphas_cumprod_t, prediction_type, to_type)
+            for p in (unconditional, conditional)
+        )
+        if method == "apg":
+            guided, kwargs["running_average"] = adaptive_projected_guidance(
+                unconditional,
+                conditional,
+                self.guidance_scale,
+                eta=kwargs.get("eta", 0.0),
+                norm_threshold=kwargs.get("norm_threshold", 0.0),
+                momentum=kwargs.get("momentum", 0.0),
+                running_average=kwargs.get("running_average"),
+            )
+            return guided, to_type
+        zero_init_steps = kwargs.get("zero_init_steps", 0)
+        return cfg_zero_star_guidance(
+            unconditional, conditional, self.guidance_scale, step_index, zero_init_steps
+        ), to_type
+
+    def guider_prediction(self, guider, step_index, num_steps, timestep, model_input, name, conditions):
+        """(prediction, variance) of a Diffusers guider, called as Diffusers' modular denoise step calls it:
+        ``set_state``, ``prepare_inputs`` of (y, ∅), one denoiser forward per batch it returns, ``guider(batches)``."""
+        unconditional, conditional = conditions.chunk(2)
+        guider.set_state(step=step_index, num_inference_steps=num_steps, timestep=timestep)
+        batches = guider.prepare_inputs({name: (conditional, unconditional)})
+        variance = None
+        for batch in batches:
+            guider.prepare_models(self.denoiser)
+            output = self.run_denoiser(model_input, timestep, **{name: getattr(batch, name)})
+            batch.noise_pred, batch_variance = split_learned_variance(output, model_input)
+            # a learned variance is the conditional model's, as in Diffusers' DiTPipeline
+            if variance is None or getattr(batch, guider._identifier_key) == "pred_cond":
+                variance = batch_variance
+            guider.cleanup_models(self.denoiser)
+        return guider(batches).pred, variance
 
     # ------------------------------------------------------------------ conditions
 
@@ -199,16 +286,30 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
             )
 
         if guidance_batching == "auto":
-            key = (str(model_input.device), model_input.dtype, tuple(model_input.shape), tuple(conditions.shape))
-            key = (*key, id(self.denoiser))
-            if key not in GUIDANCE_BATCHING_CHOICES:
-                candidates = {"batched": batched, "separate": separate}
-                GUIDANCE_BATCHING_CHOICES[key] = fastest(candidates, model_input.device)
-            guidance_batching = GUIDANCE_BATCHING_CHOICES[key]
+            guidance_batching = self.timed_guidance_batching(model_input, conditions, batched, separate)
         return batched() if guidance_batching == "batched" else separate()
+
+    def timed_guidance_batching(self, model_input, conditions, batched, separate) -> str:
+        """The faster of "batched" and "separate" for this denoiser, device, dtype and shapes, timed on first use and
+        kept on the pipeline (``guidance_batching_choices``) until its denoiser is replaced."""
+        choices = self.__dict__.get("_guidance_batching_choices")
+        if choices is None or choices[0] is not self.denoiser:
+            choices = self._guidance_batching_choices = (self.denoiser, {})
+        key = (str(model_input.device), model_input.dtype, tuple(model_input.shape), tuple(conditions.shape))
+        if key not in choices[1]:
+            choices[1][key] = fastest({"batched": batched, "separate": separate}, model_input.device)
+        return choices[1][key]
+
+    @property
+    def guidance_batching_choices(self) -> dict:
+        """What ``guidance_batching="auto"`` chose on this pipeline: (device, dtype, sample shape, condition shape) →
+        "batched" or "separate", for the current denoiser."""
+        choices = self.__dict__.get("_guidance_batching_choices")
+        return dict(choices[1]) if choices is not None and choices[0] is self.denoiser else {}
 
     # ------------------------------------------------------------------ sampling
 
+    @exclusive_call
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
@@ -227,7 +328,11 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
         return_dict: bool = True,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
-        guidance_batching: str = "auto",
+        guidance_batching: str = "batched",
+        guidance_interval: tuple[float, float] | None = None,
+        guidance_method: str = "cfg",
+        guidance_kwargs: dict | None = None,
+        guider=None,
     ):
         """Draw one sample per label or prompt with guidance weight w = ``guidance_scale``.
 
@@ -245,9 +350,24 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
             callback_on_step_end, callback_on_step_end_tensor_inputs: as for ``HVAEPipeline``; the tensors may also
                 be ``"prompt_embeds"`` (text) or ``"class_labels"`` (class labels): the conditions of a step, ∅ then y
                 while guiding, and a callback may return replacements (Diffusers' ``SDCFGCutoffCallback`` does).
-            guidance_batching (`str`): "auto" (the default: the faster of the two below, timed once per device,
-                dtype, shape and model), "batched" (one unet forward on the doubled batch a step) or "separate" (two
-                forwards: half the activation memory); the samples agree up to float rounding.
+            guidance_batching (`str`): "batched" (the default, as in Diffusers: one denoiser forward on the doubled
+                batch a step), "separate" (two forwards: half the activation memory) or "auto" (the faster of the
+                two, timed once per pipeline, device, dtype and shape: opt-in, as a timed choice may differ between
+                runs); the samples agree up to float rounding.
+            guidance_interval (`tuple[float, float]`, *optional*): (t_lo, t_hi): guide only the steps with
+                t_lo < t ≤ t_hi (Kynkäänniemi et al. 2024, ``guidance.in_guidance_interval``); the other steps run the
+                conditional model alone, one forward (w = 1, as the paper does). ``None`` guides every step.
+            guidance_method (`str`): how a guided step combines the two predictions: "cfg" (the default),
+                "cfg++" (Chung et al. 2024; ``guidance_scale`` is λ in [0, 1], run as the CFG weight that gives the
+                same DDIM step, ``guidance.cfg_plus_plus_scale``; exact without clipping), "apg" (Sadat et al. 2024,
+                on x̂_0) or "cfg-zero*" (Fan et al. 2025, on ε).
+            guidance_kwargs (`dict`, *optional*): the method's settings: for "apg" ``eta`` (default 0),
+                ``norm_threshold`` (r, default 0: no rescaling) and ``momentum`` (β, default 0); for "cfg-zero*"
+                ``zero_init_steps`` (default 0).
+            guider (`diffusers.guiders.BaseGuidance`, *optional*): a Diffusers guider (``ClassifierFreeGuidance``,
+                ``AdaptiveProjectedGuidance``, ``ClassifierFreeZeroStarGuidance``, ...) that combines the
+                predictions instead, called as Diffusers' modular denoise step calls it, with its own scale and
+                start/stop; ``guidance_scale``, ``guidance_interval`` and ``guidance_method`` are then not used.
 
         Examples:
 
@@ -262,6 +382,28 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
             raise ValueError(f"guidance_rescale must be a number in [0, 1], got {guidance_rescale!r}")
         if guidance_batching not in GUIDANCE_BATCHING:
             raise ValueError(f"guidance_batching must be one of {GUIDANCE_BATCHING}, got {guidance_batching!r}")
+        check_guidance_interval(guidance_interval, "guidance_interval")
+        if guidance_method not in GUIDANCE_METHODS:
+            raise ValueError(f"guidance_method must be one of {tuple(GUIDANCE_METHODS)}, got {guidance_method!r}")
+        method_kwargs = dict(guidance_kwargs or {})
+        unknown = set(method_kwargs) - set(GUIDANCE_METHODS[guidance_method])
+        if unknown:
+            raise ValueError(
+                f"guidance_kwargs {sorted(unknown)} are not settings of guidance_method={guidance_method!r} "
+                f"(it takes {GUIDANCE_METHODS[guidance_method] or 'none'})"
+            )
+        if guidance_method == "cfg++" and guidance_scale > 1:
+            raise ValueError(f"guidance_method='cfg++' takes guidance_scale = λ in [0, 1], got {guidance_scale}")
+        if guider is not None:
+            from diffusers.guiders import BaseGuidance
+
+            if not isinstance(guider, BaseGuidance):
+                raise TypeError(f"guider must be a diffusers.guiders.BaseGuidance, got {type(guider).__name__}")
+            if guidance_interval is not None or guidance_method != "cfg":
+                raise ValueError(
+                    "guider combines the predictions itself: give its start/stop to the guider, and leave "
+                    "guidance_interval and guidance_method unset"
+                )
         if batch_size is not None:
             check_batch_size(batch_size)
         if (class_labels is None) == (prompt is None):
@@ -279,8 +421,11 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
         output_type = output_type or self.default_output_type
         self._guidance_scale = guidance_scale
         self._guidance_rescale = guidance_rescale
+        self._guidance_method = guidance_method
         self._interrupt = False
         device = self._execution_device
+        if guidance_method == "cfg++":
+            method_kwargs["eta"] = self.cfg_plus_plus_eta(eta)
 
         # 2. encode the conditions: ∅ then y while guiding, else the one half a step needs
         if class_labels is not None:
@@ -290,7 +435,7 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
         shape = self.check_inputs(
             len(conditional), num_inference_steps, generator, latents, output_type, callback_on_step_end, tensor_inputs
         )
-        if self.do_classifier_free_guidance:
+        if self.do_classifier_free_guidance or guider is not None:
             conditions = torch.cat([unconditional, conditional])
         else:
             conditions = conditional if guidance_scale == 1 else unconditional
@@ -303,32 +448,49 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
         latents = self.prepare_latents(shape, generator, latents, device, self.denoiser.dtype)
 
         # 5. the reverse chain
-        num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
+        step_kwargs = self.step_kwargs(generator=generator, eta=eta)
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
                 model_input = self.scheduler.scale_model_input(latents, t)
-                if self.do_classifier_free_guidance:
+                prediction_type = self.model_prediction_type
+                if guider is not None:
+                    prediction, variance = self.guider_prediction(
+                        guider, i, len(timesteps), t, model_input, name, conditions
+                    )
+                elif self.do_classifier_free_guidance and in_guidance_interval(t, guidance_interval):
                     unconditional_output, conditional_output = self.unconditional_and_conditional(
                         model_input, t, name, conditions, guidance_batching
                     )
                     unconditional_prediction, _ = split_learned_variance(unconditional_output, model_input)
                     conditional_prediction, variance = split_learned_variance(conditional_output, model_input)
-                    prediction = classifier_free_guidance(
-                        unconditional_prediction, conditional_prediction, self.guidance_scale
+                    prediction, prediction_type = self.guided_prediction(
+                        guidance_method,
+                        method_kwargs,
+                        unconditional_prediction,
+                        conditional_prediction,
+                        model_input,
+                        i,
+                        alphas_cumprod,
                     )
                     if self.guidance_rescale > 0:
+                        conditional_prediction = convert_prediction(
+                            conditional_prediction,
+                            model_input,
+                            alphas_cumprod[i],
+                            self.model_prediction_type,
+                            prediction_type,
+                        )
                         prediction = rescale_guided_prediction(
                             prediction, conditional_prediction, self.guidance_rescale
                         )
                 else:
-                    output = self.run_denoiser(model_input, t, **{name: conditions})
+                    # outside the interval: the conditional model alone (the y half of the conditions)
+                    step_conditions = conditions.chunk(2)[1] if self.do_classifier_free_guidance else conditions
+                    output = self.run_denoiser(model_input, t, **{name: step_conditions})
                     prediction, variance = split_learned_variance(output, model_input)
-                prediction, prediction_type = self.clip_prediction(
-                    prediction, self.model_prediction_type, model_input, alphas_cumprod[i]
-                )
-                latents = self.scheduler_step(
+                latents, original_sample = self.scheduler_step(
                     prediction,
                     prediction_type,
                     variance,
@@ -336,26 +498,19 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
                     latents,
                     t,
                     alphas_cumprod[i],
-                    generator=generator,
-                    eta=eta,
+                    step_kwargs,
                 )
-                if callback_on_step_end is not None:
-                    callback_outputs = self.call_callback(
-                        callback_on_step_end,
-                        i,
-                        t,
-                        tensor_inputs,
-                        latents,
-                        prediction,
-                        prediction_type,
-                        model_input,
-                        alphas_cumprod[i],
-                        **{condition_input: conditions},
-                    )
-                    latents = callback_outputs.pop("latents", latents)
-                    conditions = callback_outputs.pop(condition_input, conditions)
-                if self.progress_due(i, len(timesteps), num_warmup_steps, self.scheduler.order):
-                    progress_bar.update()
+                tensors = self.step_end(
+                    i,
+                    t,
+                    latents,
+                    original_sample,
+                    callback_on_step_end,
+                    tensor_inputs,
+                    progress_bar,
+                    **{condition_input: conditions},
+                )
+                latents, conditions = tensors["latents"], tensors[condition_input]
 
         # 6. outputs
         return self.finish(latents, output_type, return_dict)

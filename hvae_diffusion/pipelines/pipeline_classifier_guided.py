@@ -5,14 +5,16 @@ from diffusers.utils import replace_example_docstring
 
 from ..guidance import (
     GUIDANCE_FORMS,
+    check_guidance_interval,
     check_guidance_scale,
     classifier_guided_score,
     classifier_log_prob_gradient,
     denoised_classifier_log_prob_gradient,
+    in_guidance_interval,
     mean_guided_original_sample,
 )
 from ..parameterization import convert_prediction, split_learned_variance
-from .sampling import HVAESamplingPipeline, labels_tensor
+from .sampling import HVAESamplingPipeline, exclusive_call, labels_tensor, unclipped_scheduler
 
 CLASSIFIER_INPUTS = ("noisy", "denoised")
 
@@ -143,6 +145,7 @@ class ClassifierGuidedPipeline(HVAESamplingPipeline):
         )
         return guided, "sample"
 
+    @exclusive_call
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
@@ -151,6 +154,7 @@ class ClassifierGuidedPipeline(HVAESamplingPipeline):
         batch_size: int | None = None,
         guidance_scale: float = 1.0,
         guidance_form: str = "score",
+        guidance_interval: tuple[float, float] | None = None,
         num_inference_steps: int = 1000,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
@@ -169,6 +173,9 @@ class ClassifierGuidedPipeline(HVAESamplingPipeline):
             guidance_scale (`float`): γ ≥ 0 (0 is unconditional sampling, 1 the exact conditional).
             guidance_form (`str`): "score" (the default: ε̃ = ε − √(1 − ᾱ_t) γ ∇log p(y | x_t)) or "mean"
                 (guided-diffusion's μ + γ Σ ∇log p(y | x_t)); see docs/theory.md.
+            guidance_interval (`tuple[float, float]`, *optional*): (t_lo, t_hi): guide only the steps with
+                t_lo < t ≤ t_hi (Kynkäänniemi et al. 2024, ``guidance.in_guidance_interval``); the other steps make no
+                classifier pass and step the unguided prediction. ``None`` guides every step.
             num_inference_steps, generator, latents, eta, output_type, return_dict, callback_on_step_end,
             callback_on_step_end_tensor_inputs: as for ``HVAEPipeline``.
 
@@ -181,6 +188,7 @@ class ClassifierGuidedPipeline(HVAESamplingPipeline):
         check_guidance_scale(guidance_scale, "guidance_scale")
         if guidance_form not in GUIDANCE_FORMS:
             raise ValueError(f"guidance_form must be one of {GUIDANCE_FORMS}, got {guidance_form!r}")
+        check_guidance_interval(guidance_interval, "guidance_interval")
         device = self._execution_device
         labels = labels_tensor(class_labels, batch_size, self.num_classes, device)
         output_type = output_type or self.default_output_type
@@ -194,20 +202,23 @@ class ClassifierGuidedPipeline(HVAESamplingPipeline):
         # 2. the condition of the denoiser: none, ∅ for a class-conditional one
         denoiser_kwargs = self.unconditional_kwargs(len(labels))
 
-        # 3. timesteps, before the latents: init_noise_sigma may depend on them
-        timesteps, alphas_cumprod = self.set_timesteps(num_inference_steps, device)
+        # 3. timesteps, before the latents: init_noise_sigma may depend on them. The pipeline clips x̂_0 before
+        # guiding it, and steps a scheduler that does not clip the guided x̂_0 again.
+        stepping_scheduler = unclipped_scheduler(self.scheduler)
+        timesteps, alphas_cumprod = self.set_timesteps(num_inference_steps, device, stepping_scheduler)
 
         # 4. x_T
         latents = self.prepare_latents(shape, generator, latents, device, self.denoiser.dtype)
 
         # 5. the reverse chain: clip x̂_0, then guide
-        num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
+        step_kwargs = self.step_kwargs(stepping_scheduler, generator=generator, eta=eta)
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
                 model_input = self.scheduler.scale_model_input(latents, t)
-                if self.guidance_scale > 0 and self.config.classifier_input == "denoised":
+                guided = self.guidance_scale > 0 and in_guidance_interval(t, guidance_interval)
+                if guided and self.config.classifier_input == "denoised":
                     gradient, prediction, variance = self.denoised_gradient(
                         model_input, t, alphas_cumprod[i], labels, denoiser_kwargs
                     )
@@ -219,7 +230,7 @@ class ClassifierGuidedPipeline(HVAESamplingPipeline):
                         prediction, self.model_prediction_type, model_input, alphas_cumprod[i]
                     )
                     gradient = None
-                    if self.guidance_scale > 0:
+                    if guided:
                         gradient = classifier_log_prob_gradient(
                             self.classifier, model_input, t, labels, self.num_classes
                         )
@@ -227,7 +238,7 @@ class ClassifierGuidedPipeline(HVAESamplingPipeline):
                     prediction, prediction_type = self.guide(
                         prediction, prediction_type, gradient, model_input, alphas_cumprod, i, guidance_form
                     )
-                latents = self.scheduler_step(
+                latents, original_sample = self.scheduler_step(
                     prediction,
                     prediction_type,
                     variance,
@@ -235,24 +246,12 @@ class ClassifierGuidedPipeline(HVAESamplingPipeline):
                     latents,
                     t,
                     alphas_cumprod[i],
-                    generator=generator,
-                    eta=eta,
+                    step_kwargs,
+                    scheduler=stepping_scheduler,
                 )
-                if callback_on_step_end is not None:
-                    callback_outputs = self.call_callback(
-                        callback_on_step_end,
-                        i,
-                        t,
-                        tensor_inputs,
-                        latents,
-                        prediction,
-                        prediction_type,
-                        model_input,
-                        alphas_cumprod[i],
-                    )
-                    latents = callback_outputs.pop("latents", latents)
-                if self.progress_due(i, len(timesteps), num_warmup_steps, self.scheduler.order):
-                    progress_bar.update()
+                latents = self.step_end(
+                    i, t, latents, original_sample, callback_on_step_end, tensor_inputs, progress_bar
+                )["latents"]
 
         # 6. outputs
         return self.finish(latents, output_type, return_dict)

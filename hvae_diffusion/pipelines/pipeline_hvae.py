@@ -4,7 +4,7 @@ import torch
 from diffusers.utils import replace_example_docstring
 
 from ..parameterization import split_learned_variance
-from .sampling import HVAESamplingPipeline
+from .sampling import HVAESamplingPipeline, exclusive_call
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -47,6 +47,7 @@ class HVAEPipeline(HVAESamplingPipeline):
         self.register_modules(unet=unet, transformer=transformer, scheduler=scheduler, vae=vae)
         self.register_to_config(prediction_type=prediction_type)
 
+    @exclusive_call
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
@@ -56,6 +57,7 @@ class HVAEPipeline(HVAESamplingPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         eta: float = 0.0,
+        use_clipped_model_output: bool | None = None,
         output_type: str | None = None,
         return_dict: bool = True,
         callback_on_step_end=None,
@@ -71,6 +73,10 @@ class HVAEPipeline(HVAESamplingPipeline):
             latents (`torch.Tensor`, *optional*): x_T to start from, shape ``(batch_size, C, H, W)`` or
                 ``(batch_size, D)``; it is scaled by the scheduler's ``init_noise_sigma``.
             eta (`float`): DDIM's η (0 deterministic, 1 DDPM's variance); ignored by schedulers without it.
+            use_clipped_model_output (`bool`, *optional*): for ``DDIMScheduler`` with ``clip_sample`` or
+                ``thresholding``, step with the ε of the clipped x̂_0 (``True``: DDIM as published, and as
+                guided-diffusion samples) instead of the model's ε (``None``, Diffusers' ``DDIMPipeline`` default);
+                ignored by schedulers without it.
             output_type (`str`, *optional*): "pil" (images, the default), "np", "pt" or "latent" (the raw final
                 sample, the default for vector models).
             return_dict (`bool`): return an ``ImagePipelineOutput`` (else a tuple).
@@ -104,44 +110,27 @@ class HVAEPipeline(HVAESamplingPipeline):
         latents = self.prepare_latents(shape, generator, latents, device, self.denoiser.dtype)
 
         # 5. the reverse chain
-        num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
+        step_kwargs = self.step_kwargs(generator=generator, eta=eta, use_clipped_model_output=use_clipped_model_output)
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
                 model_input = self.scheduler.scale_model_input(latents, t)
-                prediction, variance = split_learned_variance(
-                    self.run_denoiser(model_input, t, **denoiser_kwargs), model_input
-                )
-                prediction, prediction_type = self.clip_prediction(
-                    prediction, self.model_prediction_type, model_input, alphas_cumprod[i]
-                )
-                latents = self.scheduler_step(
+                output = self.run_denoiser(model_input, t, **denoiser_kwargs)
+                prediction, variance = split_learned_variance(output, model_input)
+                latents, original_sample = self.scheduler_step(
                     prediction,
-                    prediction_type,
+                    self.model_prediction_type,
                     variance,
                     model_input,
                     latents,
                     t,
                     alphas_cumprod[i],
-                    generator=generator,
-                    eta=eta,
+                    step_kwargs,
                 )
-                if callback_on_step_end is not None:
-                    callback_outputs = self.call_callback(
-                        callback_on_step_end,
-                        i,
-                        t,
-                        tensor_inputs,
-                        latents,
-                        prediction,
-                        prediction_type,
-                        model_input,
-                        alphas_cumprod[i],
-                    )
-                    latents = callback_outputs.pop("latents", latents)
-                if self.progress_due(i, len(timesteps), num_warmup_steps, self.scheduler.order):
-                    progress_bar.update()
+                latents = self.step_end(
+                    i, t, latents, original_sample, callback_on_step_end, tensor_inputs, progress_bar
+                )["latents"]
 
         # 6. outputs
         return self.finish(latents, output_type, return_dict)

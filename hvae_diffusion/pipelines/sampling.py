@@ -16,16 +16,23 @@ is x_t itself and for Karras-style schedulers (Euler, which carry x_t / √ᾱ_t
 is that sample scaled back to x_t. Conversions therefore use the model input, and ᾱ_t = 1 / (1 + σ_t²) for
 schedulers that keep σ per step (also exact at fractional timesteps), ``alphas_cumprod[t]`` for the others.
 
-Clipping (docs/theory.md, "Guidance and clipping"): the pipeline clips or thresholds x̂_0 itself, as the scheduler's
-config asks, before any guidance, and the scheduler then steps with its own clipping switched off
-(``clipping_disabled``), so a guided x̂_0 is never clipped again. Without guidance this is DDIM as published: the
-step uses the ε of the clipped x̂_0.
+Clipping (docs/theory.md, "Guidance and clipping"): without classifier guidance the scheduler clips or thresholds x̂_0
+as its config asks, exactly as in Diffusers' pipelines (``DDIMScheduler`` keeps the unclipped ε unless the call passes
+``use_clipped_model_output=True``). Classifier guidance follows guided-diffusion: the pipeline clips x̂_0 itself,
+guides it, and steps a scheduler that does not clip again (``unclipped_scheduler``). No pipeline ever writes the
+scheduler's config.
+
+One step (``scheduler_step``) converts the prediction once, to what the scheduler steps, and reads x̂_0 back from the
+scheduler's output (``pred_original_sample``); ``step_end`` runs Diffusers' step-end callback and the progress bar.
+A pipeline object samples one call at a time: a second concurrent ``__call__`` raises a ``RuntimeError``
+(``exclusive_call``): the state of a call lives on the pipeline and its scheduler.
 """
 
-import contextlib
 import functools
 import inspect
 import os
+import threading
+import weakref
 
 import numpy as np
 import torch
@@ -34,11 +41,17 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..latent_elbo import unscale_latents
 from ..parameterization import PREDICTION_TYPES, check_prediction_type, convert_prediction
 from ..scheduling_hvae import HVAEScheduler
 from . import serialization
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+# The pipelines inside a call, and the lock around their check-and-add (``exclusive_call``): kept beside the
+# pipelines, not in them, so that a pipeline deep-copies and pickles, even mid-call, into one free to sample.
+_CALLING = weakref.WeakSet()
+_CALLING_LOCK = threading.Lock()
 
 # What Diffusers' DDPM-family schedulers step; an HVAEScheduler also steps "score".
 DIFFUSERS_PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
@@ -115,20 +128,18 @@ def clip_original_sample(original_sample: torch.Tensor, scheduler) -> torch.Tens
     return original_sample
 
 
-@contextlib.contextmanager
-def clipping_disabled(scheduler):
-    """The scheduler's ``clip_sample`` and ``thresholding`` switched off inside the block and restored after it:
-    the pipeline has clipped x̂_0 already, and a guided x̂_0 must not be clipped again."""
-    saved = {name: _config_option(scheduler, name) for name in ("clip_sample", "thresholding")}
-    saved = {name: value for name, value in saved.items() if value is not None}
-    if not any(saved.values()):
-        yield
-        return
-    scheduler.register_to_config(**dict.fromkeys(saved, False))
-    try:
-        yield
-    finally:
-        scheduler.register_to_config(**saved)
+CLIPPING_OPTIONS = ("clip_sample", "thresholding")
+
+
+def unclipped_scheduler(scheduler):
+    """``scheduler`` itself when it neither clips nor thresholds x̂_0, else a new scheduler of its class and config
+    with both off, for classifier guidance: the pipeline has clipped x̂_0 before guiding it, and the guided x̂_0 must
+    not be clipped again (guided-diffusion's order). Built from the config, so ``scheduler``'s own config is never
+    written; set its timesteps before stepping it."""
+    if not clips(scheduler):
+        return scheduler
+    switched_off = {name: False for name in CLIPPING_OPTIONS if _config_option(scheduler, name) is not None}
+    return type(scheduler).from_config(scheduler.config, **switched_off)
 
 
 def num_class_labels(denoiser_config) -> int | None:
@@ -185,6 +196,32 @@ def check_generator(generator, batch_size: int) -> None:
         )
     if isinstance(generator, list) and len(generator) != batch_size:
         raise ValueError(f"generator is a list of {len(generator)} generators but the batch size is {batch_size}")
+
+
+def exclusive_call(call):
+    """Decorates a pipeline's ``__call__``: a ``RuntimeError`` when another call on the same object is running.
+
+    A call keeps its state on the pipeline and its scheduler (timesteps, step index, guidance scale), so two at once
+    would step each other's chains and return wrong samples without an error; Diffusers' pipelines share the limit
+    but do not check it (docs/pipelines.md, "Threads"). The check never waits: the second call fails at once."""
+
+    @functools.wraps(call)
+    def exclusive(self, *args, **kwargs):
+        with _CALLING_LOCK:
+            if self in _CALLING:
+                raise RuntimeError(
+                    f"this {type(self).__name__} is already sampling (in another thread, or this is a call from its "
+                    "own callback): a pipeline object runs one call at a time; give each thread its own pipeline "
+                    "(copy.deepcopy(pipe), or one from_pretrained per thread)"
+                )
+            _CALLING.add(self)
+        try:
+            return call(self, *args, **kwargs)
+        finally:
+            with _CALLING_LOCK:
+                _CALLING.discard(self)
+
+    return exclusive
 
 
 class HVAESamplingPipeline(DiffusionPipeline):
@@ -262,11 +299,9 @@ class HVAESamplingPipeline(DiffusionPipeline):
         return model_output_of(self.transformer(model_input, timestep=timesteps, **conditions))
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """x = D(z / scaling_factor + shift_factor): the VAE's decoder on latents scaled as its config says."""
+        """x = D(z_0): the VAE's decoder on the latents unscaled as its config says (``latent_elbo.unscale_latents``)."""
         config = self.vae.config
-        latents = latents / config.scaling_factor
-        if getattr(config, "shift_factor", None):
-            latents = latents + config.shift_factor
+        latents = unscale_latents(latents, config.scaling_factor, getattr(config, "shift_factor", None))
         return self.vae.decode(latents.to(self.vae.dtype)).sample
 
     @property
@@ -292,7 +327,8 @@ class HVAESamplingPipeline(DiffusionPipeline):
         callback_on_step_end,
         callback_on_step_end_tensor_inputs,
     ) -> tuple[int, ...]:
-        """Raise a ``ValueError`` for any bad common input; return the shape of the samples to draw."""
+        """Raise a ``ValueError`` for any bad common input; return the shape of the samples to draw. Also works out
+        the call's parameterizations (``prediction_types``), once."""
         check_batch_size(batch_size)
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
             raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
@@ -313,7 +349,11 @@ class HVAESamplingPipeline(DiffusionPipeline):
             raise ValueError(
                 f"callback_on_step_end_tensor_inputs may only name {self._callback_tensor_inputs}, got {unknown}"
             )
-        prediction_types(self.config.prediction_type, self.scheduler)
+        # the parameterizations of this call, worked out once (``model_prediction_type``, ``scheduler_step``)
+        self._prediction_types = prediction_types(self.config.prediction_type, self.scheduler)
+        self._wants_original_sample = callback_on_step_end is not None and (
+            "pred_original_sample" in callback_on_step_end_tensor_inputs
+        )
         return shape
 
     def unconditional_kwargs(self, batch_size: int) -> dict:
@@ -326,16 +366,19 @@ class HVAESamplingPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------ timesteps and latents
 
-    def set_timesteps(self, num_inference_steps: int, device) -> tuple[torch.Tensor, list[float]]:
-        """Set the timesteps of ``self.scheduler`` (the scheduler that steps) and return them with ᾱ_t of each."""
-        self._prediction_types = prediction_types(self.config.prediction_type, self.scheduler)
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        # The chain starts at its first timestep: say so instead of letting the scheduler look it up by value, which
-        # lands on the wrong step where a schedule repeats a timestep (Karras σ on a capped cosine schedule).
-        if hasattr(self.scheduler, "set_begin_index"):
-            self.scheduler.set_begin_index(0)
+    def set_timesteps(self, num_inference_steps: int, device, *schedulers) -> tuple[torch.Tensor, list[float]]:
+        """Set the timesteps of ``self.scheduler`` (and of any other ``schedulers`` of the call, such as
+        ``unclipped_scheduler``'s) and return them with ᾱ_t of each."""
+        for scheduler in {id(scheduler): scheduler for scheduler in (self.scheduler, *schedulers)}.values():
+            scheduler.set_timesteps(num_inference_steps, device=device)
+            # The chain starts at its first timestep: say so instead of letting the scheduler look it up by value,
+            # which lands on the wrong step where a schedule repeats a timestep (Karras σ on a capped cosine
+            # schedule).
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(0)
         timesteps = self.scheduler.timesteps
         self._num_timesteps = len(timesteps)
+        self._num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
         return timesteps, chain_alphas_cumprod(self.scheduler, timesteps)
 
     def prepare_latents(self, shape, generator, latents, device, dtype) -> torch.Tensor:
@@ -361,66 +404,80 @@ class HVAESamplingPipeline(DiffusionPipeline):
         original_sample = convert_prediction(prediction, model_input, alphas_cumprod_t, prediction_type, "sample")
         return clip_original_sample(original_sample, self.scheduler), "sample"
 
-    def scheduler_step(
-        self, prediction, prediction_type: str, variance, model_input, latents, timestep, alphas_cumprod_t, **kwargs
-    ) -> torch.Tensor:
-        """x_{t'} from ``scheduler.step``, given the (clipped, guided) prediction converted to the parameterization
-        the scheduler steps; with the scheduler's clipping switched off, as the pipeline clipped already.
+    def step_kwargs(self, scheduler=None, **kwargs) -> dict:
+        """The ``kwargs`` (``generator``, ``eta``, ``use_clipped_model_output``) that ``scheduler.step`` takes, as
+        Diffusers' pipelines pass ``extra_step_kwargs``; the others are dropped (η means nothing to DDPM)."""
+        step = (scheduler or self.scheduler).step
+        accepted = _parameter_names(getattr(step, "__func__", step))
+        return {name: value for name, value in kwargs.items() if name in accepted}
 
+    def scheduler_step(
+        self,
+        prediction,
+        prediction_type: str,
+        variance,
+        model_input,
+        latents,
+        timestep,
+        alphas_cumprod_t,
+        step_kwargs,
+        scheduler=None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(x_{t'}, x̂_0) from ``scheduler.step`` (``self.scheduler`` by default), given the prediction converted
+        once to the parameterization the scheduler steps.
+
+        x̂_0 is the scheduler's ``pred_original_sample`` (clipped as its config asks); for a scheduler that returns
+        none (DPM-Solver) it is converted from the prediction, and only when a callback asks for it.
         ``variance``, the learned-variance channels (``parameterization.split_learned_variance``), is appended again
         for schedulers that use it (``variance_type`` "learned" or "learned_range") and dropped for the others.
-        ``kwargs`` (``generator``, ``eta``) go to ``step`` where its signature takes them, as in Diffusers.
         """
+        scheduler = scheduler or self.scheduler
         step_prediction_type = self._prediction_types[1]
         model_output = convert_prediction(
             prediction, model_input, alphas_cumprod_t, prediction_type, step_prediction_type
         )
-        if variance is not None and str(getattr(self.scheduler.config, "variance_type", "")).startswith("learned"):
+        if variance is not None and str(getattr(scheduler.config, "variance_type", "")).startswith("learned"):
             model_output = torch.cat([model_output, variance], dim=1)
-        step = self.scheduler.step
-        accepted = _parameter_names(getattr(step, "__func__", step))
-        kwargs = {name: value for name, value in kwargs.items() if name in accepted}
-        with clipping_disabled(self.scheduler):
-            return self.scheduler.step(model_output, timestep, latents, return_dict=False, **kwargs)[0]
+        output = scheduler.step(model_output, timestep, latents, **step_kwargs)
+        original_sample = getattr(output, "pred_original_sample", None)
+        if original_sample is None and self._wants_original_sample:
+            original_sample = convert_prediction(prediction, model_input, alphas_cumprod_t, prediction_type, "sample")
+        return output.prev_sample, original_sample
 
-    def call_callback(
+    def step_end(
         self,
-        callback_on_step_end,
         step_index,
         timestep,
-        tensor_inputs,
         latents,
-        prediction,
-        prediction_type: str,
-        model_input,
-        alphas_cumprod_t: float,
-        **other_tensors,
+        original_sample,
+        callback_on_step_end,
+        tensor_inputs,
+        progress_bar,
+        **tensors,
     ) -> dict:
-        """Diffusers' ``callback(pipeline, step_index, timestep, callback_kwargs)``; it must return a dict (of the
-        tensors it replaces: ``"latents"``, and for classifier-free guidance the conditions).
+        """The end of a step, as in Diffusers' pipelines: ``callback_on_step_end(pipeline, step_index, timestep,
+        callback_kwargs)``, then the progress bar. Returns ``latents`` and the other ``tensors`` of the loop (for
+        classifier-free guidance its conditions), replaced by those the callback returned.
 
         ``callback_kwargs`` holds the ``tensor_inputs`` it asks for among ``latents`` (x_{t'} after the step),
-        ``pred_original_sample`` (the step's x̂_0, converted from ``prediction`` only when asked for) and
-        ``other_tensors``."""
-        tensors = {"latents": latents, **other_tensors}
-        if "pred_original_sample" in tensor_inputs:
-            tensors["pred_original_sample"] = convert_prediction(
-                prediction, model_input, alphas_cumprod_t, prediction_type, "sample"
-            )
-        callback_kwargs = {name: tensors[name] for name in tensor_inputs}
-        outputs = callback_on_step_end(self, step_index, timestep, callback_kwargs)
-        if not isinstance(outputs, dict):
-            raise TypeError(
-                "callback_on_step_end must return a dict (callback_kwargs, or {} to change nothing), got "
-                f"{type(outputs).__name__}"
-            )
-        return outputs
-
-    @staticmethod
-    def progress_due(step_index: int, num_timesteps: int, num_warmup_steps: int, order: int) -> bool:
-        """Whether step ``step_index`` completes one of ``num_inference_steps``: schedulers of order k (Heun) take k
-        timesteps per step, as Diffusers' pipelines count them."""
-        return step_index == num_timesteps - 1 or (step_index + 1 > num_warmup_steps and (step_index + 1) % order == 0)
+        ``pred_original_sample`` (the step's x̂_0) and ``tensors``; the callback must return a dict."""
+        tensors = {"latents": latents, **tensors}
+        if callback_on_step_end is not None:
+            available = {**tensors, "pred_original_sample": original_sample}
+            callback_kwargs = {name: available[name] for name in tensor_inputs}
+            outputs = callback_on_step_end(self, step_index, timestep, callback_kwargs)
+            if not isinstance(outputs, dict):
+                raise TypeError(
+                    "callback_on_step_end must return a dict (callback_kwargs, or {} to change nothing), got "
+                    f"{type(outputs).__name__}"
+                )
+            tensors.update((name, outputs[name]) for name in tensors if name in outputs)
+        # schedulers of order k (Heun) take k timesteps per inference step, as Diffusers' pipelines count them
+        if step_index == self._num_timesteps - 1 or (
+            step_index + 1 > self._num_warmup_steps and (step_index + 1) % self.scheduler.order == 0
+        ):
+            progress_bar.update()
+        return tensors
 
     # ------------------------------------------------------------------ outputs
 

@@ -1,7 +1,24 @@
-"""Command-line pieces the programs share: the data, optimization and Hub arguments (named as in Diffusers'
-training examples), the ``TrainingConfig`` they make, the data they load, ``--num_threads``, the output-folder
-guard, and the Accelerate thread check."""
+"""Command-line pieces the programs share: the parser every program builds (``program_parser``), the checks before
+any work (``checked_before_work``, ``require_extras``), the data, optimization and Hub arguments (named as in
+Diffusers' training examples), the ``TrainingConfig`` they make, the data they load, ``--num_threads``, the
+output-folder guard, and the Accelerate thread check.
 
+Every program follows one pattern, so that a bad flag never costs a step of work::
+
+    def main(argv=None):
+        args = parse_args(argv)              # program_parser(...): defaults in --help, no prefix matching
+        with checked_before_work():          # ValueError/TypeError/OSError in here → UsageError
+            check_arguments(args)            # every flag against its range and the others, naming the flag
+            ...                              # loading what the run needs (data, models) before the first step
+        ...                                  # the work; errors here are bugs or failures and keep their traceback
+
+``main(argv)`` raises the ``UsageError`` (a ``ValueError``) to callers in Python; the console scripts
+(``hvae_diffusion.commands``) print it as argparse prints a bad flag: one line ``hvae-<name>: error: ...`` on stderr,
+exit status 2.
+"""
+
+import argparse
+import contextlib
 import importlib.util
 import os
 import sys
@@ -9,7 +26,73 @@ import warnings
 from dataclasses import fields
 
 from .data import image_dataset_to_tensors, load_image_dataset, num_classes_of
-from .loop import TrainingConfig
+from .loop import TrainingConfig, check_run_folder
+from .runs import run_flags_from_args
+
+
+class UsageError(ValueError):
+    """A flag or an input refused before any work (see the module docstring): the console scripts report it in one
+    line, ``hvae-<name>: error: <message>``, with exit status 2, as argparse reports a bad flag."""
+
+
+@contextlib.contextmanager
+def checked_before_work():
+    """The checks and the loading before a program's first step of work: a ``ValueError``, ``TypeError`` or
+    ``OSError`` (a missing or unreadable file) raised inside is the user's input, re-raised as a ``UsageError`` with
+    the same message. Anything else (and everything after this block) keeps its traceback: it is a bug."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except (ValueError, TypeError, OSError) as error:
+        raise UsageError(str(error)) from error
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every flag's default (but "None" and "False": a flag left out)."""
+
+    def _get_help_string(self, action):  # the one method ArgumentDefaultsHelpFormatter itself overrides
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def program_parser(prog, description):
+    """The ``ArgumentParser`` of ``hvae-<prog>``: named ``hvae-<prog>`` in its messages (also when run as
+    ``scripts/<prog>.py``), its description as written, no prefix matching (``--max_train_step`` is an error, not
+    ``--max_train_steps``). Call ``parse_with_defaults_shown`` to parse, so that ``--help`` shows every default."""
+    return argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=_HelpFormatter, allow_abbrev=False
+    )
+
+
+def parse_with_defaults_shown(parser, argv=None):
+    """``parser.parse_args(argv)``, after giving every flag without a help text one that shows its default:
+    ``ArgumentDefaultsHelpFormatter`` adds the default only to flags with help."""
+    for action in parser._actions:  # argparse keeps its actions here; there is no public accessor
+        if action.help is None and action.default is not None and action.default is not False:
+            action.help = "(default: %(default)s)"
+    return parser.parse_args(argv)
+
+
+EXTRAS = {
+    "training": ("accelerate", "datasets", "sklearn"),
+    "plots": ("matplotlib",),
+    "text": ("transformers",),
+}
+
+
+def require_extras(program, *extras):
+    """Raise a ``UsageError`` naming the extra to install when a module of one of ``extras`` (``EXTRAS``) is missing:
+    ``pip install hvae-diffusion`` brings the core only, and a bare ``ModuleNotFoundError: datasets`` says nothing
+    of ``[training]``."""
+    for extra in extras:
+        missing = [module for module in EXTRAS[extra] if importlib.util.find_spec(module) is None]
+        if missing:
+            raise UsageError(
+                f"{program} needs the [{extra}] extra ({', '.join(missing)} not installed): install the package "
+                f"with it, e.g. pip install -e '.[{extra}]' in the source folder"
+            )
 
 
 def add_data_arguments(parser):
@@ -49,12 +132,41 @@ def add_num_threads_argument(parser):
     )
 
 
-def apply_num_threads(num_threads):
-    """``torch.set_num_threads`` for ``--num_threads`` (0: leave torch's default)."""
-    import torch
+def check_number(flag, value, minimum=None, maximum=None, above=None, below=None):
+    """Raise a ``ValueError`` naming ``flag`` unless ``value`` is a finite number with ``minimum <= value <=
+    maximum`` and ``above < value < below`` (the bounds given). NaN and ±inf are refused by name: a NaN passes no
+    comparison, so a check written as ``if value < 0: raise`` lets it through."""
+    import math
 
+    bounds = [
+        f"{symbol} {bound:g}"
+        for symbol, bound in ((">=", minimum), ("<=", maximum), (">", above), ("<", below))
+        if bound is not None
+    ]
+    allowed = f"a finite number {' and '.join(bounds)}" if bounds else "a finite number"
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or (minimum is not None and value < minimum)
+        or (maximum is not None and value > maximum)
+        or (above is not None and value <= above)
+        or (below is not None and value >= below)
+    ):
+        raise ValueError(f"{flag} must be {allowed}, got {value!r}")
+
+
+def check_num_threads(num_threads):
     if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 0:
         raise ValueError(f"--num_threads must be an integer >= 0 (0: torch's default), got {num_threads!r}")
+
+
+def apply_num_threads(num_threads):
+    """``torch.set_num_threads`` for ``--num_threads`` (0: leave torch's default): a program's ``main`` calls it after
+    its checks; nothing that only builds a configuration changes this process-wide setting."""
+    import torch
+
+    check_num_threads(num_threads)
     if num_threads:
         torch.set_num_threads(num_threads)
 
@@ -91,7 +203,12 @@ def add_training_arguments(parser, learning_rate=1e-4, train_batch_size=64):
     add_overwrite_argument(group)
     group.add_argument("--train_batch_size", type=int, default=train_batch_size, help="per process")
     group.add_argument("--num_epochs", type=int, default=1)
-    group.add_argument("--max_train_steps", type=int, default=None, help="optimizer steps; overrides --num_epochs")
+    group.add_argument(
+        "--max_train_steps",
+        type=int,
+        default=None,
+        help="optimizer steps; overrides --num_epochs (default: --num_epochs passes over the data)",
+    )
     group.add_argument("--gradient_accumulation_steps", type=int, default=1)
     group.add_argument("--learning_rate", type=float, default=learning_rate)
     group.add_argument(
@@ -133,10 +250,61 @@ def add_training_arguments(parser, learning_rate=1e-4, train_batch_size=64):
     hub.add_argument("--hub_private_repo", action="store_true")
 
 
+def check_pipeline_dir(flag, path):
+    """A saved pipeline (or model) folder, or a Hub repo id: a path that is neither is "no such folder", not the
+    Hub's "not cached locally" after a failed download."""
+    if os.path.isdir(path):
+        return
+    if os.path.exists(path):
+        raise ValueError(f"{flag}={path!r} is a file, not a folder")
+    from huggingface_hub.utils import validate_repo_id
+
+    local = path.startswith((".", "/", "~")) or path.count("/") > 1 or os.path.isdir(os.path.dirname(path) or "/.")
+    try:
+        validate_repo_id(path)
+    except ValueError:
+        local = True
+    if local:
+        raise ValueError(f"{flag}={path!r}: no such folder")
+
+
+def check_folder_path(flag, path):
+    """Refuse an output folder path that names an existing file."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag}={path!r} is a file, not a folder; choose a folder path")
+
+
+def check_training_arguments(args):
+    """The optimization flags of ``add_training_arguments`` that ``TrainingConfig`` takes as given: every float
+    finite and in its range, and ``--mixed_precision fp16`` only where it does something."""
+    for flag in ("adam_beta1", "adam_beta2"):
+        check_number(f"--{flag}", getattr(args, flag), minimum=0, below=1)
+    check_number("--adam_epsilon", args.adam_epsilon, above=0)
+    check_number("--adam_weight_decay", args.adam_weight_decay, minimum=0)
+    check_number("--max_grad_norm", args.max_grad_norm, above=0)
+    check_number("--learning_rate", args.learning_rate, above=0)
+    check_number("--ema_max_decay", args.ema_max_decay, minimum=0, maximum=1)
+    check_number("--ema_inv_gamma", args.ema_inv_gamma, above=0)
+    check_number("--ema_power", args.ema_power, above=0)
+    check_folder_path("--output_dir", args.output_dir)
+    if args.mixed_precision == "fp16":
+        import torch
+
+        if not torch.cuda.is_available():
+            # Accelerate runs fp16 on a CPU as fp32 without a word
+            raise ValueError("--mixed_precision fp16 needs a CUDA GPU; on a CPU pass bf16 or no")
+    if getattr(args, "push_to_hub", False):
+        if not args.hub_model_id:
+            raise ValueError("--push_to_hub needs --hub_model_id (for example your-name/hvae-digits)")
+        from .hub import check_hub_credentials
+
+        check_hub_credentials(args.hub_token)
+
+
 def training_config_from_args(args, **overrides):
-    """A ``TrainingConfig`` from the parsed arguments of ``add_training_arguments`` (checked before any work)."""
-    if getattr(args, "push_to_hub", False) and not args.hub_model_id:
-        raise ValueError("--push_to_hub needs --hub_model_id (for example your-name/hvae-digits)")
+    """A ``TrainingConfig`` from the parsed arguments of ``add_training_arguments``, every flag checked
+    (``check_training_arguments``); no process-wide setting is changed (``apply_num_threads`` is the program's)."""
+    check_training_arguments(args)
     names = {field.name for field in fields(TrainingConfig)}
     values = {name: getattr(args, name) for name in names if hasattr(args, name)}
     if values.get("report_to") is None:
@@ -144,10 +312,21 @@ def training_config_from_args(args, **overrides):
     if values.get("checkpoints_total_limit") == 0:
         values["checkpoints_total_limit"] = None
     values.update(overrides)
+    values["run_settings"] = run_flags_from_args(args, values.get("extra_log_config"))
     config = TrainingConfig(**values)
-    check_output_dir(config.output_dir, args.overwrite_output_dir, config.resume_from_checkpoint, resumable=True)
-    apply_num_threads(getattr(args, "num_threads", 0))
+    check_run_folder(config)  # the output-folder guard of a training run: lock, finished run, checkpoint, flags
+    check_num_threads(getattr(args, "num_threads", 0))
     return config
+
+
+def check_data_arguments(args):
+    """The data flags of ``add_data_arguments`` against their ranges, before anything is loaded."""
+    if args.resolution is not None and args.resolution < 1:
+        raise ValueError(f"--resolution must be >= 1, got {args.resolution}")
+    if args.num_classes is not None and args.num_classes < 1:
+        raise ValueError(f"--num_classes must be >= 1, got {args.num_classes}")
+    if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
+        raise ValueError(f"--train_data_dir={args.train_data_dir!r}: no such folder")
 
 
 def load_training_data(args, need_labels=False, need_captions=False):
@@ -155,6 +334,7 @@ def load_training_data(args, need_labels=False, need_captions=False):
 
     Labels are used when the label column exists (or ``need_labels``, which makes a missing one an error).
     """
+    check_data_arguments(args)
     splits = load_image_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir)
     train_split = splits["train"]
     label_column = args.label_column if (need_labels or args.label_column in train_split.column_names) else None
@@ -164,7 +344,7 @@ def load_training_data(args, need_labels=False, need_captions=False):
             raise ValueError(
                 f"--label_column={label_column!r} is not a column of the dataset; columns: {train_split.column_names}"
             )
-        num_classes = args.num_classes or num_classes_of(train_split, label_column)
+        num_classes = args.num_classes if args.num_classes is not None else num_classes_of(train_split, label_column)
     caption_column = args.caption_column if need_captions else None
     resolution = args.resolution
     datasets = [

@@ -1,6 +1,8 @@
 """Evaluation of a trained diffusion HVAE: the ELBO in bits/dim on held-out data, and sample quality measured in
-the feature space of a separately trained classifier of clean data (a Fréchet distance, and the accuracy of
-guided samples: the fraction of samples asked for class y that the classifier labels y).
+the feature space of a separately trained classifier of clean data (a Fréchet distance and KID, and the accuracy
+of guided samples: the fraction of samples asked for class y that the classifier labels y). With a local Inception
+file (``InceptionFeatures``) the same two numbers in Inception space are the FID and KID of the literature; in the
+feature classifier's space they are not, and are never called so.
 """
 
 import json
@@ -215,28 +217,154 @@ def noisy_classifier_calibration(
     return bands
 
 
-# ---------------------------------------------------------------------------------------------- Fréchet distance
+# ---------------------------------------------------------------------------------------------- Fréchet distance, KID
 
 
-def frechet_distance(features_a, features_b):
-    """‖μ_a − μ_b‖² + tr(Σ_a + Σ_b − 2 (Σ_a Σ_b)^{1/2}) between Gaussians fitted to two feature sets ``[N, F]``."""
-    from scipy import linalg
+def _as_float64(features, name):
+    features = torch.as_tensor(np.asarray(features), dtype=torch.float64)
+    if features.ndim != 2 or features.shape[0] < 2:
+        raise ValueError(f"{name} must be a [N, F] feature array with N >= 2, got shape {tuple(features.shape)}")
+    return features
 
-    features_a = np.asarray(features_a, dtype=np.float64)
-    features_b = np.asarray(features_b, dtype=np.float64)
+
+def frechet_distance(features_a, features_b, tolerance=1e-6):
+    """The Fréchet distance between the Gaussians fitted to two feature sets ``[N, F]`` (Dowson & Landau 1982):
+
+        d² = ‖μ_a − μ_b‖² + tr(Σ_a) + tr(Σ_b) − 2 tr((Σ_a^{1/2} Σ_b Σ_a^{1/2})^{1/2}).
+
+    tr((Σ_a Σ_b)^{1/2}) of FID is this last trace: Σ_a Σ_b is similar to the symmetric positive semi-definite
+    Σ_a^{1/2} Σ_b Σ_a^{1/2}, so its square root's trace is the sum of the square roots of that matrix's eigenvalues
+    (as torchmetrics sums the roots of the eigenvalues of Σ_a Σ_b). Computed with symmetric eigendecompositions in
+    float64, it needs no ridge for the singular covariances of dead ReLU units or N < F. The guard of pytorch-fid
+    (which refuses an imaginary part of the product's square root instead of dropping it): an eigenvalue below
+    −``tolerance`` × the largest raises a ``ValueError`` instead of being clipped to 0 silently.
+    """
+    features_a = _as_float64(features_a, "features_a")
+    features_b = _as_float64(features_b, "features_b")
+    if features_a.shape[1] != features_b.shape[1]:
+        raise ValueError(f"the feature sets differ in width: {features_a.shape[1]} and {features_b.shape[1]}")
     mean_a, mean_b = features_a.mean(0), features_b.mean(0)
-    cov_a, cov_b = np.cov(features_a, rowvar=False), np.cov(features_b, rowvar=False)
-    # features after a ReLU have dead units, so the covariances can be singular: a tiny ridge keeps sqrtm defined
-    ridge = np.eye(cov_a.shape[0]) * 1e-6
-    cov_a, cov_b = cov_a + ridge, cov_b + ridge
-    covariance_sqrt = linalg.sqrtm(cov_a @ cov_b).real
-    return float(((mean_a - mean_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * covariance_sqrt))
+    cov_a, cov_b = torch.cov(features_a.T).reshape(len(mean_a), -1), torch.cov(features_b.T).reshape(len(mean_b), -1)
+    eigenvalues_a, eigenvectors_a = torch.linalg.eigh(cov_a)
+    sqrt_a = (eigenvectors_a * eigenvalues_a.clamp(min=0).sqrt()) @ eigenvectors_a.T
+    product = sqrt_a @ cov_b @ sqrt_a
+    eigenvalues = torch.linalg.eigvalsh((product + product.T) / 2)
+    scale = float(eigenvalues.abs().max()) if len(eigenvalues) else 0.0
+    for values in (eigenvalues_a, eigenvalues):
+        if scale > 0 and float(values.min()) < -tolerance * max(scale, float(values.abs().max())):
+            raise ValueError(
+                f"the covariance product has a negative eigenvalue {float(values.min()):.3g} (largest {scale:.3g}): "
+                "the features are not finite or too ill-conditioned for a Fréchet distance"
+            )
+    trace_sqrt = eigenvalues.clamp(min=0).sqrt().sum()
+    distance = (mean_a - mean_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * trace_sqrt
+    return float(distance)
+
+
+def polynomial_kernel(features_x, features_y):
+    """k(x, y) = (x·y / F + 1)³, the kernel of KID (Bińkowski et al. 2018), for ``[N, F]`` and ``[M, F]``."""
+    return (features_x @ features_y.T / features_x.shape[1] + 1) ** 3
+
+
+def unbiased_mmd2(features_x, features_y):
+    """The unbiased estimate of MMD² with ``polynomial_kernel`` (Gretton et al. 2012, eq. 3):
+
+    1/(m(m−1)) Σ_{i≠j} k(x_i, x_j) + 1/(n(n−1)) Σ_{i≠j} k(y_i, y_j) − 2/(mn) Σ_{i,j} k(x_i, y_j).
+    """
+    m, n = features_x.shape[0], features_y.shape[0]
+    k_xx, k_yy = polynomial_kernel(features_x, features_x), polynomial_kernel(features_y, features_y)
+    k_xy = polynomial_kernel(features_x, features_y)
+    return (
+        (k_xx.sum() - k_xx.diagonal().sum()) / (m * (m - 1))
+        + (k_yy.sum() - k_yy.diagonal().sum()) / (n * (n - 1))
+        - 2 * k_xy.mean()
+    )
+
+
+def kernel_inception_distance(features_a, features_b, num_subsets=10, generator=None):
+    """KID: the unbiased MMD² (``unbiased_mmd2``) between two feature sets ``[N, F]``, with its standard error.
+
+    As in the KID paper and torchmetrics, the estimate is averaged over subsets; here they are ``num_subsets``
+    disjoint random subsets of equal size m = min(N_a, N_b) // num_subsets (fewer when that would leave m < 2). Each
+    subset's estimate is unbiased and, being disjoint, independent of the others, so their mean is unbiased (it can
+    be negative when the sets are alike) and the standard error std / √num_subsets holds at any sample size; subsets
+    drawn with overlap (torchmetrics) give a spread that understates it.
+
+    Returns ``{"kid", "standard_error" (None for one subset), "num_subsets", "subset_size"}``.
+    """
+    features_a = _as_float64(features_a, "features_a")
+    features_b = _as_float64(features_b, "features_b")
+    if isinstance(num_subsets, bool) or not isinstance(num_subsets, int) or num_subsets < 1:
+        raise ValueError(f"num_subsets must be an int >= 1, got {num_subsets!r}")
+    num_subsets = max(1, min(num_subsets, min(len(features_a), len(features_b)) // 2))
+    subset_size = min(len(features_a), len(features_b)) // num_subsets
+    order_a = torch.randperm(len(features_a), generator=generator)
+    order_b = torch.randperm(len(features_b), generator=generator)
+    estimates = torch.stack(
+        [
+            unbiased_mmd2(
+                features_a[order_a[i * subset_size : (i + 1) * subset_size]],
+                features_b[order_b[i * subset_size : (i + 1) * subset_size]],
+            )
+            for i in range(num_subsets)
+        ]
+    )
+    standard_error = float(estimates.std() / num_subsets**0.5) if num_subsets > 1 else None
+    return {
+        "kid": float(estimates.mean()),
+        "standard_error": standard_error,
+        "num_subsets": num_subsets,
+        "subset_size": subset_size,
+    }
 
 
 @torch.no_grad()
 def feature_frechet_distance(model, samples_a, samples_b):
     """The Fréchet distance between two image sets ``[N, C, H, W]`` in ``model.features`` space."""
-    return frechet_distance(model.features(samples_a).numpy(), model.features(samples_b).numpy())
+    return frechet_distance(model.features(samples_a), model.features(samples_b))
+
+
+@torch.no_grad()
+def sample_quality(model, samples, reference, generator=None):
+    """The Fréchet distance and KID between ``samples`` and ``reference`` ``[N, C, H, W]`` in ``model.features``
+    space (the feature classifier; an ``InceptionFeatures`` for the real FID and KID)."""
+    features, reference_features = model.features(samples), model.features(reference)
+    kid = kernel_inception_distance(features, reference_features, generator=generator)
+    return {
+        "frechet_distance": frechet_distance(features, reference_features),
+        "kid": kid["kid"],
+        "kid_standard_error": kid["standard_error"],
+    }
+
+
+class InceptionFeatures:
+    """The 2048-d pool features of the Inception-v3 network of FID (TensorFlow's 2015-12-05 graph) from a local
+    TorchScript file, such as ``inception-2015-12-05.pt`` of NVIDIA's StyleGAN2-ADA/StyleGAN3 metrics, called as
+    ``detector(uint8 images [N, 3, H, W], return_features=True)`` (it resizes to 299×299 itself). Nothing is
+    downloaded. TorchScript is code: pass only a file you trust.
+
+    ``features(samples)`` takes images in [−1, 1] (grey ones are repeated to three channels).
+    """
+
+    def __init__(self, path, batch_size=64):
+        if not os.path.isfile(path):
+            raise ValueError(
+                f"--inception_weights={path!r}: no such file (a TorchScript Inception, see docs/evaluation.md)"
+            )
+        self.detector = torch.jit.load(path, map_location="cpu").eval()
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def features(self, samples):
+        images = ((samples.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        if images.shape[1] == 1:
+            images = images.repeat(1, 3, 1, 1)
+        return torch.cat(
+            [
+                self.detector(images[i : i + self.batch_size], return_features=True).double()
+                for i in range(0, len(images), self.batch_size)
+            ]
+        )
 
 
 # ---------------------------------------------------------------------------------------------- grids

@@ -32,6 +32,29 @@ class HubUploadError(RuntimeError):
     """The upload failed; the local folder is complete and the message says how to retry."""
 
 
+def check_hub_credentials(token=None):
+    """Before any training: a token (``--hub_token``, ``HF_TOKEN`` or a saved ``hf auth login``) that the Hub
+    accepts (``whoami``), so that ``--push_to_hub`` does not fail after the run. Raises a ``ValueError`` naming the
+    flag. Returns the account name."""
+    from huggingface_hub import HfApi, constants, get_token
+
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError("--push_to_hub cannot upload with HF_HUB_OFFLINE=1 set; unset it, or drop --push_to_hub")
+    token = token or get_token()
+    if token is None:
+        raise ValueError(
+            "--push_to_hub needs a Hugging Face token with write access: run `hf auth login`, set HF_TOKEN, or "
+            "pass --hub_token"
+        )
+    try:
+        return HfApi(token=token).whoami()["name"]
+    except Exception as error:  # a rejected token (401) or an unreachable Hub: either way the upload would fail
+        raise ValueError(
+            f"--push_to_hub: could not check the token with the Hub ({type(error).__name__}: {error}); check "
+            "--hub_token/HF_TOKEN and the connection, or drop --push_to_hub and upload later"
+        ) from error
+
+
 def render_model_card(output_dir, repo_id=None, template_path=None, **fields):
     """Render the model card into ``output_dir/README.md`` and return the ``ModelCard``.
 

@@ -11,31 +11,64 @@ tqdm) with three guarantees the examples do not give:
   the global batch and keeps its rows (``losses.BatchRandomness``), and the global batch is the same examples in
   the same order as one process with ``N * train_batch_size``; the gradients DDP averages are then those of one
   process (up to float summation order).
-- Crash-safe checkpoints: ``accelerator.save_state`` writes ``checkpoint-<step>.tmp``, ``training_state.json``
-  (written last) lists every file with its size, and the folder is renamed to ``checkpoint-<step>``; old ones are
-  deleted only after the new one is in place. Resuming takes the newest checkpoint whose listed files are all there
-  with their sizes. The model (and its EMA) are stored in Diffusers format (``model/``, ``model_ema/``, loadable
-  with ``from_pretrained``), never as a pickle. A non-finite loss stops the run before the bad update.
+- Crash-safe checkpoints, verified by content: ``accelerator.save_state`` writes ``checkpoint-<step>.tmp``,
+  ``training_state.json`` (written last) records the run's id and settings and the size and sha256 of every file,
+  and the folder is renamed to ``checkpoint-<step>``; old ones are deleted only after the new one is in place.
+  Resuming takes the newest checkpoint of the run whose files all match, with the same settings, and names the ones
+  it skips and why (``runs.py``: the folder's lock, its run record, ``--overwrite_output_dir``). The model (and its
+  EMA) are stored in Diffusers format (``model/``, ``model_ema/``, loadable with ``from_pretrained``), never as a
+  pickle. A non-finite loss stops the run before the bad update; Ctrl-C leaves nothing half-written.
+
+What is Accelerate's is Accelerate's: ``prepare``, ``accumulate()``, ``save_state``/``load_state`` with hooks,
+``get_state_dict`` (a gather under DeepSpeed ZeRO-3 and FSDP) and the trackers. Three of its pieces are replaced, for
+what they cannot do: ``GlobalBatchSampler`` and ``BatchRandomness`` instead of the seedable sampler and
+``skip_first_batches`` (the global batch and its randomness do not depend on the process count, so 1 and N
+processes train the same weights), and ``save_checkpoint`` instead of ``ProjectConfiguration(
+automatic_checkpoint_naming, total_limit)``, which deletes the oldest checkpoint before writing the new one and
+writes in place (a kill then leaves fewer, or no, intact checkpoints).
 """
 
-import contextlib
-import json
 import logging
 import math
 import os
-import re
 import shutil
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from .losses import BatchRandomness
+from .runs import (
+    CHECKPOINT_PATTERN,
+    TRAINING_STATE_FILE,
+    OutputInUseError,
+    RunPlan,
+    check_output_dir_free,
+    checkpoint_folders,
+    checkpoint_problem,
+    clear_output_dir,
+    list_checkpoints,
+    lock_output_dir,
+    model_identity,
+    plan_run,
+    read_training_state,
+    resolve_checkpoint,
+    usable_problem,
+    write_run_record,
+    write_training_state,
+)
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-TRAINING_STATE_FILE = "training_state.json"
 MODEL_FOLDER, EMA_FOLDER = "model", "model_ema"
+__all__ = [  # the checkpoint functions live in runs.py; these names stay importable from here
+    "CHECKPOINT_PATTERN",
+    "TRAINING_STATE_FILE",
+    "OutputInUseError",
+    "checkpoint_problem",
+    "list_checkpoints",
+    "read_training_state",
+    "resolve_checkpoint",
+]
 
 
 @dataclass
@@ -46,7 +79,10 @@ class TrainingConfig:
     gradient_accumulation_steps``. ``max_train_steps`` (optimizer steps) overrides ``num_epochs``.
     ``checkpointing_steps`` 0/None disables checkpoints; ``checkpoints_total_limit`` keeps that many (None: all);
     ``save_images_steps`` 0/None disables sample grids during training (one is still saved at the end when a
-    ``sample_fn`` is given).
+    ``sample_fn`` is given). ``overwrite_output_dir`` clears an ``output_dir`` that holds files (otherwise a new run
+    needs an empty one). ``run_settings`` are the flags that define the model and its objective (``{flag: value}``,
+    ``runs.run_flags_from_args``): a checkpoint trained with other values is not resumed. ``save_on_each_node``:
+    the nodes share no file system, so each writes (and verifies) its own copy of every checkpoint.
     """
 
     output_dir: str
@@ -77,6 +113,9 @@ class TrainingConfig:
     dataloader_num_workers: int = 0
     tracker_project_name: str = "train"
     extra_log_config: dict = field(default_factory=dict)
+    overwrite_output_dir: bool = False
+    run_settings: dict = field(default_factory=dict)
+    save_on_each_node: bool = False
 
     def __post_init__(self):
         positive = ["train_batch_size", "gradient_accumulation_steps", "num_epochs"]
@@ -176,120 +215,82 @@ def collate(items):
     raise TypeError(f"dataset items must be dicts, tensors or (sample, label) tuples, got {type(first).__name__}")
 
 
-def checkpoint_problem(path):
-    """Why the checkpoint folder ``path`` is incomplete (a sentence), or None when every file its
-    ``training_state.json`` lists is there with its recorded size."""
-    try:
-        with open(os.path.join(path, TRAINING_STATE_FILE)) as handle:
-            files = json.load(handle)["files"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        return f"its {TRAINING_STATE_FILE} is missing or unreadable ({type(error).__name__})"
-    for name, size in files.items():
-        file_path = os.path.join(path, name)
-        if not os.path.isfile(file_path) or os.path.getsize(file_path) != size:
-            return f"{name} is missing or not {size} bytes"
-    return None
+def local_parameters(model):
+    """This process's share of each parameter: the whole parameter, or its shard under DeepSpeed ZeRO-3 (whose
+    parameters are empty placeholders outside a gather)."""
+    return [getattr(parameter, "ds_tensor", parameter) for parameter in model.parameters()]
 
 
-def read_training_state(path):
-    """The ``training_state.json`` of a complete checkpoint: global_step, learning_rate, losses, files, ..."""
-    with open(os.path.join(path, TRAINING_STATE_FILE)) as handle:
-        return json.load(handle)
+def max_abs_weight(model, accelerator=None):
+    """max |w| over the parameters of ``model`` (what a diverging run shows before its loss does). With an
+    ``accelerator`` of several processes, the maximum over all of them (each holds a shard under ZeRO-3 and FSDP);
+    every process must then call it."""
+    local = max((float(p.detach().abs().max()) for p in local_parameters(model) if p.numel()), default=0.0)
+    if accelerator is None or accelerator.num_processes == 1:
+        return local
+    return float(accelerator.gather(torch.tensor([local], device=accelerator.device)).max())
 
 
-def list_checkpoints(output_dir, complete_only=True):
-    """Checkpoints in ``output_dir`` as ``[(step, path)]``, oldest first; by default only complete ones
-    (``checkpoint_problem`` is None; ``.tmp`` folders are never listed)."""
-    if not os.path.isdir(output_dir):
-        return []
-    found = [
-        (int(m.group(1)), os.path.join(output_dir, name))
-        for name in os.listdir(output_dir)
-        if (m := CHECKPOINT_PATTERN.match(name))
-    ]
-    return sorted((step, path) for step, path in found if not complete_only or checkpoint_problem(path) is None)
+def writes_checkpoint_files(accelerator, save_on_each_node=False):
+    """Whether this process writes the shared files of a checkpoint: the main process, or each node's local main
+    one when the nodes share no file system (``save_on_each_node``, as in ``ProjectConfiguration``)."""
+    return accelerator.is_main_process or (save_on_each_node and accelerator.is_local_main_process)
 
 
-def resolve_checkpoint(output_dir, resume_from_checkpoint, log=print):
-    """The checkpoint to resume from: ``"latest"`` → the newest complete one (None if there is none), else a path.
-
-    Incomplete checkpoints newer than the one picked are named through ``log``. A path (or a ``checkpoint-<step>``
-    name inside ``output_dir``) that does not exist or is incomplete is a ``ValueError``.
-    """
-    if resume_from_checkpoint is None:
-        return None
-    if resume_from_checkpoint == "latest":
-        complete = list_checkpoints(output_dir)
-        newest_complete = complete[-1][0] if complete else -1
-        for step, path in list_checkpoints(output_dir, complete_only=False):
-            if step > newest_complete:
-                log(f"skipping the incomplete checkpoint {path}: {checkpoint_problem(path)}")
-        if complete:
-            log(f"the newest complete checkpoint is {complete[-1][1]}")
-        return complete[-1][1] if complete else None
-    path = resume_from_checkpoint
-    if not os.path.isdir(path):
-        path = os.path.join(output_dir, resume_from_checkpoint)
-    name = os.path.basename(os.path.normpath(path))
-    problem = checkpoint_problem(path) if os.path.isdir(path) else None
-    if not os.path.isdir(path) or not CHECKPOINT_PATTERN.match(name) or problem is not None:
-        available = [os.path.basename(p) for _, p in list_checkpoints(output_dir)]
-        reason = f"incomplete checkpoint ({problem})" if problem else "no such checkpoint (a checkpoint-<step> folder)"
-        raise ValueError(
-            f"--resume_from_checkpoint={resume_from_checkpoint!r}: {reason}; "
-            f"complete checkpoints in {output_dir!r}: {available or 'none'}; use 'latest' to pick the newest"
-        )
-    return path
-
-
-def max_abs_weight(model):
-    """max |w| over the parameters of ``model`` (what a diverging run shows before its loss does)."""
-    return max((float(p.detach().abs().max()) for p in model.parameters() if p.numel()), default=0.0)
-
-
-def save_checkpoint(accelerator, output_dir, global_step, total_limit, state):
+def save_checkpoint(accelerator, output_dir, global_step, total_limit, state, save_on_each_node=False):
     """``accelerator.save_state`` to ``checkpoint-<step>.tmp``, ``training_state.json`` (``state`` plus every
-    file's size) last, then an atomic rename; prune the oldest complete ones beyond ``total_limit``."""
+    file's size and sha256) last, then an atomic rename; then prune this run's oldest checkpoints beyond
+    ``total_limit``. Interrupted, it leaves only a ``.tmp`` folder, which is never resumed.
+
+    The listing is written by each process that wrote the folder's files, from its own disk (every node's with
+    ``save_on_each_node``), so it describes what that disk holds."""
     final_path = os.path.join(output_dir, f"checkpoint-{global_step}")
     temporary_path = final_path + ".tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(temporary_path, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(temporary_path)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        files = {}
-        for folder, _, names in os.walk(temporary_path):
-            for name in names:
-                file_path = os.path.join(folder, name)
-                files[os.path.relpath(file_path, temporary_path)] = os.path.getsize(file_path)
-        with open(os.path.join(temporary_path, TRAINING_STATE_FILE), "w") as handle:
-            json.dump({"global_step": global_step, **state, "files": files}, handle)
-        if os.path.isdir(final_path):
-            shutil.rmtree(final_path)
-        os.replace(temporary_path, final_path)
-        if total_limit is not None:
-            for _, old_path in list_checkpoints(output_dir)[:-total_limit]:
-                shutil.rmtree(old_path)
+    writer = writes_checkpoint_files(accelerator, save_on_each_node)
+    try:
+        if writer:
+            shutil.rmtree(temporary_path, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(temporary_path)
+        accelerator.wait_for_everyone()
+        if writer:
+            write_training_state(temporary_path, {"global_step": global_step, **state})
+            if os.path.isdir(final_path):
+                shutil.rmtree(final_path)
+            os.replace(temporary_path, final_path)
+            if total_limit is not None:
+                own = list_checkpoints(output_dir, verify_content=False, run_id=state["run_id"])
+                for _, old_path in own[:-total_limit]:
+                    shutil.rmtree(old_path)
+    except BaseException:
+        if writer:
+            shutil.rmtree(temporary_path, ignore_errors=True)
+        raise
     accelerator.wait_for_everyone()
     return final_path
 
 
-def register_diffusers_format_hooks(accelerator, ema_model=None):
-    """Make ``save_state``/``load_state`` store the model (and its EMA) with ``save_pretrained`` in ``model/``
-    (``model_ema/``) as Diffusers' ``train_unconditional.py`` does: safetensors, loadable with ``from_pretrained``.
+def diffusers_format_hooks(accelerator, ema_model=None, save_on_each_node=False):
+    """The ``(save_hook, load_hook)`` that make ``save_state``/``load_state`` store the model (and its EMA) with
+    ``save_pretrained`` in ``model/`` (``model_ema/``), as Diffusers' ``train_unconditional.py`` does: safetensors,
+    loadable with ``from_pretrained``.
 
-    Models that are not Diffusers ``ModelMixin``s keep accelerate's own ``model.safetensors``.
+    Models that are not Diffusers ``ModelMixin``s keep accelerate's own ``model.safetensors``. DeepSpeed and FSDP
+    save and load the model with their own engines before the hooks run: they pass no ``weights`` to the save hook
+    and no models to the load hook, so only the EMA (whole on every process) is stored here then.
     """
     from diffusers import ModelMixin
 
     def save_hook(models, weights, output_dir):
-        if ema_model is not None and accelerator.is_main_process:
+        writer = writes_checkpoint_files(accelerator, save_on_each_node)
+        if ema_model is not None and writer:
             ema_model.save_pretrained(os.path.join(output_dir, EMA_FOLDER))
+        if not weights:  # the engine (DeepSpeed, FSDP) saved the models itself
+            return
         for index in reversed(range(len(models))):
             model = accelerator.unwrap_model(models[index])
             if isinstance(model, ModelMixin):
-                if accelerator.is_main_process:
+                if writer:
                     model.save_pretrained(os.path.join(output_dir, MODEL_FOLDER))
                 weights.pop(index)
 
@@ -306,18 +307,63 @@ def register_diffusers_format_hooks(accelerator, ema_model=None):
                 models.pop(index)
                 model.load_state_dict(type(model).from_pretrained(input_dir, subfolder=MODEL_FOLDER).state_dict())
 
+    return save_hook, load_hook
+
+
+def register_diffusers_format_hooks(accelerator, ema_model=None, save_on_each_node=False):
+    """Register ``diffusers_format_hooks`` with ``accelerator``."""
+    save_hook, load_hook = diffusers_format_hooks(accelerator, ema_model, save_on_each_node)
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def make_accelerator(config):
-    """An ``Accelerator`` for ``config`` (trackers under ``output_dir/logging_dir``)."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import ProjectConfiguration
+def is_sharded(accelerator):
+    """Whether the prepared model is split over the processes (DeepSpeed, FSDP): no process holds it whole."""
+    from accelerate.utils import DistributedType
 
-    # a second run in the same process (a notebook, a test) may change mixed precision; the process group stays
-    AcceleratorState._reset_state(reset_partial_state=False)
+    return accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+
+
+def whole_model(accelerator, model, ema_model=None, parameter_names=None, in_place=False):
+    """The whole trained model on the main process (None on the others), the EMA's weights in place of the
+    parameters when there is one.
+
+    Every process must call it: the weights come from ``accelerator.get_state_dict``, a gather under DeepSpeed
+    ZeRO-3 and FSDP (as in Diffusers' training scripts). ``in_place`` loads them into the unwrapped model itself
+    (the end of a run whose processes each hold the whole model); otherwise into a new copy, so the model in
+    training is left as it is. ``parameter_names`` are the names of the EMA's parameters, in order.
+    """
+    import copy
+
+    from diffusers import ModelMixin
+
+    state = accelerator.get_state_dict(model)
+    if not accelerator.is_main_process:
+        return None
+    unwrapped = accelerator.unwrap_model(model)
+    if ema_model is not None:
+        state = dict(state)
+        for name, shadow in zip(parameter_names, ema_model.shadow_params):
+            state[name] = shadow.detach().to(state[name].device, state[name].dtype)
+    if in_place and not is_sharded(accelerator):
+        target = unwrapped
+    elif isinstance(unwrapped, ModelMixin):
+        target = type(unwrapped).from_config(unwrapped.config).to(accelerator.device)
+    elif not is_sharded(accelerator):
+        target = copy.deepcopy(unwrapped)
+    else:
+        raise TypeError(f"gathering a sharded model needs a Diffusers ModelMixin, got {type(unwrapped).__name__}")
+    target.load_state_dict(state)
+    return target
+
+
+def make_accelerator(config):
+    """An ``Accelerator`` for ``config`` (trackers under ``output_dir/logging_dir``).
+
+    Accelerate fixes the mixed precision once per process: a second run in the same process with another
+    ``mixed_precision`` is a ``ValueError`` that says so (Accelerate offers no public way to change it)."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
 
     report_to = None if config.report_to in (None, "none") else config.report_to
     if report_to == "tensorboard":
@@ -326,9 +372,24 @@ def make_accelerator(config):
         if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
             raise ValueError("--report_to tensorboard needs `pip install tensorboard` (or pass --report_to none)")
     project_config = ProjectConfiguration(
-        project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, config.logging_dir)
+        project_dir=config.output_dir,
+        logging_dir=os.path.join(config.output_dir, config.logging_dir),
+        save_on_each_node=config.save_on_each_node,
     )
-    return Accelerator(mixed_precision=config.mixed_precision, log_with=report_to, project_config=project_config)
+    try:
+        return Accelerator(
+            mixed_precision=config.mixed_precision,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            log_with=report_to,
+            project_config=project_config,
+        )
+    except ValueError as error:
+        if "already been initialized" not in str(error):
+            raise
+        raise ValueError(
+            f"--mixed_precision={config.mixed_precision}: this process already runs Accelerate with another mixed "
+            "precision, which Accelerate fixes once per process; run this training in a new process"
+        ) from error
 
 
 def train(
@@ -365,14 +426,13 @@ def train(
         before any work for a checkpoint that cannot continue this run.
     """
     from diffusers import ModelMixin
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
-    from tqdm.auto import tqdm
 
     if config.use_ema and not isinstance(model, ModelMixin):
         raise TypeError(f"--use_ema needs a Diffusers ModelMixin model, got {type(model).__name__}")
     accelerator = accelerator or make_accelerator(config)
-    num_processes, process_index = accelerator.num_processes, accelerator.process_index
+    # accumulate() below syncs gradients and steps the optimizer on the last micro-batch of each global batch
+    accelerator.gradient_accumulation_steps = config.gradient_accumulation_steps
+    num_processes = accelerator.num_processes
 
     batches_per_epoch = GlobalBatchSampler.batches_per_epoch(
         len(train_dataset), config.train_batch_size, num_processes
@@ -385,12 +445,124 @@ def train(
         )
     steps_per_epoch = batches_per_epoch // config.gradient_accumulation_steps
     max_train_steps = config.max_train_steps or config.num_epochs * steps_per_epoch
-    resume_path = resolve_checkpoint(config.output_dir, config.resume_from_checkpoint, log=accelerator.print)
-    if config.resume_from_checkpoint == "latest" and resume_path is None:
-        accelerator.print(f"no complete checkpoint in {config.output_dir!r} to resume from: starting a new run")
+    settings = {"flags": run_flags(config), "model": model_identity(model)}
+    lock, plan = open_run(accelerator, config, settings, max_train_steps)
+    try:
+        return _train(
+            config, model, loss_fn, train_dataset, accelerator, plan, settings, max_train_steps, steps_per_epoch,
+            sample_fn=sample_fn, save_fn=save_fn, evaluate_fn=evaluate_fn, encode_prompt=encode_prompt,
+        )  # fmt: skip
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def run_flags(config):
+    """The flags of ``config`` that define the run's model and objective: ``run_settings`` and ``--use_ema``."""
+    return {**config.run_settings, "use_ema": config.use_ema}
+
+
+def check_run_folder(config, log=None):
+    """Refuse, before any work, what ``train(config, ...)`` would refuse about its output folder: another run
+    writing there, a new run over files or a finished run, a checkpoint of another run, one that cannot continue
+    (``check_resumable``) or one trained with other flags (the model itself is compared when training starts).
+    Reads only, and only in the launcher's first process (``RANK`` 0, or no launcher): the others would see the
+    folder the first one is already writing; ``train`` agrees on one plan for all of them."""
+    if os.environ.get("RANK", "0") != "0":
+        return None
+    if os.path.exists(config.output_dir) and not os.path.isdir(config.output_dir):
+        raise ValueError(f"--output_dir={config.output_dir!r} is a file, not a folder")
+    if os.path.isdir(config.output_dir):
+        check_output_dir_free(config.output_dir)
+    plan = plan_run(
+        config.output_dir,
+        config.resume_from_checkpoint,
+        config.overwrite_output_dir,
+        {"flags": run_flags(config)},
+        log=log or (lambda message: None),
+    )
+    if plan.resume_path is not None and config.max_train_steps is not None:
+        check_resumable(plan.resume_path, read_training_state(plan.resume_path), config, config.max_train_steps)
+    return plan
+
+
+def open_run(accelerator, config, settings, max_train_steps):
+    """Take the output folder for this run and agree on its plan on every process: ``(lock, plan)``.
+
+    The main process locks the folder and plans the run (``plan_run``); every process then verifies, on its own
+    disk, the checkpoint it will read, and they resume the newest one intact on all of them. The old run is cleared
+    (``--overwrite_output_dir``) and the run recorded only after every check passed. An error reaches every
+    process, so none waits for the others at a barrier."""
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    lock, outcome = None, [None]
+    if accelerator.is_main_process:
+        try:
+            lock = lock_output_dir(config.output_dir)
+            outcome = [plan_run(config.output_dir, config.resume_from_checkpoint, config.overwrite_output_dir,
+                                settings, log=accelerator.print)]  # fmt: skip
+        except ValueError as error:  # sent to every process, which all raise it
+            outcome = [error]
+    if accelerator.num_processes > 1:
+        outcome = broadcast_object_list(outcome)
+    plan = outcome[0]
+    if not isinstance(plan, RunPlan):
+        if lock is not None:
+            lock.release()
+        raise plan
+    try:
+        if plan.resume_path is not None and accelerator.num_processes > 1:
+            plan.resume_path = agreed_checkpoint(accelerator, config, plan, gather_object)
+        if plan.resume_path is not None:
+            check_resumable(plan.resume_path, read_training_state(plan.resume_path), config, max_train_steps)
+        if writes_checkpoint_files(accelerator, config.save_on_each_node):
+            os.makedirs(config.output_dir, exist_ok=True)
+            if plan.clear:
+                clear_output_dir(config.output_dir)
+            write_run_record(config.output_dir, plan.run_id, settings)
+        accelerator.wait_for_everyone()
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return lock, plan
+
+
+def agreed_checkpoint(accelerator, config, plan, gather_object):
+    """The checkpoint every process resumes: each verifies the ones of the run on its own disk (a multi-node run
+    without a shared file system reads each node's copy), and they take the newest intact on all of them."""
+    if config.resume_from_checkpoint == "latest":
+        candidates = [path for _, path in checkpoint_folders(config.output_dir)]
+    else:
+        candidates = [plan.resume_path]
+    names = {os.path.basename(os.path.normpath(path)): path for path in candidates}
+    intact = [name for name, path in names.items() if usable_problem(path, plan.run_id) is None]
+    everywhere = set(names)
+    for process_intact in gather_object([intact]):
+        everywhere &= set(process_intact)
+    if not everywhere:
+        raise ValueError(
+            f"--resume_from_checkpoint={config.resume_from_checkpoint!r}: no checkpoint of the run is intact on "
+            f"every process ({plan.resume_path} is not, on some node); copy an intact one to every node's "
+            f"{config.output_dir!r}"
+        )
+    chosen = max(everywhere, key=lambda name: int(CHECKPOINT_PATTERN.match(name).group(1)))
+    if names[chosen] != plan.resume_path:
+        accelerator.print(f"resuming from {names[chosen]}, the newest checkpoint intact on every process")
+    return names[chosen]
+
+
+def _train(
+    config, model, loss_fn, train_dataset, accelerator, plan, settings, max_train_steps, steps_per_epoch, *,
+    sample_fn, save_fn, evaluate_fn, encode_prompt,
+):  # fmt: skip
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+    from tqdm.auto import tqdm
+
+    num_processes, process_index = accelerator.num_processes, accelerator.process_index
+    resume_path = plan.resume_path
     resumed_state = read_training_state(resume_path) if resume_path is not None else {}
-    check_resumable(resume_path, resumed_state, config, max_train_steps)
-    os.makedirs(config.output_dir, exist_ok=True)
 
     optimizer = torch.optim.AdamW(
         model.parameters(),
@@ -407,7 +579,11 @@ def train(
         num_training_steps=max_train_steps * num_processes,
     )
     ema_model = None
+    parameter_names = [name for name, _ in model.named_parameters()]
     if config.use_ema:
+        if is_sharded(accelerator) and accelerator.distributed_type.name == "FSDP":
+            raise ValueError("--use_ema with FSDP: its parameters are flat shards that EMAModel cannot follow; "
+                             "use DeepSpeed ZeRO (whose parameters EMAModel gathers) or DDP")  # fmt: skip
         ema_model = EMAModel(
             model.parameters(),
             decay=config.ema_max_decay,
@@ -420,10 +596,11 @@ def train(
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     if ema_model is not None:
         ema_model.to(accelerator.device)
-    register_diffusers_format_hooks(accelerator, ema_model)
+    register_diffusers_format_hooks(accelerator, ema_model, config.save_on_each_node)
 
     global_step = 0
     losses = []
+    accelerator.step = 0  # accumulate()'s micro-batch count: a run starts (and a checkpoint was saved) at a boundary
     if resume_path is not None:
         accelerator.print(f"resuming from {resume_path}")
         accelerator.load_state(resume_path)
@@ -435,19 +612,14 @@ def train(
         run_config.update(config.extra_log_config)
         accelerator.init_trackers(config.tracker_project_name, config=run_config)
 
-    def save_samples(step):
+    def save_samples(step, trained):
+        """Save and log a sample grid of ``trained`` (a ``whole_model``) on the main process."""
         if sample_fn is None or not accelerator.is_main_process:
             return
-        unwrapped = accelerator.unwrap_model(model)
-        if ema_model is not None:
-            ema_model.store(unwrapped.parameters())
-            ema_model.copy_to(unwrapped.parameters())
-        unwrapped.eval()
+        trained.eval()
         with torch.no_grad():
-            grid = sample_fn(unwrapped, step)
-        unwrapped.train()
-        if ema_model is not None:
-            ema_model.restore(unwrapped.parameters())
+            grid = sample_fn(trained, step)
+        trained.train()
         os.makedirs(os.path.join(config.output_dir, "samples"), exist_ok=True)
         grid.save(os.path.join(config.output_dir, "samples", f"step-{step:06d}.png"))
         log_image(accelerator, "samples", grid, step)
@@ -458,95 +630,124 @@ def train(
     model.train()
     micro_steps_per_epoch = steps_per_epoch * config.gradient_accumulation_steps
     micro_step = global_step * config.gradient_accumulation_steps
-    while global_step < max_train_steps:
-        epoch, skip = divmod(micro_step, micro_steps_per_epoch)
-        sampler = GlobalBatchSampler(
-            len(train_dataset),
-            config.train_batch_size,
-            num_processes,
-            process_index,
-            config.seed,
-            epoch=epoch,
-            skip_batches=skip,
-        )
-        loader = torch.utils.data.DataLoader(
-            train_dataset, batch_sampler=sampler, collate_fn=collate, num_workers=config.dataloader_num_workers
-        )
-        batches = iter(loader)
-        # whole optimizer steps only: the batches of a trailing partial accumulation are dropped
-        for _ in range((micro_steps_per_epoch - skip) // config.gradient_accumulation_steps):
-            if global_step >= max_train_steps:
-                break
-            step_loss, step_parts = 0.0, {}
-            for accumulation_index in range(config.gradient_accumulation_steps):
-                batch = {
-                    k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in next(batches).items()
-                }
-                randomness = BatchRandomness(
-                    torch.Generator().manual_seed(micro_step_seed(config.seed, micro_step)),
-                    num_processes,
-                    process_index,
-                )
-                is_last = accumulation_index == config.gradient_accumulation_steps - 1
-                # gradients are all-reduced only on the last micro-batch of an accumulation
-                with contextlib.nullcontext() if is_last else accelerator.no_sync(model):
-                    with accelerator.autocast():
-                        loss, parts = loss_fn(model, batch, randomness, encode_prompt=encode_prompt)
-                    global_loss = accelerator.gather(loss.detach().float().reshape(1)).mean().item()
-                    if not math.isfinite(global_loss):
-                        progress.close()
-                        accelerator.end_training()
-                        raise NonFiniteLossError(
-                            non_finite_report(global_loss, global_step, micro_step, losses, model, config.output_dir)
+    try:
+        while global_step < max_train_steps:
+            epoch, skip = divmod(micro_step, micro_steps_per_epoch)
+            sampler = GlobalBatchSampler(
+                len(train_dataset),
+                config.train_batch_size,
+                num_processes,
+                process_index,
+                config.seed,
+                epoch=epoch,
+                skip_batches=skip,
+            )
+            loader = torch.utils.data.DataLoader(
+                train_dataset, batch_sampler=sampler, collate_fn=collate, num_workers=config.dataloader_num_workers
+            )
+            batches = iter(loader)
+            # whole optimizer steps only: the batches of a trailing partial accumulation are dropped
+            for _ in range((micro_steps_per_epoch - skip) // config.gradient_accumulation_steps):
+                if global_step >= max_train_steps:
+                    break
+                step_loss, step_parts = 0.0, {}
+                for _ in range(config.gradient_accumulation_steps):
+                    batch = {
+                        k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v
+                        for k, v in next(batches).items()
+                    }
+                    randomness = BatchRandomness(
+                        torch.Generator().manual_seed(micro_step_seed(config.seed, micro_step)),
+                        num_processes,
+                        process_index,
+                    )
+                    # gradients are all-reduced (and the optimizer steps) only on the last micro-batch
+                    with accelerator.accumulate(model):
+                        with accelerator.autocast():
+                            loss, parts = loss_fn(model, batch, randomness, encode_prompt=encode_prompt)
+                        global_loss = accelerator.gather(loss.detach().float().reshape(1)).mean().item()
+                        if not math.isfinite(global_loss):
+                            raise NonFiniteLossError(
+                                non_finite_report(
+                                    global_loss,
+                                    global_step,
+                                    micro_step,
+                                    losses,
+                                    model,
+                                    config.output_dir,
+                                    accelerator,
+                                    plan.run_id,
+                                )  # fmt: skip
+                            )
+                        accelerator.backward(loss)  # divided by the accumulation steps inside accumulate()
+                        if accelerator.sync_gradients:
+                            if config.max_grad_norm is not None and config.max_grad_norm > 0:
+                                accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                        optimizer.step()
+                        lr_scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    step_loss += global_loss / config.gradient_accumulation_steps
+                    for name, value in parts.items():
+                        step_parts[name] = (
+                            step_parts.get(name, 0.0) + float(value) / config.gradient_accumulation_steps
                         )
-                    accelerator.backward(loss / config.gradient_accumulation_steps)
-                step_loss += global_loss / config.gradient_accumulation_steps
-                for name, value in parts.items():
-                    step_parts[name] = step_parts.get(name, 0.0) + float(value) / config.gradient_accumulation_steps
-                micro_step += 1
-            if config.max_grad_norm is not None and config.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema_model is not None:
-                ema_model.step(accelerator.unwrap_model(model).parameters())
-            global_step += 1
-            losses.append(step_loss)
+                    micro_step += 1
+                if ema_model is not None:
+                    ema_model.step(accelerator.unwrap_model(model).parameters())
+                global_step += 1
+                losses.append(step_loss)
 
-            logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], "step": global_step, **step_parts}
-            if ema_model is not None:
-                logs["ema_decay"] = ema_model.cur_decay_value
-            progress.update(1)
-            progress.set_postfix(loss=f"{step_loss:.4f}", step=global_step)
-            accelerator.log(logs, step=global_step)
-            if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
-                state = {
-                    "learning_rate": config.learning_rate,
-                    "losses": losses,
-                    "max_abs_weight": max_abs_weight(model),
-                }
-                save_checkpoint(accelerator, config.output_dir, global_step, config.checkpoints_total_limit, state)
-            if config.save_images_steps and global_step % config.save_images_steps == 0:
-                save_samples(global_step)
+                logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], "step": global_step, **step_parts}
+                if ema_model is not None:
+                    logs["ema_decay"] = ema_model.cur_decay_value
+                progress.update(1)
+                progress.set_postfix(loss=f"{step_loss:.4f}", step=global_step)
+                accelerator.log(logs, step=global_step)
+                if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
+                    state = {
+                        "run_id": plan.run_id,
+                        "settings": settings,
+                        "learning_rate": config.learning_rate,
+                        "losses": losses,
+                        "max_abs_weight": max_abs_weight(model, accelerator),
+                    }
+                    save_checkpoint(
+                        accelerator, config.output_dir, global_step, config.checkpoints_total_limit, state,
+                        config.save_on_each_node,
+                    )  # fmt: skip
+                if sample_fn is not None and config.save_images_steps and global_step % config.save_images_steps == 0:
+                    # the (EMA) weights now, gathered from every process into a copy
+                    save_samples(global_step, whole_model(accelerator, model, ema_model, parameter_names))
+    except KeyboardInterrupt:
+        progress.close()
+        newest = list_checkpoints(config.output_dir, verify_content=False, run_id=plan.run_id)
+        where = f"its newest checkpoint is {newest[-1][1]}" if newest else "it has no checkpoint yet"
+        accelerator.print(
+            f"\ninterrupted at step {global_step}: nothing half-written is kept and {where}. To continue, run the "
+            "same command with --resume_from_checkpoint latest"
+        )
+        raise
+    except NonFiniteLossError:
+        progress.close()
+        accelerator.end_training()
+        raise
     progress.close()
 
     accelerator.wait_for_everyone()
+    trained = whole_model(accelerator, model, ema_model, parameter_names, in_place=True)
     metrics = {}
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        if ema_model is not None:
-            ema_model.copy_to(unwrapped.parameters())
         # the weights are saved first: a failing sample grid or evaluation must not cost them
         if save_fn is not None:
-            save_fn(unwrapped, config.output_dir)
-        if not (config.save_images_steps and global_step % config.save_images_steps == 0):
-            save_samples(global_step)
-        if evaluate_fn is not None:
-            unwrapped.eval()
-            with torch.no_grad():
-                metrics = dict(evaluate_fn(unwrapped))
-            accelerator.log(metrics, step=global_step)
+            save_fn(trained, config.output_dir)
+        write_run_record(config.output_dir, plan.run_id, settings, finished=True)
+    if not (config.save_images_steps and global_step % config.save_images_steps == 0):
+        save_samples(global_step, trained)
+    if accelerator.is_main_process and evaluate_fn is not None:
+        trained.eval()
+        with torch.no_grad():
+            metrics = dict(evaluate_fn(trained))
+        accelerator.log(metrics, step=global_step)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     final_loss = losses[-1] if losses else float("nan")
@@ -575,17 +776,17 @@ def check_resumable(resume_path, state, config, max_train_steps):
         )
 
 
-def non_finite_report(loss, global_step, micro_step, losses, model, output_dir):
+def non_finite_report(loss, global_step, micro_step, losses, model, output_dir, accelerator=None, run_id=None):
     """What is known when the loss stops being finite: where, the recent losses, the weights now and at each
     checkpoint on disk (finite weights may already be diverging, so no checkpoint is called good)."""
     checkpoints = [
         f"{os.path.basename(path)} (max|w| = {read_training_state(path).get('max_abs_weight', float('nan')):.3g})"
-        for _, path in list_checkpoints(output_dir)
+        for _, path in list_checkpoints(output_dir, verify_content=False, run_id=run_id)
     ]
     recent = ", ".join(f"{value:.4g}" for value in losses[-5:])
     return (
         f"the loss is {loss} at step {global_step + 1} (micro-batch {micro_step}): training stopped before this "
-        f"update. Losses of the last steps: [{recent}]; the largest |weight| now is {max_abs_weight(model):.3g}. "
+        f"update. Losses of the last steps: [{recent}]; the largest |weight| now is {max_abs_weight(model, accelerator):.3g}. "
         f"Checkpoints on disk: {', '.join(checkpoints) or 'none'}. A checkpoint whose max|w| grew far beyond the "
         "earlier ones is already diverging. Resuming keeps the checkpoint's learning rate; to lower it, start a new "
         "run from the model of a checkpoint before the growth (its model/ folder, e.g. --pretrained_model_name_or_path "
