@@ -331,3 +331,23 @@ def test_an_old_score_pipeline_folder_still_loads_and_samples_the_same(saved_sco
     # saving it again writes the new layout
     loaded.save_pretrained(tmp_path / "again")
     assert json.loads((tmp_path / "again" / "model_index.json").read_text())["prediction_type"] == "score"
+
+
+def test_fine_tuning_a_saved_score_pipeline_keeps_training_the_score(saved_score_pipeline):
+    """``hvae-train --pretrained_model_name_or_path`` reads the model's parameterization, not the saved scheduler's."""
+    import argparse
+
+    from hvae_diffusion.commands.train import make_scheduler
+
+    _, folder = saved_score_pipeline
+    for requested in (None, "score"):
+        args = argparse.Namespace(
+            pretrained_model_name_or_path=str(folder), prediction_type=requested, variance_type=None
+        )
+        assert make_scheduler(args).config.prediction_type == "score"
+    with pytest.raises(ValueError, match="--prediction_type='epsilon' contradicts"):
+        make_scheduler(
+            argparse.Namespace(
+                pretrained_model_name_or_path=str(folder), prediction_type="epsilon", variance_type=None
+            )
+        )
