@@ -351,3 +351,32 @@ def test_fine_tuning_a_saved_score_pipeline_keeps_training_the_score(saved_score
                 pretrained_model_name_or_path=str(folder), prediction_type="epsilon", variance_type=None
             )
         )
+
+
+@pytest.mark.parametrize("pipeline_class", [ClassifierGuidedPipeline, ClassifierFreeGuidancePipeline])
+def test_one_line_scheduler_swap_on_saved_guided_score_pipelines(pipeline_class, tmp_path):
+    """The guided pipelines saved with a score model take the one-line swap too, and then sample what the same
+    scheduler gives the exact ε model of the same mixture."""
+    from hvae_diffusion.testing import ExactMixtureClassifier, ExactMixtureDenoiser
+
+    scheduler = HVAEScheduler(num_train_timesteps=100, prediction_type="score")
+    table = scheduler.alphas_cumprod.tolist()
+    labels = dict(component_labels=[0, 0, 1], alphas_cumprod=table)
+
+    def build(prediction_type, scheduler):
+        unet = ExactMixtureDenoiser(
+            MIXTURE_MEANS, 0.3, **labels, prediction_type=prediction_type, in_channels=2, num_class_embeds=3
+        )
+        if pipeline_class is ClassifierGuidedPipeline:
+            return quiet(pipeline_class(unet, scheduler, ExactMixtureClassifier(MIXTURE_MEANS, 0.3, **labels)))
+        return quiet(pipeline_class(unet, scheduler))
+
+    build("score", scheduler).save_pretrained(tmp_path)
+    loaded = quiet(DiffusionPipeline.from_pretrained(tmp_path))
+    loaded.scheduler = DDIMScheduler.from_config(loaded.scheduler.config)
+    by_hand = build("epsilon", DDIMScheduler.from_config(loaded.scheduler.config))
+
+    def run(pipeline):
+        return pipeline(class_labels=[1] * 4, guidance_scale=2.0, num_inference_steps=8, generator=seeded()).images
+
+    torch.testing.assert_close(run(loaded), run(by_hand), rtol=1e-4, atol=1e-4)
