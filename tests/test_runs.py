@@ -363,6 +363,32 @@ def test_checkpoint_hooks_take_the_arguments_deepspeed_and_fsdp_pass(tmp_path):
     assert weights == [] and sorted(os.listdir(tmp_path / "ddp")) == ["model", "model_ema"]
 
 
+def test_every_process_resumes_the_newest_checkpoint_intact_on_all_of_them(tmp_path):
+    """Without a shared file system each node verifies its own copy; a checkpoint damaged on one node is skipped by
+    all processes (the other process's verdicts stand in for ``gather_object`` across nodes)."""
+    from accelerate import Accelerator
+
+    from hvae_diffusion.training.loop import agreed_checkpoint
+    from hvae_diffusion.training.runs import RunPlan
+
+    _, _, folder = run(tmp_path, "run")
+    run_id = read_run_record(str(folder))["run_id"]
+    config = TrainingConfig(output_dir=str(folder), resume_from_checkpoint="latest")
+    plan = RunPlan(run_id, resume_path=str(folder / "checkpoint-6"))
+
+    def gather_with(other_node):
+        return lambda intact: intact + [other_node]
+
+    assert agreed_checkpoint(
+        Accelerator(), config, plan, gather_with(["checkpoint-2", "checkpoint-4", "checkpoint-6"])
+    ) == str(folder / "checkpoint-6")
+    assert agreed_checkpoint(Accelerator(), config, plan, gather_with(["checkpoint-2", "checkpoint-4"])) == str(
+        folder / "checkpoint-4"
+    )
+    with pytest.raises(ValueError, match="no checkpoint of the run is intact on every process"):
+        agreed_checkpoint(Accelerator(), config, plan, gather_with([]))
+
+
 def test_max_abs_weight_reads_zero3_shards():
     """Under ZeRO-3 a parameter is an empty placeholder and its shard is ``ds_tensor``."""
     model = torch.nn.Linear(2, 1)
