@@ -77,6 +77,24 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     return 1 - alphas
 
 
+def clamp_zero_terminal_alphas_cumprod(alphas_cumprod: torch.Tensor, floor: float = 2**-24) -> torch.Tensor:
+    """ᾱ with a last value of 0 (zero terminal SNR) raised to a positive one that keeps ᾱ strictly decreasing.
+
+    x̂_0 from ε or a score is undefined at ᾱ_T = 0, so the last value becomes
+    ᾱ_T = min(``floor``, ᾱ_{T−1}² / ᾱ_{T−2}) (ᾱ_{T−2} = 1 when there is no such step): at most Diffusers' 2⁻²⁴ (its
+    Euler scheduler's), and never above the value before it, where a fixed 2⁻²⁴ would make ᾱ rise again (the
+    rescaled linear schedule at T = 1000 has ᾱ_{T−1} ≈ 4e-9) and the last step's posterior variance negative.
+    The geometric continuation of the last step keeps log-SNR smooth there. Other tables are returned unchanged.
+    """
+    alphas_cumprod = alphas_cumprod.clone()
+    if alphas_cumprod[-1] != 0:
+        return alphas_cumprod
+    before = alphas_cumprod[-2] if len(alphas_cumprod) > 1 else alphas_cumprod.new_tensor(1.0)
+    earlier = alphas_cumprod[-3] if len(alphas_cumprod) > 2 else alphas_cumprod.new_tensor(1.0)
+    alphas_cumprod[-1] = torch.minimum(before**2 / earlier, alphas_cumprod.new_tensor(floor))
+    return alphas_cumprod
+
+
 def alphas_cumprod_from_betas(betas: torch.Tensor) -> torch.Tensor:
     """ᾱ_t = Π_{s≤t} (1 − β_s), computed in float64."""
     return torch.cumprod(1 - betas.double(), dim=0)

@@ -28,6 +28,7 @@ from .forward_process import (
     BETA_SCHEDULES,
     alphas_cumprod_from_betas,
     broadcast_to,
+    clamp_zero_terminal_alphas_cumprod,
     learned_range_log_variance,
     make_betas,
     posterior_mean_coefficients,
@@ -187,12 +188,9 @@ class HVAEScheduler(DDPMScheduler):
         )
         self.betas = betas
         self.alphas = 1.0 - betas
-        self.alphas_cumprod = alphas_cumprod_from_betas(betas)
-        if self.alphas_cumprod[-1] == 0:
-            # ᾱ_T = 0 (zero terminal SNR, or a β_T = 1 given explicitly) makes x̂_0 from ε or a score undefined at
-            # the first step; like Diffusers' Euler scheduler we keep it a hair above 0 so every parameterization
-            # stays usable.
-            self.alphas_cumprod[-1] = 2**-24
+        # ᾱ_T = 0 (zero terminal SNR, or a β_T = 1 given explicitly) makes x̂_0 from ε or a score undefined at the
+        # first step; like Diffusers' Euler scheduler it is kept a hair above 0, and below ᾱ_{T−1} so the ELBO holds.
+        self.alphas_cumprod = clamp_zero_terminal_alphas_cumprod(alphas_cumprod_from_betas(betas))
         self._begin_index = None
         self._set_chain(self.timesteps)
 

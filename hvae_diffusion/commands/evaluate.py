@@ -33,6 +33,7 @@ from ..elbo_estimation import BPD_ESTIMATORS
 from ..pipelines.serialization import denoiser_scheduler
 from ..training.cli import (
     add_data_arguments,
+    add_guidance_variant_arguments,
     add_num_threads_argument,
     add_overwrite_argument,
     apply_num_threads,
@@ -43,6 +44,7 @@ from ..training.cli import (
     check_output_dir,
     check_pipeline_dir,
     checked_before_work,
+    guidance_variant_kwargs,
     load_training_data,
     parse_with_defaults_shown,
     program_parser,
@@ -126,6 +128,7 @@ def parse_args(argv=None):
         "KID of the literature to every sample set (nothing is downloaded; TorchScript is code: only a file you trust)",
     )
     parser.add_argument("--seed", type=int, default=0)
+    add_guidance_variant_arguments(parser, methods=False)
     add_num_threads_argument(parser)
     return parse_with_defaults_shown(parser, argv)
 
@@ -150,6 +153,7 @@ def check_arguments(args):
         raise ValueError(f"--calibration_bands must be >= 1, got {args.calibration_bands}")
     for scale in args.guidance_scales:
         check_number("--guidance_scales", scale, minimum=0)
+    guidance_variant_kwargs(args, "classifier")
     check_num_threads(args.num_threads)
     check_data_arguments(args)
     check_folder_path("--output_dir", args.output_dir)
@@ -344,7 +348,15 @@ def main(argv=None):
     def evaluate_samples(name, pipe, guidance, scale, labels, count):
         pipe.set_progress_bar_config(desc=f"sampling {name}", leave=False)
         samples, sample_labels = sample(
-            pipe, guidance, scale, labels, None, count, args.num_inference_steps, args.seed
+            pipe,
+            guidance,
+            scale,
+            labels,
+            None,
+            count,
+            args.num_inference_steps,
+            args.seed,
+            guidance_kwargs=guidance_variant_kwargs(args, guidance) if guidance != "none" else None,
         )
         image_grid(samples[: 10 * min(10, -(-count // 10))], num_columns=10).save(
             os.path.join(args.output_dir, f"grid_{name}.png")

@@ -10,6 +10,8 @@ import os
 from importlib import metadata, resources
 from pathlib import Path
 
+from ..guidance import DEFAULT_GUIDANCE_SCALE
+
 PACKAGE = "hvae-diffusion"
 
 
@@ -49,13 +51,16 @@ def install_command():
 UPLOAD_IGNORE_PATTERNS = ("checkpoint-*", "logs/*", "*.tmp", "*.tmp/*", ".tmp*", "*/.tmp*", "__pycache__/*")
 
 
+# The guided calls show the package's one default guidance scale (guidance.DEFAULT_GUIDANCE_SCALE) explicitly.
 USAGE = {
     "HVAEPipeline": "images = pipe(batch_size=16, num_inference_steps=100).images",
     "ClassifierFreeGuidancePipeline": (
-        "images = pipe(class_labels=list(range(10)), guidance_scale=3.0, num_inference_steps=100).images"
+        f"images = pipe(class_labels=list(range(10)), guidance_scale={DEFAULT_GUIDANCE_SCALE}, "
+        "num_inference_steps=100).images"
     ),
     "ClassifierGuidedPipeline": (
-        "images = pipe(class_labels=list(range(10)), guidance_scale=2.0, num_inference_steps=100).images"
+        f"images = pipe(class_labels=list(range(10)), guidance_scale={DEFAULT_GUIDANCE_SCALE}, "
+        "num_inference_steps=100).images"
     ),
 }
 
