@@ -83,7 +83,7 @@ DOCUMENTED = all_documented_commands()
 def test_the_documents_hold_commands_of_every_program():
     documented = {program for _, program, *_ in DOCUMENTED}
     assert documented == set(commands.PROGRAMS), set(commands.PROGRAMS) - documented
-    assert len(DOCUMENTED) >= 20
+    assert len(DOCUMENTED) >= 15
 
 
 @pytest.mark.parametrize(

@@ -28,10 +28,12 @@ automatic_checkpoint_naming, total_limit)``, which deletes the oldest checkpoint
 writes in place (a kill then leaves fewer, or no, intact checkpoints).
 """
 
+import contextlib
 import logging
 import math
 import os
 import shutil
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -298,7 +300,8 @@ def diffusers_format_hooks(accelerator, ema_model=None, save_on_each_node=False)
         from diffusers.training_utils import EMAModel
 
         if ema_model is not None:
-            loaded = EMAModel.from_pretrained(os.path.join(input_dir, EMA_FOLDER), ema_model.model_cls)
+            with quiet_ema_loading():
+                loaded = EMAModel.from_pretrained(os.path.join(input_dir, EMA_FOLDER), ema_model.model_cls)
             ema_model.load_state_dict(loaded.state_dict())
             ema_model.to(accelerator.device)
         for index in reversed(range(len(models))):
@@ -308,6 +311,23 @@ def diffusers_format_hooks(accelerator, ema_model=None, save_on_each_node=False)
                 model.load_state_dict(type(model).from_pretrained(input_dir, subfolder=MODEL_FOLDER).state_dict())
 
     return save_hook, load_hook
+
+
+@contextlib.contextmanager
+def quiet_ema_loading():
+    """Silence what ``EMAModel.from_pretrained`` says about its own calls, not about the user's files: it passes the
+    folder to ``from_config`` (a FutureWarning raised by Diffusers' own code) and builds the model from a config.json
+    that holds the EMA's fields (decay, power, ...: twice "config attributes ... will be ignored")."""
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")
+            yield
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
 
 
 def register_diffusers_format_hooks(accelerator, ema_model=None, save_on_each_node=False):
