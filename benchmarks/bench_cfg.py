@@ -1,8 +1,13 @@
 #!/usr/bin/env python
-"""ClassifierFreeGuidancePipeline per step against its floor (target: ≤ 1.00× the faster floor; docs/benchmarks.md).
+"""ClassifierFreeGuidancePipeline against Diffusers' DiTPipeline, and per step against its floor (targets: ≤ 1.00×;
+docs/benchmarks.md).
 
-The two floors are the UNet work of a guided step and nothing else: one forward on the doubled batch, or two
-forwards on the batch. The pipeline runs in each of its ``guidance_batching`` modes (w = 3, batch 16, 50 steps).
+DiT: the components of ``bench_latent``'s tiny DiTPipeline (learned σ, 1000 classes: DiTPipeline's null label is
+1000), with DiTPipeline's defaults (w = 4, 50 steps), batch 16 and ``output_type="np"``; ClassifierFreeGuidancePipeline
+with its default ``guidance_batching`` ("batched", one forward of the doubled batch, as DiTPipeline runs it).
+
+Floors: the UNet work of a guided step and nothing else: one forward on the doubled batch, or two forwards on the
+batch. The pipeline runs in each of its ``guidance_batching`` modes (w = 3, batch 16, 50 steps).
 
     python benchmarks/bench_cfg.py [--quick] [--device cuda] [--autocast float16]
 """
@@ -13,7 +18,48 @@ from benchmarking_utils import main_for, make_unet, quiet, time_interleaved, une
 NUM_CLASSES = 10
 
 
+def dit_pipelines(settings):
+    """(ClassifierFreeGuidancePipeline, DiTPipeline) on the components of ``bench_latent``'s tiny DiTPipeline (a
+    learned-σ DiT, an AutoencoderKL, DDIM), each with its own scheduler of the same config."""
+    from bench_latent import dit_pipeline
+    from diffusers import DDIMScheduler
+
+    from hvae_diffusion import ClassifierFreeGuidancePipeline
+
+    dit = dit_pipeline(settings)
+    scheduler = DDIMScheduler.from_config(dit.scheduler.config)
+    return quiet(ClassifierFreeGuidancePipeline(None, scheduler, transformer=dit.transformer, vae=dit.vae)), dit
+
+
+def run_dit(settings, report):
+    ours, dit = dit_pipelines(settings)
+    batch = unet_shape(settings)[2]
+    steps = 4 if settings.quick else 50
+    labels = [label % 1000 for label in range(batch)]
+    kwargs = dict(class_labels=labels, guidance_scale=4.0, num_inference_steps=steps, output_type="np")
+    cases = {
+        "ours": lambda: ours(generator=settings.generator(), **kwargs),
+        "dit": lambda: dit(generator=settings.generator(), **kwargs),
+    }
+    seconds = time_interleaved(cases, settings)
+    report.compare(
+        "cfg",
+        f"DiT batch={batch} steps={steps} w=4",
+        "ClassifierFreeGuidance",
+        seconds["ours"],
+        "DiTPipeline",
+        seconds["dit"],
+        target=1.0,
+        unit="s per call",
+    )
+
+
 def run(settings, report):
+    run_dit(settings, report)
+    run_floors(settings, report)
+
+
+def run_floors(settings, report):
     from hvae_diffusion import ClassifierFreeGuidancePipeline, HVAEScheduler
     from hvae_diffusion.pipelines.pipeline_classifier_free import GUIDANCE_BATCHING
 

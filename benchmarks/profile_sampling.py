@@ -33,7 +33,8 @@ def self_times(call, settings):
 
 
 def run(settings, report):
-    unet, hvae, ddpm = make_pipelines(settings)
+    unet, pipelines = make_pipelines(settings)
+    hvae, ddpm = pipelines["hvae"], pipelines["ddpm"]
     batch = unet_shape(settings)[2]
     steps = 5 if settings.quick else 1000
     compare(settings, report, hvae, ddpm, batch, 5 if settings.quick else 100, "with UNet")

@@ -93,7 +93,7 @@ def test_model_card_renders_every_field(tmp_path):
         "0.950",
         "samples/step-001234.png",
         'from_pretrained("someone/hvae-digits")',
-        "guidance_scale=3.0",
+        "guidance_scale=2.0",
         "library_name: diffusers",
     ]:
         assert expected in text, expected

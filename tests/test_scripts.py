@@ -192,11 +192,14 @@ def train_result(train, argv):
     ],
 )
 def test_train_objectives(tmp_path, objective):
-    train = load_script("train")
-    result = train_result(train, tiny_train_args(tmp_path / "run", *objective))
-    assert result.global_step == 2 and np.isfinite(result.final_loss)
+    if "bf16" in objective:  # Accelerate fixes the mixed precision once per process: a process of its own
+        run_script("train", *tiny_train_args(tmp_path / "run", *objective))
+    else:
+        train_result(load_script("train"), tiny_train_args(tmp_path / "run", *objective))
     summary = json.loads((tmp_path / "run" / "training_summary.json").read_text())
+    assert summary["global_step"] == 2 and np.isfinite(summary["final_loss"])
     assert summary["prediction_type"] == objective[1] and np.isfinite(summary["test_bits_per_dim"])
+    assert summary["test_bits_per_dim_images"] == "the first 8 of the 297 images of the test split"
     unet_config = json.loads((tmp_path / "run" / "unet" / "config.json").read_text())
     assert unet_config["out_channels"] == (2 if "learned_range" in objective else 1)
 

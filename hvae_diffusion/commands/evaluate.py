@@ -36,6 +36,7 @@ from ..likelihood_ode import DIVERGENCES, SOLVERS, ode_log_likelihood
 from ..pipelines.serialization import denoiser_scheduler
 from ..training.cli import (
     add_data_arguments,
+    add_guidance_variant_arguments,
     add_num_threads_argument,
     add_overwrite_argument,
     apply_num_threads,
@@ -46,6 +47,7 @@ from ..training.cli import (
     check_output_dir,
     check_pipeline_dir,
     checked_before_work,
+    guidance_variant_kwargs,
     load_training_data,
     parse_with_defaults_shown,
     program_parser,
@@ -58,6 +60,7 @@ from ..training.evaluation import (
     elbo_report,
     feature_frechet_distance,
     image_grid,
+    images_label,
     load_or_train_feature_classifier,
     noisy_classifier_calibration,
     plot_denoising_terms,
@@ -77,7 +80,7 @@ from ..training.sampling import load_sampling_pipeline, sample
 
 def parse_args(argv=None):
     parser = program_parser("hvae-evaluate", __doc__)
-    add_data_arguments(parser)
+    add_data_arguments(parser, augmentation=False)
     parser.add_argument("--pipeline_dir", required=True, help="the trained denoiser pipeline")
     parser.add_argument("--classifier_dir", default=None, help="noisy classifier, for the classifier-guidance sweep")
     parser.add_argument(
@@ -129,6 +132,7 @@ def parse_args(argv=None):
     )
     add_likelihood_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
+    add_guidance_variant_arguments(parser, methods=False)
     add_num_threads_argument(parser)
     return parse_with_defaults_shown(parser, argv)
 
@@ -210,6 +214,7 @@ def check_arguments(args):
     check_likelihood_arguments(args)
     for scale in args.guidance_scales:
         check_number("--guidance_scales", scale, minimum=0)
+    guidance_variant_kwargs(args, "classifier")
     check_num_threads(args.num_threads)
     check_data_arguments(args)
     check_folder_path("--output_dir", args.output_dir)
@@ -457,7 +462,15 @@ def main(argv=None):
     def evaluate_samples(name, pipe, guidance, scale, labels, count):
         pipe.set_progress_bar_config(desc=f"sampling {name}", leave=False)
         samples, sample_labels = sample(
-            pipe, guidance, scale, labels, None, count, args.num_inference_steps, args.seed
+            pipe,
+            guidance,
+            scale,
+            labels,
+            None,
+            count,
+            args.num_inference_steps,
+            args.seed,
+            guidance_kwargs=guidance_variant_kwargs(args, guidance) if guidance != "none" else None,
         )
         image_grid(samples[: 10 * min(10, -(-count // 10))], num_columns=10).save(
             os.path.join(args.output_dir, f"grid_{name}.png")
@@ -518,13 +531,6 @@ def main(argv=None):
     summary["bits_per_dim_summary"] = elbo["summary"]
     print(json.dumps(summary, indent=1))
     return report
-
-
-def images_label(num_used, num_test):
-    """Which images a bits/dim was computed on, for the reports that print it."""
-    if num_used == num_test:
-        return f"all {num_test} images of the test split"
-    return f"the first {num_used} of the {num_test} images of the test split"
 
 
 def quality_of(feature_classifier, inception, samples, reference, seed):

@@ -1,7 +1,7 @@
 """``hvae-train``: train a diffusion HVAE denoiser (a Diffusers UNet) and save it as a pipeline.
 
     hvae-train --output_dir runs/digits --max_train_steps 2000 --conditioning class --cond_drop_prob 0.1
-    accelerate launch --num_processes 2 --cpu scripts/train.py --output_dir runs/digits ...
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 scripts/train.py --output_dir runs/digits ...
 
 With no data argument it trains on scikit-learn's bundled digits (8x8, 10 classes). With ``--vae_dir`` it trains a
 latent diffusion: the dataset is encoded once, each step draws a fresh z_0 ~ q(z_0 | x) (docs/latent.md), and the
@@ -36,8 +36,8 @@ from ..training.cli import (
     warn_if_single_threaded,
 )
 from ..training.components import CONDITIONINGS, build_unet, denoiser_pipeline, pretrained_unet_config
-from ..training.data import stack_dataset
-from ..training.evaluation import elbo_report, image_grid
+from ..training.data import RandomFlip, stack_dataset
+from ..training.evaluation import elbo_report, image_grid, images_label
 from ..training.hub import render_model_card
 from ..training.latents import (
     LatentDataset,
@@ -163,6 +163,8 @@ def load_text_components(args):
 def check_arguments(args, scheduler):
     """Every flag against every other, before any data is loaded or any step is taken."""
     check_number("--cond_drop_prob", args.cond_drop_prob, minimum=0, below=1)
+    if args.random_flip and args.vae_dir is not None:
+        raise ValueError("--random_flip flips images, and --vae_dir trains on latents encoded once: drop one of them")
     if args.cond_drop_prob > 0 and args.conditioning == "none":
         raise ValueError("--cond_drop_prob needs --conditioning class or text")
     check_number("--snr_gamma", args.snr_gamma, above=0)
@@ -261,6 +263,8 @@ def run(args):
             args.cond_drop_prob,
             null_label=num_classes if args.conditioning == "class" else None,
         )
+        if args.random_flip:
+            loss_fn = RandomFlip(loss_fn)
         if vae is not None:
             train_dataset = LatentDataset.encode(vae, train_dataset)
             scaling_factor, shift_factor = latent_scaling(train_dataset.means, train_dataset.stds)
@@ -344,6 +348,10 @@ def run(args):
         "conditioning": args.conditioning,
         **result.metrics,
     }
+    if "test_bits_per_dim" in summary:  # which images: evaluate's bits/dim may be of others
+        summary["test_bits_per_dim_images"] = images_label(
+            min(args.elbo_num_samples, len(test_dataset)), len(test_dataset)
+        )
     with open(os.path.join(args.output_dir, "training_summary.json"), "w") as handle:
         json.dump(summary, handle, indent=2)
     grids = sorted(os.listdir(os.path.join(args.output_dir, "samples")))
@@ -359,7 +367,8 @@ def run(args):
         num_train_steps=result.global_step,
         final_loss=f"{result.final_loss:.4f}",
         bits_per_dim=(
-            f"{summary['test_bits_per_dim']:.3f} ± {summary['test_bits_per_dim_standard_error']:.3f}"
+            f"{summary['test_bits_per_dim']:.3f} ± {summary['test_bits_per_dim_standard_error']:.3f} (on "
+            f"{summary['test_bits_per_dim_images']})"
             if "test_bits_per_dim" in summary
             else None
         ),

@@ -144,7 +144,7 @@ def main(argv=None):
         training_config_from_args,
         warn_if_single_threaded,
     )
-    from ..training.data import stack_dataset
+    from ..training.data import RandomFlip, stack_dataset
     from ..training.evaluation import image_grid
     from ..training.latents import encode_posteriors, latent_scaling
     from ..training.loop import make_accelerator, train
@@ -154,7 +154,7 @@ def main(argv=None):
     with checked_before_work():
         require_extras("hvae-train-vae", "training")
         check_arguments(args)
-        loss_fn = VAELoss(args.kl_weight)
+        loss_fn = RandomFlip(VAELoss(args.kl_weight)) if args.random_flip else VAELoss(args.kl_weight)
         config = training_config_from_args(
             args, tracker_project_name="train_vae", extra_log_config={"kl_weight": args.kl_weight}
         )

@@ -46,6 +46,7 @@ class HVAEPipeline(HVAESamplingPipeline):
         self.check_components(unet, transformer, vae)
         self.register_modules(unet=unet, transformer=transformer, scheduler=scheduler, vae=vae)
         self.register_to_config(prediction_type=prediction_type)
+        self.note_optional_components()
 
     @exclusive_call
     @torch.no_grad()

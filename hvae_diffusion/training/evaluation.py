@@ -62,6 +62,13 @@ def format_bits_per_dim(report):
     )
 
 
+def images_label(num_used, num_test):
+    """Which images a bits/dim was computed on, for the reports that print it beside another one."""
+    if num_used == num_test:
+        return f"all {num_test} images of the test split"
+    return f"the first {num_used} of the {num_test} images of the test split"
+
+
 def plot_denoising_terms(report, path):
     """PNG plot of the mean denoising-matching KL (bits/dim) of each evaluated latent over t, log scale."""
     import matplotlib
@@ -224,6 +231,8 @@ def _as_float64(features, name):
     features = torch.as_tensor(np.asarray(features), dtype=torch.float64)
     if features.ndim != 2 or features.shape[0] < 2:
         raise ValueError(f"{name} must be a [N, F] feature array with N >= 2, got shape {tuple(features.shape)}")
+    if not torch.isfinite(features).all():
+        raise ValueError(f"{name} holds values that are not finite (NaN or inf samples?)")
     return features
 
 

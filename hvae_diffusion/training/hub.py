@@ -9,6 +9,8 @@ import os
 from importlib import resources
 from pathlib import Path
 
+from ..guidance import DEFAULT_GUIDANCE_SCALE
+
 # Package data (setup.cfg's package_data), so that it is found in any install, not only in a checkout.
 MODEL_CARD_TEMPLATE = resources.files("hvae_diffusion").joinpath("templates", "model_card.md")
 
@@ -17,13 +19,16 @@ MODEL_CARD_TEMPLATE = resources.files("hvae_diffusion").joinpath("templates", "m
 UPLOAD_IGNORE_PATTERNS = ("checkpoint-*", "logs/*", "*.tmp", "*.tmp/*", ".tmp*", "*/.tmp*", "__pycache__/*")
 
 
+# The guided calls show the package's one default guidance scale (guidance.DEFAULT_GUIDANCE_SCALE) explicitly.
 USAGE = {
     "HVAEPipeline": "images = pipe(batch_size=16, num_inference_steps=100).images",
     "ClassifierFreeGuidancePipeline": (
-        "images = pipe(class_labels=list(range(10)), guidance_scale=3.0, num_inference_steps=100).images"
+        f"images = pipe(class_labels=list(range(10)), guidance_scale={DEFAULT_GUIDANCE_SCALE}, "
+        "num_inference_steps=100).images"
     ),
     "ClassifierGuidedPipeline": (
-        "images = pipe(class_labels=list(range(10)), guidance_scale=2.0, num_inference_steps=100).images"
+        f"images = pipe(class_labels=list(range(10)), guidance_scale={DEFAULT_GUIDANCE_SCALE}, "
+        "num_inference_steps=100).images"
     ),
 }
 

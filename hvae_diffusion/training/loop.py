@@ -581,7 +581,7 @@ def _train(
     ema_model = None
     parameter_names = [name for name, _ in model.named_parameters()]
     if config.use_ema:
-        if is_sharded(accelerator) and accelerator.distributed_type.name == "FSDP":
+        if accelerator.distributed_type.name == "FSDP":
             raise ValueError("--use_ema with FSDP: its parameters are flat shards that EMAModel cannot follow; "
                              "use DeepSpeed ZeRO (whose parameters EMAModel gathers) or DDP")  # fmt: skip
         ema_model = EMAModel(
@@ -593,6 +593,11 @@ def _train(
             model_cls=type(model),
             model_config=model.config,
         )
+    if accelerator.distributed_type.name == "DEEPSPEED":
+        # DeepSpeed reads the batch size from a prepared DataLoader, and the loop's sampler is its own
+        deepspeed_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        if deepspeed_config.get("train_micro_batch_size_per_gpu") in (None, "auto"):
+            deepspeed_config["train_micro_batch_size_per_gpu"] = config.train_batch_size
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     if ema_model is not None:
         ema_model.to(accelerator.device)
@@ -729,7 +734,7 @@ def _train(
         raise
     except NonFiniteLossError:
         progress.close()
-        accelerator.end_training()
+        finish_trackers(accelerator)
         raise
     progress.close()
 
@@ -749,7 +754,7 @@ def _train(
             metrics = dict(evaluate_fn(trained))
         accelerator.log(metrics, step=global_step)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    finish_trackers(accelerator)
     final_loss = losses[-1] if losses else float("nan")
     return TrainingResult(
         global_step=global_step, final_loss=final_loss, losses=losses, resumed_from=resume_path, metrics=metrics
@@ -792,6 +797,13 @@ def non_finite_report(loss, global_step, micro_step, losses, model, output_dir, 
         "run from the model of a checkpoint before the growth (its model/ folder, e.g. --pretrained_model_name_or_path "
         "<checkpoint>/model) with a lower --learning_rate, or use --max_grad_norm or --mixed_precision no"
     )
+
+
+def finish_trackers(accelerator):
+    """What ``accelerator.end_training()`` does but for destroying the process group: a program may run several
+    trainings in one launch (the group cannot be made again in the same processes), and it ends with the process."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
 
 
 def log_image(accelerator, name, image, step):

@@ -88,6 +88,15 @@ class VAEWithLikelihood(ModelMixin, ConfigMixin):
         model.vae.load_state_dict(vae.state_dict())
         return model
 
+    def forward(self, sample, randomness=None):
+        """Encode, draw z_0 = μ + σ ε with ε from ``randomness`` (``losses.BatchRandomness``), decode: returns (μ, log σ²,
+        the decoder's output, the decoder's log-scale). One call, so that DDP (or any engine wrapping the model) sees
+        the forward and synchronizes every gradient."""
+        posterior = self.vae.encode(sample).latent_dist
+        noise = as_batch_randomness(randomness).randn(posterior.mean.shape).to(posterior.mean)
+        decoded = self.vae.decode(posterior.mean + posterior.std * noise).sample
+        return posterior.mean, posterior.logvar, decoded, self.log_scale
+
     def export_vae(self, **config_updates):
         """The ``AutoencoderKL`` with ``decoder_log_scale`` (and ``config_updates``, e.g. ``scaling_factor``) saved
         in its config."""
@@ -111,12 +120,9 @@ class VAELoss:
 
     def __call__(self, model, batch, randomness, encode_prompt=None):
         original_samples = batch["sample"]
-        posterior = model.vae.encode(original_samples).latent_dist
-        noise = as_batch_randomness(randomness).randn(posterior.mean.shape).to(posterior.mean)
-        latents = posterior.mean + posterior.std * noise
-        decoded = model.vae.decode(latents).sample
-        reconstruction = -decoder_log_likelihood(original_samples.float(), decoded.float(), model.log_scale)
-        kl = posterior_prior_kl(posterior.mean.float(), posterior.logvar.float())
+        mean, log_variance, decoded, log_scale = model(original_samples, randomness)
+        reconstruction = -decoder_log_likelihood(original_samples.float(), decoded.float(), log_scale)
+        kl = posterior_prior_kl(mean.float(), log_variance.float())
         num_dims = math.prod(original_samples.shape[1:])
         to_bits = 1.0 / (num_dims * math.log(2.0))
         loss = (reconstruction + self.kl_weight * kl).mean() / num_dims
