@@ -27,6 +27,12 @@ from .forward_process import broadcast_to, posterior_mean_coefficients, posterio
 
 GUIDANCE_FORMS = ("score", "mean")
 
+# The package's one default guidance weight for its own models: w of classifier-free guidance with class labels, γ
+# of classifier guidance, in the pipelines and every program (docs/pipelines.md, "Default guidance scales"). For the
+# components of Diffusers' pipelines, ClassifierFreeGuidancePipeline takes their defaults instead (7.5 for text as
+# StableDiffusionPipeline, 4.0 for a DiT as DiTPipeline).
+DEFAULT_GUIDANCE_SCALE = 2.0
+
 
 def check_guidance_scale(value, name: str) -> None:
     """Raise a ``ValueError`` naming ``name`` unless ``value`` is a finite real number ≥ 0."""

@@ -621,7 +621,7 @@ BAD_CALLS = [
     ("classifier", dict(class_labels=[0, 3]), r"class_labels must lie in \[0, 3\)"),
     ("classifier", dict(class_labels=[-1]), r"class_labels must lie in \[0, 3\)"),
     ("classifier", dict(class_labels=[0, 1], batch_size=3), "has 2 labels but batch_size is 3"),
-    ("classifier", dict(class_labels=[0.5]), "must be an int or a non-empty 1-D sequence"),
+    ("classifier", dict(class_labels=[0.5]), "must be an int or a non-empty sequence"),
     ("classifier", dict(class_labels=0, guidance_scale=-1.0), "guidance_scale must be a finite number"),
     ("classifier", dict(class_labels=0, guidance_scale=float("nan")), "guidance_scale must be a finite number"),
     ("free", dict(class_labels=[0, 5]), r"class_labels must lie in \[0, 3\)"),
@@ -629,7 +629,7 @@ BAD_CALLS = [
     ("free", dict(class_labels=1, guidance_scale=float("inf")), "guidance_scale must be a finite number"),
     ("free", dict(class_labels=1, guidance_scale=-2), "guidance_scale must be a finite number"),
     ("free", dict(), "pass exactly one of class_labels"),
-    ("free", dict(prompt="a cat"), "no text_encoder and tokenizer"),
+    ("free", dict(prompt="a cat"), "the unet takes no text"),
     ("free_unconditional", dict(class_labels=[0]), "the denoiser is not class-conditional"),
 ]
 

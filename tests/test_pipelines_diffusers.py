@@ -281,7 +281,10 @@ def test_stable_diffusion_folder_loads_and_samples_the_same(tmp_path):
 def test_exactly_one_denoiser():
     scheduler, transformer = HVAEScheduler(), tiny_dit()
     with pytest.raises(ValueError, match="pass exactly one denoiser: unet .* or transformer"):
-        ClassifierFreeGuidancePipeline(None, scheduler)
+        HVAEPipeline(None, scheduler)
+    # a classifier-free pipeline without a denoiser encodes prompts (as Diffusers' tests build it) but cannot sample
+    with pytest.raises(ValueError, match="no denoiser"):
+        ClassifierFreeGuidancePipeline(scheduler=scheduler)(class_labels=[0], num_inference_steps=1)
     with pytest.raises(ValueError, match="pass exactly one denoiser"):
         HVAEPipeline(tiny_sd_unet(), scheduler, transformer=transformer)
 

@@ -434,7 +434,7 @@ def run(args):
             else None
         ),
         sample_grid=f"samples/{grids[-1]}" if grids else None,
-        fid=None,
+        frechet_distance=None,
         guided_accuracy=None,
         extra=None,
     )

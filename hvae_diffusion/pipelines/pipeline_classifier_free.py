@@ -3,9 +3,12 @@
 import time
 
 import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.utils import replace_example_docstring
 
 from ..guidance import (
+    DEFAULT_GUIDANCE_SCALE,
     adaptive_projected_guidance,
     cfg_plus_plus_scale,
     cfg_zero_star_guidance,
@@ -35,6 +38,18 @@ GUIDANCE_METHODS = {
     "cfg-zero*": ("zero_init_steps",),
 }
 
+# The default guidance weight w for the components of Diffusers' pipelines: StableDiffusionPipeline's for text,
+# DiTPipeline's for a DiT; the package's own class-conditional models take ``guidance.DEFAULT_GUIDANCE_SCALE``.
+DIFFUSERS_GUIDANCE_SCALES = {"text": 7.5, "dit": 4.0}
+
+
+def is_prompt(prompt) -> bool:
+    """Whether ``prompt`` is text: a string or a list or tuple of strings."""
+    if isinstance(prompt, str):
+        return True
+    return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and all(isinstance(p, str) for p in prompt)
+
+
 EXAMPLE_DOC_STRING = """
     Examples:
         ```py
@@ -46,7 +61,7 @@ EXAMPLE_DOC_STRING = """
         ...                    down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
         ...                    layers_per_block=1, norm_num_groups=8, num_class_embeds=4)  # 3 classes and ∅
         >>> pipe = ClassifierFreeGuidancePipeline(unet, HVAEScheduler())
-        >>> images = pipe(class_labels=[0, 2], guidance_scale=3.0, num_inference_steps=10).images
+        >>> images = pipe(class_labels=[0, 2], guidance_scale=2.0, num_inference_steps=10).images
         ```
 """
 
@@ -66,7 +81,7 @@ def fastest(candidates: dict, device: torch.device, repeats: int = 2) -> str:
     return min(best, key=best.get)
 
 
-class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
+class ClassifierFreeGuidancePipeline(HVAESamplingPipeline, StableDiffusionMixin):
     """Classifier-free guidance (Ho & Salimans 2022) with a model trained both with and without its condition.
 
     Conditions are either class labels, for a ``UNet2DModel`` with ``num_class_embeds`` (the null label ∅ is
@@ -95,14 +110,18 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
         noise_schedule: the learned noise schedule the model was trained with (see ``HVAEPipeline``).
     """
 
-    _optional_components = ["unet", "transformer", "text_encoder", "tokenizer", "vae", "noise_schedule"]
+    # What a saved folder may lack (see ``HVAESamplingPipeline``): a DiT folder has no unet and no text parts, a
+    # Stable Diffusion folder no transformer; a pipeline that only encodes prompts has no scheduler.
+    _optional_components = ["unet", "transformer", "scheduler", "text_encoder", "tokenizer", "vae", "noise_schedule"]
+    # The conditions a callback may read and replace are the denoiser's: "class_labels" or "prompt_embeds"
+    # (each pipeline's own list, ``callback_conditions``).
     _callback_tensor_inputs = ["latents", "pred_original_sample", "prompt_embeds", "class_labels"]
     model_cpu_offload_seq = "text_encoder->unet->transformer->vae"
 
     def __init__(
         self,
-        unet,
-        scheduler,
+        unet=None,
+        scheduler=None,
         text_encoder=None,
         tokenizer=None,
         null_class_label: int | None = None,
@@ -112,11 +131,11 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
         noise_schedule=None,
     ):
         super().__init__()
-        self.check_components(unet, transformer, vae)
-        denoiser_config = (unet if unet is not None else transformer).config
-        num_class_labels = sampling.num_class_labels(denoiser_config)
-        if null_class_label is None:
-            null_class_label = sampling.null_class_label(denoiser_config)
+        self.check_components(unet, transformer, vae, denoiser_required=False)
+        denoiser = unet if unet is not None else transformer
+        num_class_labels = None if denoiser is None else sampling.num_class_labels(denoiser.config)
+        if null_class_label is None and denoiser is not None:
+            null_class_label = sampling.null_class_label(denoiser.config)
         if null_class_label is not None and not (num_class_labels and 0 <= null_class_label < num_class_labels):
             raise ValueError(
                 f"null_class_label={null_class_label} must lie in [0, {num_class_labels}), the class labels the "
@@ -132,14 +151,40 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
             noise_schedule=noise_schedule,
         )
         self.register_to_config(null_class_label=null_class_label, prediction_type=prediction_type)
+        self.note_optional_components()
+        self._callback_tensor_inputs = ["latents", "pred_original_sample", *self.callback_conditions()]
+
+    def callback_conditions(self) -> list[str]:
+        """The conditions of this pipeline's denoiser that callbacks see: "class_labels" for a class-conditional one,
+        "prompt_embeds" for a text-conditional one (both when there is no denoiser yet)."""
+        if self.denoiser is None:
+            return ["prompt_embeds", "class_labels"]
+        return [
+            name
+            for name, takes in (
+                ("prompt_embeds", self.is_text_conditional),
+                ("class_labels", self.is_class_conditional),
+            )
+            if takes
+        ]
 
     @property
     def is_class_conditional(self) -> bool:
-        return sampling.num_class_labels(self.denoiser.config) is not None
+        return self.denoiser is not None and sampling.num_class_labels(self.denoiser.config) is not None
 
     @property
     def is_text_conditional(self) -> bool:
-        return getattr(self.denoiser.config, "cross_attention_dim", None) is not None
+        return self.denoiser is not None and getattr(self.denoiser.config, "cross_attention_dim", None) is not None
+
+    def default_guidance_scale(self, text: bool) -> float:
+        """w when the call gives none: Diffusers' for the denoisers of its pipelines (7.5 for text as
+        ``StableDiffusionPipeline``, 4.0 for a DiT transformer as ``DiTPipeline``), else the package's one default
+        for its own class-conditional models, ``guidance.DEFAULT_GUIDANCE_SCALE`` (2.0)."""
+        if text:
+            return DIFFUSERS_GUIDANCE_SCALES["text"]
+        if self.unet is None:
+            return DIFFUSERS_GUIDANCE_SCALES["dit"]
+        return DEFAULT_GUIDANCE_SCALE
 
     @property
     def guidance_scale(self) -> float:
@@ -154,9 +199,18 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
     def do_classifier_free_guidance(self) -> bool:
         """Whether a step combines two predictions: w = 0 and w = 1 need only the unconditional or conditional one
         (for CFG++, whose λ = 1 is not the conditional model, only λ = 0 needs one)."""
+        if self.guidance_embedded:
+            return False
         if getattr(self, "_guidance_method", "cfg") == "cfg++":
             return self._guidance_scale != 0
         return self._guidance_scale not in (0, 1)
+
+    @property
+    def guidance_embedded(self) -> bool:
+        """Whether the unet takes w as an input instead of being guided: a guidance-distilled unet (a Latent
+        Consistency Model's, ``time_cond_proj_dim`` set) gets the embedding of w − 1 as ``timestep_cond`` and runs
+        once a step on the conditions, as in ``StableDiffusionPipeline``."""
+        return self.unet is not None and getattr(self.unet.config, "time_cond_proj_dim", None) is not None
 
     def cfg_plus_plus_eta(self, eta: float) -> float:
         """η of the DDIM form the scheduler steps: its own ``eta`` for DDIM, 1 for the ancestral step of
@@ -227,9 +281,9 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
 
     # ------------------------------------------------------------------ conditions
 
-    def class_conditions(self, class_labels, batch_size):
+    def class_conditions(self, class_labels, batch_size, num_images_per_prompt: int = 1):
         """(∅, y): label tensors for the denoiser from class labels it takes (``sampling.num_class_labels``) other
-        than the null label."""
+        than the null label, each label repeated ``num_images_per_prompt`` times."""
         if not self.is_class_conditional:
             raise ValueError(
                 "class_labels were given but the denoiser is not class-conditional (its config has neither "
@@ -240,52 +294,112 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
         null_label = self.config.null_class_label
         if bool((labels == null_label).any()):
             raise ValueError(f"class_labels must not contain the null label {null_label} (it means 'no condition')")
+        labels = labels.repeat_interleave(num_images_per_prompt)
         return torch.full_like(labels, null_label), labels
 
-    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
-        """The text encoder's last hidden states ``[B, L, dim]`` for prompts padded to the tokenizer's max length."""
-        tokens = self.tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        hidden_states = self.text_encoder(tokens.input_ids.to(self._execution_device))[0]
-        return hidden_states.to(dtype=self.denoiser.dtype)
+    def encode_prompt(
+        self,
+        prompt,
+        device,
+        num_images_per_prompt,
+        do_classifier_free_guidance,
+        negative_prompt=None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        lora_scale: float | None = None,
+        clip_skip: int | None = None,
+    ):
+        """``StableDiffusionPipeline.encode_prompt``, the same arguments and the same embeddings: Diffusers' own
+        method runs on this pipeline's ``tokenizer`` and ``text_encoder`` (the only parts it needs).
 
-    def text_conditions(self, prompt, negative_prompt, batch_size):
-        """(∅, y) for the unet: embeddings of ``negative_prompt`` (default "") and of ``prompt``."""
+        Returns:
+            ``(prompt_embeds, negative_prompt_embeds)``, each ``[B × num_images_per_prompt, L, dim]``; the negative
+            ones (of ``negative_prompt``, by default the empty prompt) only with ``do_classifier_free_guidance``.
+        """
         if self.text_encoder is None or self.tokenizer is None:
-            raise ValueError("prompt was given but the pipeline has no text_encoder and tokenizer")
+            if prompt_embeds is None:
+                raise ValueError("prompt was given but the pipeline has no text_encoder and tokenizer")
+            if do_classifier_free_guidance and negative_prompt_embeds is None:
+                raise ValueError(
+                    "guiding with prompt_embeds needs negative_prompt_embeds when the pipeline has no text_encoder and "
+                    "tokenizer to encode the negative prompt"
+                )
+        prompt_embeds, negative_prompt_embeds = StableDiffusionPipeline.encode_prompt(
+            self,
+            prompt,
+            device,
+            num_images_per_prompt,
+            do_classifier_free_guidance,
+            negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            lora_scale=lora_scale,
+            clip_skip=clip_skip,
+        )
+        return prompt_embeds, negative_prompt_embeds
+
+    def text_conditions(
+        self,
+        prompt,
+        negative_prompt=None,
+        batch_size=None,
+        prompt_embeds=None,
+        negative_prompt_embeds=None,
+        num_images_per_prompt: int = 1,
+        do_classifier_free_guidance: bool = True,
+        clip_skip: int | None = None,
+    ):
+        """(∅, y) for the unet: the embeddings of ``negative_prompt`` (default "") and of ``prompt``, or those given;
+        ∅ is None without ``do_classifier_free_guidance`` (a call with w = 1 needs only y)."""
         if not self.is_text_conditional:
             raise ValueError("prompt was given but the unet takes no text (unet.config has no cross_attention_dim)")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
-        if batch_size is not None:
-            if len(prompts) == 1:
-                prompts = prompts * batch_size
-            elif len(prompts) != batch_size:
-                raise ValueError(f"prompt has {len(prompts)} prompts but batch_size is {batch_size}")
-        negative_prompt = "" if negative_prompt is None else negative_prompt
-        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-        if len(negatives) != len(prompts) or not all(isinstance(p, str) for p in negatives):
-            raise ValueError(
-                f"negative_prompt must be a string or a list of {len(prompts)} strings, got {negative_prompt!r}"
-            )
-        return self.encode_prompt(negatives), self.encode_prompt(prompts)
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("pass prompt or prompt_embeds, not both")
+        if prompt is not None:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            if batch_size is not None:
+                if len(prompts) == 1:
+                    prompts = prompts * batch_size
+                elif len(prompts) != batch_size:
+                    raise ValueError(f"prompt has {len(prompts)} prompts but batch_size is {batch_size}")
+            if isinstance(negative_prompt, str):
+                negative_prompt = [negative_prompt] * len(prompts)
+            if isinstance(negative_prompt, (list, tuple)) and len(negative_prompt) != len(prompts):
+                raise ValueError(
+                    f"negative_prompt must be a string or a list of {len(prompts)} strings, got {negative_prompt!r}"
+                )
+            prompt = prompts
+        elif negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("pass negative_prompt or negative_prompt_embeds, not both")
+        elif batch_size is not None and len(prompt_embeds) != batch_size:
+            raise ValueError(f"prompt_embeds has {len(prompt_embeds)} prompts but batch_size is {batch_size}")
+        conditional, unconditional = self.encode_prompt(
+            prompt,
+            self._execution_device,
+            num_images_per_prompt,
+            do_classifier_free_guidance,
+            negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            clip_skip=clip_skip,
+        )
+        return unconditional, conditional
 
-    def unconditional_and_conditional(self, model_input, timestep, name: str, conditions, guidance_batching: str):
+    def unconditional_and_conditional(
+        self, model_input, timestep, name: str, conditions, guidance_batching: str, **denoiser_kwargs
+    ):
         """The unet's outputs without and with the condition (``conditions`` is ∅ then y): one forward on the doubled
-        batch ("batched"), two forwards ("separate"), or the faster of the two, timed once ("auto")."""
+        batch ("batched"), two forwards ("separate"), or the faster of the two, timed once ("auto");
+        ``denoiser_kwargs`` (``cross_attention_kwargs``) go to every forward."""
 
         def batched():
-            return self.run_denoiser(torch.cat([model_input, model_input]), timestep, **{name: conditions}).chunk(2)
+            doubled = torch.cat([model_input, model_input])
+            return self.run_denoiser(doubled, timestep, **{name: conditions}, **denoiser_kwargs).chunk(2)
 
         def separate():
             return tuple(
-                self.run_denoiser(model_input, timestep, **{name: condition}) for condition in conditions.chunk(2)
+                self.run_denoiser(model_input, timestep, **{name: condition}, **denoiser_kwargs)
+                for condition in conditions.chunk(2)
             )
 
         if guidance_batching == "auto":
@@ -317,42 +431,72 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
-        class_labels: int | list[int] | torch.Tensor | None = None,
         prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        guidance_scale: float | None = None,
         negative_prompt: str | list[str] | None = None,
-        batch_size: int | None = None,
-        guidance_scale: float = 3.0,
-        guidance_rescale: float = 0.0,
-        num_inference_steps: int = 1000,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
-        eta: float = 0.0,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
         output_type: str | None = None,
         return_dict: bool = True,
+        cross_attention_kwargs: dict | None = None,
+        guidance_rescale: float = 0.0,
+        clip_skip: int | None = None,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        class_labels: int | list[int] | torch.Tensor | None = None,
+        batch_size: int | None = None,
         guidance_batching: str = "batched",
         guidance_interval: tuple[float, float] | None = None,
         guidance_method: str = "cfg",
         guidance_kwargs: dict | None = None,
         guider=None,
     ):
-        """Draw one sample per label or prompt with guidance weight w = ``guidance_scale``.
+        """Draw ``num_images_per_prompt`` samples per prompt or class label with guidance weight w =
+        ``guidance_scale``. The arguments are ``StableDiffusionPipeline``'s, then ``class_labels``
+        (``DiTPipeline``'s) and this pipeline's own.
 
         Args:
-            class_labels (`int`, `list[int]` or `torch.Tensor`, *optional*): y per sample (or one int repeated
-                ``batch_size`` times), for class-conditional models.
             prompt (`str` or `list[str]`, *optional*): a prompt per sample (or one repeated ``batch_size`` times), for
-                text-conditional models.
+                text-conditional models. Class labels given here (an int, a list of ints, a tensor), as one passes
+                them first to ``DiTPipeline``, are read as ``class_labels``.
+            height, width (`int`, *optional*): the size of the images in pixels, by default the denoiser's
+                ``sample_size`` × ``vae_scale_factor``; the latents are ``vae_scale_factor`` times smaller.
+            num_inference_steps (`int`): how many steps (50, as Diffusers' ``DiTPipeline`` and
+                ``StableDiffusionPipeline``); ignored when ``timesteps`` or ``sigmas`` are given.
+            timesteps, sigmas (`list`, *optional*): a custom schedule, for schedulers whose ``set_timesteps`` takes
+                one (Diffusers' ``retrieve_timesteps``).
+            guidance_scale (`float`, *optional*): w ≥ 0: 1 is the conditional model, 0 the unconditional one, > 1
+                sharpens. By default Diffusers' for the components of its pipelines, 7.5 for text
+                (``StableDiffusionPipeline``'s) and 4.0 for a DiT (``DiTPipeline``'s), and the package's
+                ``guidance.DEFAULT_GUIDANCE_SCALE`` (2.0) for its own class-conditional models
+                (``default_guidance_scale``).
             negative_prompt (`str` or `list[str]`, *optional*): what ∅ means for text (default the empty prompt), one
                 or one per prompt.
-            batch_size (`int`, *optional*): the number of samples, when one label or prompt is repeated.
-            guidance_scale (`float`): w ≥ 0: 1 is the conditional model, 0 the unconditional one, > 1 sharpens.
+            num_images_per_prompt (`int`): samples per prompt or class label.
+            eta, generator, latents, output_type, return_dict: as for ``HVAEPipeline``.
+            prompt_embeds, negative_prompt_embeds (`torch.Tensor`, *optional*): text embeddings to use instead of
+                ``prompt`` and ``negative_prompt`` (as ``encode_prompt`` returns them).
+            cross_attention_kwargs (`dict`, *optional*): passed to the unet's attention processors.
             guidance_rescale (`float`): φ in [0, 1] of Lin et al. 2023 (``guidance.rescale_guided_prediction``).
-            num_inference_steps, generator, latents, eta, output_type, return_dict: as for ``HVAEPipeline``.
+            clip_skip (`int`, *optional*): how many of the text encoder's last layers to skip (as in
+                ``StableDiffusionPipeline``).
             callback_on_step_end, callback_on_step_end_tensor_inputs: as for ``HVAEPipeline``; the tensors may also
-                be ``"prompt_embeds"`` (text) or ``"class_labels"`` (class labels): the conditions of a step, ∅ then y
-                while guiding, and a callback may return replacements (Diffusers' ``SDCFGCutoffCallback`` does).
+                be the denoiser's conditions, ``"prompt_embeds"`` (text) or ``"class_labels"`` (class labels): ∅
+                then y while guiding, and a callback may return replacements (Diffusers' ``SDCFGCutoffCallback``
+                does).
+            class_labels (`int`, `list[int]` or `torch.Tensor`, *optional*): y per sample (or one int repeated
+                ``batch_size`` times; nested lists are flattened, as ``DiTPipeline`` does), for class-conditional
+                models.
+            batch_size (`int`, *optional*): the number of labels or prompts, when one is repeated.
             guidance_batching (`str`): "batched" (the default, as in Diffusers: one denoiser forward on the doubled
                 batch a step), "separate" (two forwards: half the activation memory) or "auto" (the faster of the
                 two, timed once per pipeline, device, dtype and shape: opt-in, as a timed choice may differ between
@@ -378,6 +522,23 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
             `ImagePipelineOutput` with ``images``, or a tuple ``(images,)``.
         """
         # 1. check inputs
+        if self.denoiser is None:
+            raise ValueError(
+                "this pipeline has no denoiser (unet or transformer): it can encode prompts but not sample"
+            )
+        if class_labels is None and prompt is not None and not is_prompt(prompt):
+            # class labels passed first, as DiTPipeline takes them
+            class_labels, prompt = prompt, None
+        text = prompt is not None or prompt_embeds is not None
+        if (class_labels is None) == (not text):
+            raise ValueError(
+                "pass exactly one of class_labels (class-conditional denoiser) or prompt / prompt_embeds "
+                "(text-conditional denoiser)"
+            )
+        if class_labels is not None and (negative_prompt is not None or negative_prompt_embeds is not None):
+            raise ValueError("negative_prompt and negative_prompt_embeds are for prompts, not class_labels")
+        if guidance_scale is None:
+            guidance_scale = self.default_guidance_scale(text)
         check_guidance_scale(guidance_scale, "guidance_scale")
         if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, (int, float)):
             raise ValueError(f"guidance_rescale must be a number in [0, 1], got {guidance_rescale!r}")
@@ -409,10 +570,13 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
                 )
         if batch_size is not None:
             check_batch_size(batch_size)
-        if (class_labels is None) == (prompt is None):
-            raise ValueError(
-                "pass exactly one of class_labels (class-conditional unet) or prompt (text-conditional unet)"
-            )
+        check_batch_size(num_images_per_prompt, "num_images_per_prompt")
+        if timesteps is not None and sigmas is not None:
+            raise ValueError("pass timesteps or sigmas, not both")
+        if timesteps is not None or sigmas is not None:
+            num_inference_steps = None
+        if cross_attention_kwargs is not None and not isinstance(cross_attention_kwargs, dict):
+            raise ValueError(f"cross_attention_kwargs must be a dict, got {cross_attention_kwargs!r}")
         tensor_inputs = self.callback_tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
         condition_input = "class_labels" if class_labels is not None else "prompt_embeds"
         other_input = "prompt_embeds" if class_labels is not None else "class_labels"
@@ -432,20 +596,45 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
 
         # 2. encode the conditions: ∅ then y while guiding, else the one half a step needs
         if class_labels is not None:
-            unconditional, conditional = self.class_conditions(class_labels, batch_size)
+            unconditional, conditional = self.class_conditions(class_labels, batch_size, num_images_per_prompt)
         else:
-            unconditional, conditional = self.text_conditions(prompt, negative_prompt, batch_size)
+            unconditional, conditional = self.text_conditions(
+                prompt,
+                negative_prompt,
+                batch_size,
+                prompt_embeds,
+                negative_prompt_embeds,
+                num_images_per_prompt,
+                do_classifier_free_guidance=(guidance_scale != 1 and not self.guidance_embedded) or guider is not None,
+                clip_skip=clip_skip,
+            )
         shape = self.check_inputs(
-            len(conditional), num_inference_steps, generator, latents, output_type, callback_on_step_end, tensor_inputs
+            len(conditional),
+            num_inference_steps,
+            generator,
+            latents,
+            output_type,
+            callback_on_step_end,
+            tensor_inputs,
+            height=height,
+            width=width,
         )
         if self.do_classifier_free_guidance or guider is not None:
             conditions = torch.cat([unconditional, conditional])
         else:
-            conditions = conditional if guidance_scale == 1 else unconditional
+            conditions = conditional if guidance_scale == 1 or self.guidance_embedded else unconditional
         name = "class_labels" if class_labels is not None else "encoder_hidden_states"
+        denoiser_kwargs = {} if cross_attention_kwargs is None else {"cross_attention_kwargs": cross_attention_kwargs}
+        if self.guidance_embedded:
+            w = torch.tensor(guidance_scale - 1).repeat(len(conditional))
+            embedding = StableDiffusionPipeline.get_guidance_scale_embedding(
+                self, w, embedding_dim=self.unet.config.time_cond_proj_dim
+            )
+            denoiser_kwargs["timestep_cond"] = embedding.to(device=device, dtype=self.denoiser.dtype)
 
         # 3. timesteps, before the latents: init_noise_sigma may depend on them
-        timesteps, alphas_cumprod = self.set_timesteps(num_inference_steps, device)
+        timesteps, alphas_cumprod = self.set_timesteps(num_inference_steps, device, timesteps=timesteps, sigmas=sigmas)
+        num_inference_steps = num_inference_steps or len(timesteps)
 
         # 4. x_T
         latents = self.prepare_latents(shape, generator, latents, device, self.denoiser.dtype)
@@ -464,7 +653,7 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
                     )
                 elif self.do_classifier_free_guidance and in_guidance_interval(t, guidance_interval):
                     unconditional_output, conditional_output = self.unconditional_and_conditional(
-                        model_input, t, name, conditions, guidance_batching
+                        model_input, t, name, conditions, guidance_batching, **denoiser_kwargs
                     )
                     unconditional_prediction, _ = split_learned_variance(unconditional_output, model_input)
                     conditional_prediction, variance = split_learned_variance(conditional_output, model_input)
@@ -491,7 +680,7 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline):
                 else:
                     # outside the interval: the conditional model alone (the y half of the conditions)
                     step_conditions = conditions.chunk(2)[1] if self.do_classifier_free_guidance else conditions
-                    output = self.run_denoiser(model_input, t, **{name: step_conditions})
+                    output = self.run_denoiser(model_input, t, **{name: step_conditions}, **denoiser_kwargs)
                     prediction, variance = split_learned_variance(output, model_input)
                 latents, original_sample = self.scheduler_step(
                     prediction,

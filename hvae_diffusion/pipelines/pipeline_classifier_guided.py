@@ -4,6 +4,7 @@ import torch
 from diffusers.utils import replace_example_docstring
 
 from ..guidance import (
+    DEFAULT_GUIDANCE_SCALE,
     GUIDANCE_FORMS,
     check_guidance_interval,
     check_guidance_scale,
@@ -96,6 +97,7 @@ class ClassifierGuidedPipeline(HVAESamplingPipeline):
         self.check_components(unet, transformer, vae)
         self.register_modules(unet=unet, transformer=transformer, scheduler=scheduler, classifier=classifier, vae=vae)
         self.register_to_config(classifier_input=classifier_input, prediction_type=prediction_type)
+        self.note_optional_components()
 
     @property
     def num_classes(self) -> int:
@@ -152,7 +154,7 @@ class ClassifierGuidedPipeline(HVAESamplingPipeline):
         self,
         class_labels: int | list[int] | torch.Tensor,
         batch_size: int | None = None,
-        guidance_scale: float = 1.0,
+        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
         guidance_form: str = "score",
         guidance_interval: tuple[float, float] | None = None,
         num_inference_steps: int = 1000,
@@ -170,7 +172,8 @@ class ClassifierGuidedPipeline(HVAESamplingPipeline):
             class_labels (`int`, `list[int]` or `torch.Tensor`): y per sample (a sequence, or one int repeated
                 ``batch_size`` times), in [0, num_classes).
             batch_size (`int`, *optional*): the number of samples; with a sequence of labels it must equal their count.
-            guidance_scale (`float`): γ ≥ 0 (0 is unconditional sampling, 1 the exact conditional).
+            guidance_scale (`float`): γ ≥ 0 (0 is unconditional sampling, 1 the exact conditional; by default the
+                package's ``guidance.DEFAULT_GUIDANCE_SCALE``, 2.0, which sharpens p(y | x) as learned models need).
             guidance_form (`str`): "score" (the default: ε̃ = ε − √(1 − ᾱ_t) γ ∇log p(y | x_t)) or "mean"
                 (guided-diffusion's μ + γ Σ ∇log p(y | x_t)); see docs/theory.md.
             guidance_interval (`tuple[float, float]`, *optional*): (t_lo, t_hi): guide only the steps with

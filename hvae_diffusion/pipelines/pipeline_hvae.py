@@ -52,6 +52,7 @@ class HVAEPipeline(HVAESamplingPipeline):
             unet=unet, transformer=transformer, scheduler=scheduler, vae=vae, noise_schedule=noise_schedule
         )
         self.register_to_config(prediction_type=prediction_type)
+        self.note_optional_components()
 
     @exclusive_call
     @torch.no_grad()

@@ -39,6 +39,7 @@ import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..latent_elbo import unscale_latents
@@ -181,9 +182,9 @@ def sample_shape(model_config, batch_size: int) -> tuple[int, ...]:
     return (batch_size, in_channels, *sample_size)
 
 
-def check_batch_size(batch_size) -> None:
+def check_batch_size(batch_size, argument: str = "batch_size") -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        raise ValueError(f"{argument} must be an int >= 1, got {batch_size!r}")
 
 
 def check_generator(generator, batch_size: int) -> None:
@@ -232,6 +233,9 @@ class HVAESamplingPipeline(DiffusionPipeline):
     """
 
     _callback_tensor_inputs = ["latents", "pred_original_sample"]
+    # What a saved folder may lack (Diffusers' ``from_pretrained`` reads the class's list): one of the two denoisers,
+    # the VAE of a pixel-space model. A pipeline's own list (``note_optional_components``) names only the
+    # components it was built without: those its call can do without.
     _optional_components = ["unet", "transformer", "vae", "noise_schedule"]
     model_cpu_offload_seq = "unet->transformer->vae"
 
@@ -265,23 +269,52 @@ class HVAESamplingPipeline(DiffusionPipeline):
 
     @property
     def denoiser(self):
-        """The model that predicts from x_t: the ``unet``, or the ``transformer`` (a DiT), as Diffusers names them."""
+        """The model that predicts from x_t: the ``unet``, or the ``transformer`` (a DiT), as Diffusers names them;
+        None for a pipeline built without one (to encode prompts only)."""
         return self.unet if self.unet is not None else self.transformer
+
+    def note_optional_components(self) -> None:
+        """After ``register_modules``: this pipeline's ``_optional_components`` are the class's that it was built
+        without (the other denoiser, the VAE of a pixel-space model, ...), so Diffusers' save and load keep them None
+        and ``components`` leaves them out."""
+        self._optional_components = [name for name in type(self)._optional_components if getattr(self, name) is None]
+
+    @property
+    def components(self) -> dict:
+        """Diffusers' ``components`` without those this pipeline was built without (``note_optional_components``):
+        ``type(pipe)(**pipe.components)`` builds the same pipeline, whichever denoiser it has."""
+        absent = self.__dict__.get("_optional_components", ())
+        return {
+            name: component
+            for name, component in super().components.items()
+            if not (component is None and name in absent)
+        }
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """How many pixels a latent spans per side: 2^(number of VAE levels − 1), as Diffusers computes it; 1 without
+        a VAE."""
+        if self.vae is None:
+            return 1
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
     def is_vector_model(self) -> bool:
         return getattr(self.denoiser.config, "sample_size", None) is None
 
     @staticmethod
-    def check_components(unet, transformer, vae) -> None:
-        """At construction: a ``ValueError`` unless there is exactly one denoiser (``unet`` or ``transformer``) and
-        the VAE's latents have the channels it takes."""
-        if (unet is None) == (transformer is None):
+    def check_components(unet, transformer, vae, denoiser_required: bool = True) -> None:
+        """At construction: a ``ValueError`` unless there is exactly one denoiser (``unet`` or ``transformer``; with
+        ``denoiser_required=False`` none is allowed too, for a pipeline that only encodes prompts) and the VAE's
+        latents have the channels it takes."""
+        if (unet is not None and transformer is not None) or (
+            denoiser_required and unet is None and transformer is None
+        ):
             raise ValueError(
                 "pass exactly one denoiser: unet (UNet2DModel, UNet2DConditionModel, ...) or transformer "
                 "(DiTTransformer2DModel, ...)"
             )
-        if vae is None:
+        if vae is None or (unet is None and transformer is None):
             return
         in_channels = (unet if unet is not None else transformer).config.in_channels
         latent_channels = getattr(vae.config, "latent_channels", None)
@@ -326,13 +359,24 @@ class HVAESamplingPipeline(DiffusionPipeline):
         output_type,
         callback_on_step_end,
         callback_on_step_end_tensor_inputs,
+        height=None,
+        width=None,
     ) -> tuple[int, ...]:
-        """Raise a ``ValueError`` for any bad common input; return the shape of the samples to draw. Also works out
-        the call's parameterizations (``prediction_types``), once."""
+        """Raise a ``ValueError`` for any bad common input; return the shape of the samples to draw (``height`` and
+        ``width`` in pixels, by default the denoiser's ``sample_size`` × ``vae_scale_factor``, as Diffusers'
+        pipelines). Also works out the call's parameterizations (``prediction_types``), once.
+        ``num_inference_steps=None`` stands for a schedule given as ``timesteps`` or ``sigmas``."""
+        if self.denoiser is None or self.scheduler is None:
+            raise ValueError(
+                "this pipeline has no denoiser (unet or transformer) or no scheduler: it can encode prompts but not "
+                "sample"
+            )
         check_batch_size(batch_size)
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
+        if num_inference_steps is not None and (
+            isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer))
+        ):
             raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
-        if num_inference_steps < 1:
+        if num_inference_steps is not None and num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
@@ -340,6 +384,16 @@ class HVAESamplingPipeline(DiffusionPipeline):
             raise ValueError("output_type='pil' needs an image model; for vector samples use 'latent', 'pt' or 'np'")
         check_generator(generator, batch_size)
         shape = sample_shape(self.denoiser.config, batch_size)
+        if (height is not None or width is not None) and self.is_vector_model:
+            raise ValueError("height and width are for image models; this denoiser draws vectors (no sample_size)")
+        for name, size, axis in (("height", height, -2), ("width", width, -1)):
+            if size is None:
+                continue
+            if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {size!r}")
+            if size % self.vae_scale_factor:
+                raise ValueError(f"{name} must be divisible by {self.vae_scale_factor} (vae_scale_factor), got {size}")
+            shape = (*shape[:axis], size // self.vae_scale_factor, *shape[axis:][1:])
         if latents is not None and tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         if callback_on_step_end is not None and not callable(callback_on_step_end):
@@ -366,11 +420,14 @@ class HVAESamplingPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------ timesteps and latents
 
-    def set_timesteps(self, num_inference_steps: int, device, *schedulers) -> tuple[torch.Tensor, list[float]]:
+    def set_timesteps(
+        self, num_inference_steps: int | None, device, *schedulers, timesteps=None, sigmas=None
+    ) -> tuple[torch.Tensor, list[float]]:
         """Set the timesteps of ``self.scheduler`` (and of any other ``schedulers`` of the call, such as
-        ``unclipped_scheduler``'s) and return them with ᾱ_t of each."""
+        ``unclipped_scheduler``'s) and return them with ᾱ_t of each: ``num_inference_steps`` evenly spaced, or the
+        custom ``timesteps`` or ``sigmas`` of schedulers that take them (Diffusers' ``retrieve_timesteps``)."""
         for scheduler in {id(scheduler): scheduler for scheduler in (self.scheduler, *schedulers)}.values():
-            scheduler.set_timesteps(num_inference_steps, device=device)
+            retrieve_timesteps(scheduler, num_inference_steps, device, timesteps=timesteps, sigmas=sigmas)
             # The chain starts at its first timestep: say so instead of letting the scheduler look it up by value,
             # which lands on the wrong step where a schedule repeats a timestep (Karras σ on a capped cosine
             # schedule).
@@ -378,6 +435,8 @@ class HVAESamplingPipeline(DiffusionPipeline):
                 scheduler.set_begin_index(0)
         timesteps = self.scheduler.timesteps
         self._num_timesteps = len(timesteps)
+        if num_inference_steps is None:
+            num_inference_steps = len(timesteps)
         self._num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
         return timesteps, chain_alphas_cumprod(self.scheduler, timesteps)
 
@@ -510,19 +569,42 @@ class HVAESamplingPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=images)
 
 
+def flat_labels(class_labels) -> list | None:
+    """The ints of a (possibly nested) list or tuple of ints, in order, as ``DiTPipeline`` flattens ``[[1], [1]]``;
+    None if anything in it is not an int."""
+    flat = []
+    for label in class_labels:
+        if isinstance(label, (list, tuple)):
+            label = flat_labels(label)
+            if label is None:
+                return None
+            flat.extend(label)
+        elif isinstance(label, (int, np.integer)) and not isinstance(label, bool):
+            flat.append(int(label))
+        else:
+            return None
+    return flat
+
+
 def labels_tensor(class_labels, batch_size, num_classes: int, device, argument: str = "class_labels") -> torch.Tensor:
-    """Class labels as a long tensor ``[B]``: an int is repeated ``batch_size`` times (1 if None), a sequence is taken
-    as is (its length must equal ``batch_size`` if that is given); each must lie in [0, ``num_classes``)."""
+    """Class labels as a long tensor ``[B]``: an int is repeated ``batch_size`` times (1 if None), a sequence or
+    tensor of ints is flattened as ``DiTPipeline`` does (its length must equal ``batch_size`` if that is given); each
+    must lie in [0, ``num_classes``)."""
     if isinstance(class_labels, (int, np.integer)) and not isinstance(class_labels, bool):
         labels = torch.full((1 if batch_size is None else batch_size,), int(class_labels), dtype=torch.long)
     else:
+        labels = None
         if isinstance(class_labels, (list, tuple)):
-            ints = all(isinstance(label, (int, np.integer)) and not isinstance(label, bool) for label in class_labels)
-            class_labels = class_labels if ints else None
-        allowed = isinstance(class_labels, (list, tuple, np.ndarray, torch.Tensor))
-        labels = torch.as_tensor(class_labels) if allowed and len(class_labels) else None
-        if labels is None or labels.ndim != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
-            raise ValueError(f"{argument} must be an int or a non-empty 1-D sequence of ints, got {class_labels!r}")
+            flat = flat_labels(class_labels)
+            labels = torch.tensor(flat, dtype=torch.long) if flat else None
+        elif isinstance(class_labels, (np.ndarray, torch.Tensor)):
+            labels = torch.as_tensor(class_labels).reshape(-1)
+            if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+                labels = None
+        if labels is None or not len(labels):
+            raise ValueError(
+                f"{argument} must be an int or a non-empty sequence (or tensor) of ints, got {class_labels!r}"
+            )
         if batch_size is not None and len(labels) != batch_size:
             raise ValueError(f"{argument} has {len(labels)} labels but batch_size is {batch_size}")
         labels = labels.long().cpu()

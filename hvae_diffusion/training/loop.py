@@ -28,11 +28,13 @@ automatic_checkpoint_naming, total_limit)``, which deletes the oldest checkpoint
 writes in place (a kill then leaves fewer, or no, intact checkpoints).
 """
 
+import contextlib
 import json
 import logging
 import math
 import os
 import shutil
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -300,7 +302,8 @@ def diffusers_format_hooks(accelerator, ema_model=None, save_on_each_node=False)
         from diffusers.training_utils import EMAModel
 
         if ema_model is not None:
-            loaded = EMAModel.from_pretrained(os.path.join(input_dir, EMA_FOLDER), ema_model.model_cls)
+            with quiet_ema_loading():
+                loaded = EMAModel.from_pretrained(os.path.join(input_dir, EMA_FOLDER), ema_model.model_cls)
             ema_model.load_state_dict(loaded.state_dict())
             ema_model.to(accelerator.device)
         for index in reversed(range(len(models))):
@@ -310,6 +313,23 @@ def diffusers_format_hooks(accelerator, ema_model=None, save_on_each_node=False)
                 model.load_state_dict(type(model).from_pretrained(input_dir, subfolder=MODEL_FOLDER).state_dict())
 
     return save_hook, load_hook
+
+
+@contextlib.contextmanager
+def quiet_ema_loading():
+    """Silence what ``EMAModel.from_pretrained`` says about its own calls, not about the user's files: it passes the
+    folder to ``from_config`` (a FutureWarning raised by Diffusers' own code) and builds the model from a config.json
+    that holds the EMA's fields (decay, power, ...: twice "config attributes ... will be ignored")."""
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")
+            yield
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
 
 
 def register_diffusers_format_hooks(accelerator, ema_model=None, save_on_each_node=False):
@@ -628,7 +648,7 @@ def _train(
     ema_model = None
     parameter_names = [name for name, _ in model.named_parameters()]
     if config.use_ema:
-        if is_sharded(accelerator) and accelerator.distributed_type.name == "FSDP":
+        if accelerator.distributed_type.name == "FSDP":
             raise ValueError("--use_ema with FSDP: its parameters are flat shards that EMAModel cannot follow; "
                              "use DeepSpeed ZeRO (whose parameters EMAModel gathers) or DDP")  # fmt: skip
         ema_model = EMAModel(
@@ -640,6 +660,11 @@ def _train(
             model_cls=type(model),
             model_config=model.config,
         )
+    if accelerator.distributed_type.name == "DEEPSPEED":
+        # DeepSpeed reads the batch size from a prepared DataLoader, and the loop's sampler is its own
+        deepspeed_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        if deepspeed_config.get("train_micro_batch_size_per_gpu") in (None, "auto"):
+            deepspeed_config["train_micro_batch_size_per_gpu"] = config.train_batch_size
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     if ema_model is not None:
         ema_model.to(accelerator.device)

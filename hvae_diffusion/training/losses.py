@@ -376,3 +376,65 @@ class NoisyClassifierLoss:
         loss = torch.nn.functional.cross_entropy(logits.float(), labels)
         accuracy = (logits.argmax(dim=-1) == labels).float().mean()
         return loss, {"accuracy": accuracy.detach()}
+
+
+class ScoreMatchedClassifierLoss:
+    """A noisy classifier's cross-entropy plus the distance of its input gradient from Bayes' rule's:
+
+        −log p_φ(y | x_t) + λ · ‖√(1 − ᾱ_t) ∇_{x_t} log p_φ(y' | x_t) + ε(x_t, y') − ε(x_t, ∅)‖² / D,
+
+    with y' drawn uniformly over the classes, ε a class-conditional denoiser (trained with label dropout, ∅ its null
+    label) and D the sample's size. Guidance uses the gradient of log p(y | x_t), and Bayes' rule gives it from the
+    denoiser: ∇log p(y | x_t) = ∇log p(x_t | y) − ∇log p(x_t) = −(ε(x_t, y) − ε(x_t, ∅)) / √(1 − ᾱ_t).
+    Cross-entropy alone fits the values of p(y | x_t) (a calibrated classifier), not their gradients, which at large t
+    it has no reason to get right; the second term asks for them, for every class, not only the true one.
+
+    Args:
+        scheduler: the forward process (``add_noise``, ``alphas_cumprod``, ``config.prediction_type`` of the denoiser).
+        denoiser: the class-conditional model, called ``denoiser(x_t, t, class_labels=...)``; frozen.
+        null_label: its label of ∅.
+        num_classes: the classes y' is drawn from.
+        weight: λ.
+    """
+
+    def __init__(self, scheduler, denoiser, null_label: int, num_classes: int, weight: float = 1.0):
+        self.scheduler = scheduler
+        self.denoiser = denoiser.eval().requires_grad_(False)
+        self.null_label = null_label
+        self.num_classes = num_classes
+        self.weight = weight
+
+    def _noise_prediction(self, sample, timesteps, labels, alphas_cumprod_t):
+        from ..parameterization import convert_prediction
+
+        output = self.denoiser(sample, timesteps, class_labels=labels)
+        output, _ = split_learned_variance(getattr(output, "sample", output), sample)
+        prediction_type = self.scheduler.config.prediction_type
+        return convert_prediction(output, sample, alphas_cumprod_t, prediction_type, "epsilon")
+
+    def __call__(self, model, batch, randomness=None, encode_prompt=None):
+        randomness = as_batch_randomness(randomness)
+        original_samples, labels = batch["sample"], batch["class_labels"]
+        timesteps, noise = draw_timesteps_and_noise(
+            original_samples, self.scheduler.config.num_train_timesteps, randomness
+        )
+        other_labels = randomness.randint(self.num_classes, original_samples.shape[0]).to(labels.device)
+        sample = self.scheduler.add_noise(original_samples, noise, timesteps).detach().requires_grad_(True)
+        output = model(sample, timesteps)
+        logits = getattr(output, "logits", output)
+        cross_entropy = torch.nn.functional.cross_entropy(logits.float(), labels)
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        selected = log_probs.gather(1, other_labels.reshape(-1, 1)).sum()
+        (gradient,) = torch.autograd.grad(selected, sample, create_graph=True)
+        alphas_cumprod_t = torch.as_tensor(self.scheduler.alphas_cumprod, device=sample.device)[timesteps]
+        with torch.no_grad():
+            conditional = self._noise_prediction(sample, timesteps, other_labels, alphas_cumprod_t)
+            unconditional = self._noise_prediction(
+                sample, timesteps, torch.full_like(other_labels, self.null_label), alphas_cumprod_t
+            )
+        noise_scale = broadcast_to((1 - alphas_cumprod_t).sqrt().to(gradient.dtype), gradient)
+        residual = noise_scale * gradient + (conditional - unconditional).to(gradient.dtype)
+        gradient_loss = residual.pow(2).flatten(1).mean(1).mean()
+        loss = cross_entropy + self.weight * gradient_loss
+        accuracy = (logits.argmax(dim=-1) == labels).float().mean()
+        return loss, {"accuracy": accuracy.detach(), "gradient_loss": gradient_loss.detach()}
