@@ -48,7 +48,10 @@ def install_command():
 
 # Never uploaded: checkpoints (they stay beside the run), logs, and anything temporary (``checkpoint-N.tmp`` folders
 # of an interrupted save, ``.tmp*`` files and folders of atomic writes).
-UPLOAD_IGNORE_PATTERNS = ("checkpoint-*", "logs/*", "*.tmp", "*.tmp/*", ".tmp*", "*/.tmp*", "__pycache__/*")
+UPLOAD_IGNORE_PATTERNS = (
+    *("checkpoint-*", "logs/*", "*.tmp", "*.tmp/*", ".tmp*", "*/.tmp*", "__pycache__/*"),
+    ".training.lock",  # the output folder's lock (training/runs.py), held while a run writes
+)
 
 
 # The guided calls show the package's one default guidance scale (guidance.DEFAULT_GUIDANCE_SCALE) explicitly.

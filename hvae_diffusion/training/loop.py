@@ -29,6 +29,7 @@ writes in place (a kill then leaves fewer, or no, intact checkpoints).
 """
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -58,6 +59,7 @@ from .runs import (
     write_run_record,
     write_training_state,
 )
+from .timestep_samplers import UniformTimestepSampler
 
 logger = logging.getLogger(__name__)
 
@@ -337,6 +339,47 @@ def register_diffusers_format_hooks(accelerator, ema_model=None, save_on_each_no
     accelerator.register_load_state_pre_hook(load_hook)
 
 
+LOSS_STATE_FILE = "timestep_sampler.json"
+
+
+def register_loss_state_hooks(accelerator, loss_fn):
+    """Make ``save_state``/``load_state`` carry the loss's own state: each of its ``trainable_modules`` (a learned
+    noise schedule) with ``save_pretrained`` in a folder of its name, and its ``timestep_sampler``'s loss history as
+    JSON (``timestep_sampler.json``), so that a resumed run continues bitwise. Losses without them add nothing."""
+    modules = dict(getattr(loss_fn, "trainable_modules", {}))
+    sampler = getattr(loss_fn, "timestep_sampler", None)
+    if type(sampler) is UniformTimestepSampler:  # stateless: checkpoints stay as they were
+        sampler = None
+    if not modules and sampler is None:
+        return
+
+    def save_hook(models, weights, output_dir):
+        if not accelerator.is_main_process:
+            return
+        for name, module in modules.items():
+            module.save_pretrained(os.path.join(output_dir, name))
+        if sampler is not None:
+            with open(os.path.join(output_dir, LOSS_STATE_FILE), "w") as handle:
+                json.dump(sampler.state_dict(), handle)
+
+    def load_hook(models, input_dir):
+        for name, module in modules.items():
+            loaded = type(module).from_pretrained(os.path.join(input_dir, name))
+            module.load_state_dict(loaded.state_dict())
+        if sampler is not None:
+            state_path = os.path.join(input_dir, LOSS_STATE_FILE)
+            if not os.path.isfile(state_path):
+                raise ValueError(
+                    f"{input_dir} has no {LOSS_STATE_FILE}: it was not trained with --timestep_sampler importance, so "
+                    "it cannot continue this run's loss history; resume with the sampler it was trained with"
+                )
+            with open(state_path) as handle:
+                sampler.load_state_dict(json.load(handle))
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
 def is_sharded(accelerator):
     """Whether the prepared model is split over the processes (DeepSpeed, FSDP): no process holds it whole."""
     from accelerate.utils import DistributedType
@@ -584,8 +627,12 @@ def _train(
     resume_path = plan.resume_path
     resumed_state = read_training_state(resume_path) if resume_path is not None else {}
 
+    loss_modules = dict(getattr(loss_fn, "trainable_modules", {}))
+    for module in loss_modules.values():
+        module.to(accelerator.device).train()
+    loss_parameters = [parameter for module in loss_modules.values() for parameter in module.parameters()]
     optimizer = torch.optim.AdamW(
-        model.parameters(),
+        [*model.parameters(), *loss_parameters],
         lr=config.learning_rate,
         betas=(config.adam_beta1, config.adam_beta2),
         weight_decay=config.adam_weight_decay,
@@ -622,6 +669,7 @@ def _train(
     if ema_model is not None:
         ema_model.to(accelerator.device)
     register_diffusers_format_hooks(accelerator, ema_model, config.save_on_each_node)
+    register_loss_state_hooks(accelerator, loss_fn)
 
     global_step = 0
     losses = []
@@ -705,7 +753,13 @@ def _train(
                                 )  # fmt: skip
                             )
                         accelerator.backward(loss)  # divided by the accumulation steps inside accumulate()
+                        if hasattr(loss_fn, "update_timestep_sampler"):
+                            loss_fn.update_timestep_sampler(accelerator.gather)
                         if accelerator.sync_gradients:
+                            if num_processes > 1:  # the loss's own modules are not DDP-wrapped: average them here
+                                for parameter in loss_parameters:
+                                    if parameter.grad is not None:
+                                        parameter.grad = accelerator.reduce(parameter.grad, reduction="mean")
                             if config.max_grad_norm is not None and config.max_grad_norm > 0:
                                 accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
                         optimizer.step()
