@@ -29,7 +29,7 @@ from benchmarking_utils import (
     write_results,
 )
 
-BENCHMARKS = ("scheduler", "sampling", "cfg", "classifier", "training", "scaling", "fastpaths", "latent")
+BENCHMARKS = ("scheduler", "sampling", "cfg", "classifier", "interval", "training", "scaling", "fastpaths", "latent")
 COMMITTED = {"results.json": "results.json", "scaling.png": "scaling.png"}
 
 

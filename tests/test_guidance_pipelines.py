@@ -189,3 +189,19 @@ def test_cfg_plus_plus_needs_a_ddim_form_scheduler(unet):
 
     with pytest.raises(ValueError, match="steps DDIM's form"):
         cfg_images(unet, EulerDiscreteScheduler(num_train_timesteps=100), guidance_scale=0.5, guidance_method="cfg++")
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--guidance", "cfg", "--guidance_interval", "5", "1"], "--guidance_interval"),
+        (["--guidance", "none", "--guidance_interval", "1", "5"], "need --guidance classifier or cfg"),
+        (["--guidance", "classifier", "--guidance_method", "apg"], "needs --guidance cfg"),
+        (["--guidance", "cfg", "--guidance_method", "cfg++", "--guidance_scale", "2"], r"λ in \[0, 1\]"),
+    ],
+)
+def test_sample_command_refuses_bad_guidance_flags(tmp_path, argv, match):
+    from hvae_diffusion.commands import sample
+
+    with pytest.raises(ValueError, match=match):
+        sample.main(["--pipeline_dir", str(tmp_path), "--grid", str(tmp_path / "grid.png"), *argv])

@@ -144,3 +144,53 @@ def test_pipelines_without_guidance_are_refused():
     denoiser = ExactMixtureDenoiser(MEANS, STD, alphas_cumprod=scheduler.alphas_cumprod.tolist(), in_channels=2)
     with pytest.raises(TypeError, match=r"pipelines\['plain'\] must be"):
         guided_accuracy_sweep({"plain": HVAEPipeline(denoiser, scheduler)}, exact_judge, [1.0], [0])
+
+
+class ExactJudge:
+    """The exact judge with its input as the feature space (2-D), as guidance_table wants."""
+
+    def __call__(self, samples):
+        return exact_judge(samples)
+
+    def features(self, samples):
+        return samples.double()
+
+
+def test_guidance_table_rows_errors_and_costs(single_thread, tmp_path):
+    """Each row's standard error is √(p (1 − p) / n); classifier-free guidance costs two denoiser forwards per image and
+    step, one outside the interval; classifier guidance one classifier pass per guided step and none outside."""
+    from hvae_diffusion.training.guidance_sweep import format_guidance_table, guidance_table, plot_guidance_table
+
+    pipelines = build_pipelines()
+    labels = [0, 1] * 20
+    steps = 10
+    interval = (60, 160)  # of 200 train timesteps: 10 steps at 180, 160, ..., 0 guide 160, 140, 120, 100, 80
+    settings = [
+        {"method": "cfg", "guidance_scale": 3.0, "pipeline": pipelines["classifier-free"]},
+        {
+            "method": "cfg",
+            "guidance_scale": 3.0,
+            "pipeline": pipelines["classifier-free"],
+            "kwargs": {"guidance_interval": interval},
+        },
+        {
+            "method": "classifier",
+            "guidance_scale": 2.0,
+            "pipeline": pipelines["classifier"],
+            "kwargs": {"guidance_interval": interval},
+        },
+    ]
+    reference = mixture().sample(200, torch.Generator().manual_seed(5))[0]
+    seen = []
+    rows = guidance_table(settings, ExactJudge(), reference, labels, num_inference_steps=steps, on_row=seen.append)
+    assert seen == rows and len(rows) == 3
+    for row in rows:
+        assert row["num_samples"] == 40 and 0.5 < row["accuracy"] <= 1
+        assert row["accuracy_se"] == pytest.approx((row["accuracy"] * (1 - row["accuracy"]) / 40) ** 0.5)
+        assert row["frechet_distance"] > 0 and row["frechet_distance_se"] > 0 and row["kid_se"] > 0
+    assert [row["denoiser_forwards_per_image"] for row in rows] == [2 * steps, steps + 5, steps]
+    assert [row["classifier_passes_per_image"] for row in rows] == [0, 0, 5]
+    table = format_guidance_table(rows)
+    assert table.count("\n") == 5 and "| cfg | 3 |" in table
+    lines = plot_guidance_table(rows, tmp_path / "table.png")
+    assert (tmp_path / "table.png").stat().st_size > 0 and set(lines) == {"cfg", "classifier"}

@@ -193,3 +193,27 @@ def test_from_unet_starts_with_the_denoisers_features(generator, num_class_embed
     else:
         with pytest.raises(ValueError, match="no class embedding"):
             NoisyClassifier.from_unet(unet, num_classes=3, null_class_label=0)
+
+
+def test_score_matched_loss_vanishes_for_the_exact_classifier_and_denoiser(generator):
+    """Bayes' rule: √(1 − ᾱ_t) ∇log p(y | x_t) = −(ε(x_t, y) − ε(x_t, ∅)) exactly for the mixture's own classifier and
+    denoiser, so the gradient term is zero; a sharpened classifier (logits ×2) is calibrated no more and misses it."""
+    from hvae_diffusion.testing import ExactMixtureClassifier, ExactMixtureDenoiser
+    from hvae_diffusion.training.losses import ScoreMatchedClassifierLoss
+
+    means, labels = [[-1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], [0, 0, 1]
+    scheduler = HVAEScheduler(num_train_timesteps=50, clip_sample=False)
+    alphas_cumprod = scheduler.alphas_cumprod.tolist()
+    denoiser = ExactMixtureDenoiser(
+        means, 0.3, component_labels=labels, alphas_cumprod=alphas_cumprod, in_channels=2, num_class_embeds=3
+    ).double()
+    classifier = ExactMixtureClassifier(means, 0.3, component_labels=labels, alphas_cumprod=alphas_cumprod).double()
+    batch = {
+        "sample": torch.randn(64, 2, generator=generator, dtype=torch.float64),
+        "class_labels": torch.arange(64) % 2,
+    }
+    loss_fn = ScoreMatchedClassifierLoss(scheduler, denoiser, null_label=2, num_classes=2, weight=1.0)
+    loss, metrics = loss_fn(classifier, batch, torch.Generator().manual_seed(0))
+    assert metrics["gradient_loss"] < 1e-12
+    _, sharpened = loss_fn(lambda x, t: 2 * classifier(x, t), batch, torch.Generator().manual_seed(0))
+    assert sharpened["gradient_loss"] > 1e-3

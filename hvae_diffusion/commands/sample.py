@@ -20,12 +20,14 @@ import os
 import numpy as np
 
 from ..training.cli import (
+    add_guidance_variant_arguments,
     add_num_threads_argument,
     apply_num_threads,
     check_num_threads,
     check_number,
     check_pipeline_dir,
     checked_before_work,
+    guidance_variant_kwargs,
     parse_with_defaults_shown,
     program_parser,
 )
@@ -72,6 +74,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--overwrite_output_dir", action="store_true", help="replace an existing --grid or --output file"
     )
+    add_guidance_variant_arguments(parser)
     add_num_threads_argument(parser)
     return parse_with_defaults_shown(parser, argv)
 
@@ -83,6 +86,11 @@ def check_arguments(args):
     if args.guidance == "none" and (args.class_labels or args.prompt):
         raise ValueError("--class_labels/--prompt need --guidance classifier or cfg")
     check_number("--guidance_scale", args.guidance_scale, minimum=0)
+    if args.guidance == "none" and (args.guidance_interval is not None or args.guidance_method != "cfg"):
+        raise ValueError("--guidance_interval/--guidance_method need --guidance classifier or cfg")
+    guidance_variant_kwargs(args, args.guidance)
+    if args.guidance_method == "cfg++" and args.guidance_scale > 1:
+        raise ValueError(f"--guidance_method cfg++ takes --guidance_scale = λ in [0, 1], got {args.guidance_scale}")
     for name in ("num_inference_steps", "batch_size", "num_columns"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -145,6 +153,7 @@ def main(argv=None):
         args.num_inference_steps,
         args.seed,
         args.batch_size,
+        guidance_kwargs=guidance_variant_kwargs(args, args.guidance),
     )
     for path in (args.grid, args.output):
         if path and os.path.dirname(path):

@@ -70,6 +70,14 @@ def parse_args(argv=None):
         "its features already say what x_t tells of x_0 at every t",
     )
     parser.add_argument(
+        "--gradient_matching_weight",
+        type=float,
+        default=0.0,
+        help="λ > 0 adds λ·‖√(1−ᾱ_t) ∇log p(y'|x_t) + ε(x_t,y') − ε(x_t,∅)‖² to the loss: the classifier's gradient "
+        "is fitted to the one Bayes' rule gives from --denoiser_dir's class-conditional UNet "
+        "(losses.ScoreMatchedClassifierLoss)",
+    )
+    parser.add_argument(
         "--pooling", choices=POOLINGS, default="mean", help="with --init_from_denoiser: the new head's pooling"
     )
     parser.add_argument("--num_train_timesteps", type=int, default=1000)
@@ -119,6 +127,20 @@ def classifier_from_denoiser(denoiser_dir, num_classes, pooling="mean"):
     )
 
 
+def score_matched_loss(denoiser_dir, scheduler, num_classes, weight):
+    """``losses.ScoreMatchedClassifierLoss`` with the class-conditional UNet of a saved denoiser pipeline."""
+    from diffusers import UNet2DModel
+
+    from ..pipelines import null_class_label
+    from ..training.losses import ScoreMatchedClassifierLoss
+
+    unet = UNet2DModel.from_pretrained(denoiser_dir, subfolder="unet")
+    null_label = null_class_label(unet.config)
+    if null_label is None:
+        raise ValueError("--gradient_matching_weight needs a class-conditional denoiser (num_class_embeds)")
+    return ScoreMatchedClassifierLoss(scheduler, unet, null_label, num_classes, weight)
+
+
 def check_arguments(args):
     """The program's own flags against their ranges, before any work (``training_config_from_args`` checks the
     shared ones)."""
@@ -130,6 +152,12 @@ def check_arguments(args):
         os.path.join(args.denoiser_dir, "scheduler", "scheduler_config.json")
     ):
         raise ValueError(f"--denoiser_dir={args.denoiser_dir!r} is not a saved pipeline (no scheduler/ folder)")
+    if not args.gradient_matching_weight >= 0 or args.gradient_matching_weight == float("inf"):
+        raise ValueError(
+            f"--gradient_matching_weight must be a finite number >= 0, got {args.gradient_matching_weight}"
+        )
+    if args.gradient_matching_weight > 0 and args.denoiser_dir is None:
+        raise ValueError("--gradient_matching_weight needs --denoiser_dir (a class-conditional denoiser)")
     if args.init_from_denoiser and args.denoiser_dir is None:
         raise ValueError("--init_from_denoiser needs --denoiser_dir (the UNet whose encoder it copies)")
     if args.init_from_denoiser and args.classifier_config is not None:
@@ -160,6 +188,8 @@ def run(args):
             check_latent_setting(vae, args.resolution)
         train_dataset, test_dataset, num_classes, resolution, channels = load_training_data(args, need_labels=True)
         loss_fn = NoisyClassifierLoss(scheduler)
+        if args.gradient_matching_weight > 0:
+            loss_fn = score_matched_loss(args.denoiser_dir, scheduler, num_classes, args.gradient_matching_weight)
         if args.random_flip:
             if vae is not None:
                 raise ValueError(
@@ -221,7 +251,7 @@ def run(args):
             final_loss=f"{result.final_loss:.4f} (classifier cross-entropy)",
             bits_per_dim=None,
             sample_grid=None,
-            fid=None,
+            frechet_distance=None,
             guided_accuracy=None,
             extra="Noisy-classifier test accuracy by timestep band: "
             + ", ".join(f"t in {b['timesteps']}: {b['accuracy']:.3f}" for b in bands),

@@ -106,11 +106,12 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline, StableDiffusionMixin)
             ∅ is ``num_embeds_ada_norm``, or another Diffusers transformer taking ``class_labels`` or
             ``encoder_hidden_states``. Folders saved by Diffusers' ``DiTPipeline`` and ``StableDiffusionPipeline``
             load with ``from_pretrained`` and sample the same images (docs/pipelines.md).
+        noise_schedule: the learned noise schedule the model was trained with (see ``HVAEPipeline``).
     """
 
     # What a saved folder may lack (see ``HVAESamplingPipeline``): a DiT folder has no unet and no text parts, a
     # Stable Diffusion folder no transformer; a pipeline that only encodes prompts has no scheduler.
-    _optional_components = ["unet", "transformer", "scheduler", "text_encoder", "tokenizer", "vae"]
+    _optional_components = ["unet", "transformer", "scheduler", "text_encoder", "tokenizer", "vae", "noise_schedule"]
     # The conditions a callback may read and replace are the denoiser's: "class_labels" or "prompt_embeds"
     # (each pipeline's own list, ``callback_conditions``).
     _callback_tensor_inputs = ["latents", "pred_original_sample", "prompt_embeds", "class_labels"]
@@ -126,6 +127,7 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline, StableDiffusionMixin)
         prediction_type: str | None = None,
         vae=None,
         transformer=None,
+        noise_schedule=None,
     ):
         super().__init__()
         self.check_components(unet, transformer, vae, denoiser_required=False)
@@ -145,6 +147,7 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline, StableDiffusionMixin)
             text_encoder=text_encoder,
             tokenizer=tokenizer,
             vae=vae,
+            noise_schedule=noise_schedule,
         )
         self.register_to_config(null_class_label=null_class_label, prediction_type=prediction_type)
         self.note_optional_components()

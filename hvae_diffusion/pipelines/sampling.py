@@ -255,7 +255,7 @@ class HVAESamplingPipeline(DiffusionPipeline):
     # What a saved folder may lack (Diffusers' ``from_pretrained`` reads the class's list): one of the two denoisers,
     # the VAE of a pixel-space model. A pipeline's own list (``note_optional_components``) names only the
     # components it was built without: those its call can do without.
-    _optional_components = ["unet", "transformer", "vae"]
+    _optional_components = ["unet", "transformer", "vae", "noise_schedule"]
     model_cpu_offload_seq = "unet->transformer->vae"
 
     def save_config(self, save_directory: str | os.PathLike, *args, **kwargs):

@@ -246,6 +246,11 @@ def add_training_arguments(parser, learning_rate=1e-4, train_batch_size=64):
         "--checkpoints_total_limit", type=int, default=2, help="checkpoints kept (the newest ones); 0: keep all"
     )
     group.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-<step> folder")
+    group.add_argument(
+        "--save_on_each_node",
+        action="store_true",
+        help="the machines of a multi-node run share no file system: each writes and verifies its own checkpoints",
+    )
     group.add_argument("--seed", type=int, default=0)
     group.add_argument(
         "--report_to",
@@ -399,3 +404,43 @@ def push_output_dir(args):
     except HubUploadError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
+
+
+def add_guidance_variant_arguments(parser, methods=True):
+    """``--guidance_interval T_LO T_HI`` (both kinds of guidance) and ``--guidance_method`` (classifier-free)."""
+    parser.add_argument(
+        "--guidance_interval",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("T_LO", "T_HI"),
+        help="guide only the steps with T_LO < t <= T_HI (train timesteps; Kynkäänniemi et al. 2024); the others "
+        "run the conditional model (cfg) or take no classifier gradient (classifier)",
+    )
+    if methods:
+        from ..pipelines.pipeline_classifier_free import GUIDANCE_METHODS
+
+        parser.add_argument(
+            "--guidance_method",
+            default="cfg",
+            choices=tuple(GUIDANCE_METHODS),
+            help="with cfg guidance: how a step combines the two predictions (cfg++ takes --guidance_scale = λ in "
+            "[0, 1]; apg and cfg-zero* run with their defaults, see ClassifierFreeGuidancePipeline)",
+        )
+
+
+def guidance_variant_kwargs(args, guidance):
+    """The pipeline call arguments of ``--guidance_interval`` and ``--guidance_method`` for ``guidance``, checked
+    (a ``ValueError`` naming the flag)."""
+    from ..guidance import check_guidance_interval
+
+    kwargs = {}
+    if args.guidance_interval is not None:
+        check_guidance_interval(tuple(args.guidance_interval), "--guidance_interval")
+        kwargs["guidance_interval"] = tuple(args.guidance_interval)
+    method = getattr(args, "guidance_method", "cfg")
+    if method != "cfg":
+        if guidance != "cfg":
+            raise ValueError(f"--guidance_method {method} needs --guidance cfg")
+        kwargs["guidance_method"] = method
+    return kwargs

@@ -187,6 +187,23 @@ def bootstrap_frechet_distance(features, reference_features, num_resamples=50, s
     return distance, float(np.std(resampled, ddof=1))
 
 
+class ForwardCounter:
+    """Counts the samples a module's forward passes see (a forward hook): denoiser forwards and classifier passes
+    per image are the cost of a guidance setting that no timing noise blurs."""
+
+    def __init__(self, module):
+        self.samples = 0
+        self.handle = module.register_forward_hook(self._hook) if module is not None else None
+
+    def _hook(self, module, inputs, output):
+        first = inputs[0] if inputs else None
+        self.samples += first.shape[0] if isinstance(first, torch.Tensor) else 0
+
+    def remove(self):
+        if self.handle is not None:
+            self.handle.remove()
+
+
 @torch.no_grad()
 def guidance_table(
     settings,
@@ -197,13 +214,15 @@ def guidance_table(
     seed: int = 0,
     batch_size: int = 250,
     num_bootstrap: int = 50,
+    on_row=None,
 ):
-    """Guided accuracy, Fréchet distance and wall time per image of each guidance setting, each with its error.
+    """Guided accuracy, Fréchet distance, KID and cost per image of each guidance setting, each with its error.
 
     Every setting draws one sample per entry of ``class_labels`` from the same seed. The guided accuracy is the
-    fraction the judge labels as asked (standard error √(p (1 − p) / n)); the Fréchet distance is measured in the
-    judge's feature space (``judge.features``) against ``reference_samples``, with a bootstrap standard error
-    (``bootstrap_frechet_distance``).
+    fraction the judge labels as asked (standard error √(p (1 − p) / n)); the Fréchet distance (bootstrap standard
+    error, ``bootstrap_frechet_distance``) and the KID (``evaluation.kernel_inception_distance``, standard error over
+    disjoint subsets) are measured in the judge's feature space (``judge.features``) against ``reference_samples``.
+    The cost is the wall time per image and the denoiser forwards and classifier passes per image.
 
     Args:
         settings: a list of ``{"method": str, "guidance_scale": float, "pipeline": pipeline, "kwargs": dict}``;
@@ -214,49 +233,121 @@ def guidance_table(
         class_labels: the label asked for each sample.
         num_inference_steps, seed, batch_size: of every sampling run.
         num_bootstrap: resamples of the Fréchet distance's standard error.
+        on_row: called with each row as it is done (to save partial results).
 
     Returns:
         a list of ``{"method", "guidance_scale", "num_samples", "accuracy", "accuracy_se", "frechet_distance",
-        "frechet_distance_se", "seconds_per_image"}``, one per setting.
+        "frechet_distance_se", "kid", "kid_se", "seconds_per_image", "denoiser_forwards_per_image",
+        "classifier_passes_per_image"}``, one per setting.
     """
+    from .evaluation import kernel_inception_distance
+
     if len(class_labels) == 0:
         raise ValueError("class_labels must hold at least one label")
     labels = torch.as_tensor(class_labels)
-    reference_features = judge.features(reference_samples).double().numpy()
+    reference_features = judge.features(reference_samples).double()
     rows = []
     for setting in settings:
         pipeline, scale = setting["pipeline"], float(setting["guidance_scale"])
         check_guidance_scale(scale, "guidance_scale")
         generator = torch.Generator().manual_seed(seed)
+        denoiser_counter = ForwardCounter(pipeline.denoiser)
+        classifier_counter = ForwardCounter(getattr(pipeline, "classifier", None))
         chunks = []
         started = time.perf_counter()
-        for start in range(0, len(labels), batch_size):
-            batch = labels[start : start + batch_size].tolist()
-            images = pipeline(
-                class_labels=batch,
-                guidance_scale=scale,
-                num_inference_steps=num_inference_steps,
-                generator=generator,
-                output_type="pt",
-                **setting.get("kwargs", {}),
-            ).images
-            chunks.append(images if pipeline.is_vector_model else images * 2 - 1)
+        try:
+            for start in range(0, len(labels), batch_size):
+                batch = labels[start : start + batch_size].tolist()
+                images = pipeline(
+                    class_labels=batch,
+                    guidance_scale=scale,
+                    num_inference_steps=num_inference_steps,
+                    generator=generator,
+                    output_type="pt",
+                    **setting.get("kwargs", {}),
+                ).images
+                chunks.append(images if pipeline.is_vector_model else images * 2 - 1)
+        finally:
+            denoiser_counter.remove()
+            classifier_counter.remove()
         seconds = time.perf_counter() - started
         samples = torch.cat(chunks).cpu()
         accuracy = float((logits_of(judge(samples)).argmax(-1) == labels).double().mean())
+        features = judge.features(samples).double()
         distance, distance_se = bootstrap_frechet_distance(
-            judge.features(samples).double().numpy(), reference_features, num_bootstrap, seed
+            features.numpy(), reference_features.numpy(), num_bootstrap, seed
         )
-        rows.append(
-            {
-                "method": setting["method"],
-                "guidance_scale": scale,
-                "num_samples": len(labels),
-                "accuracy": accuracy,
-                "accuracy_se": binomial_standard_error(accuracy, len(labels)),
-                "frechet_distance": distance,
-                "frechet_distance_se": distance_se,
-                "seconds_per_image": seconds / len(labels),
-            }
-        )
+        kid = kernel_inception_distance(features, reference_features, generator=torch.Generator().manual_seed(seed))
+        row = {
+            "method": setting["method"],
+            "guidance_scale": scale,
+            "num_samples": len(labels),
+            "accuracy": accuracy,
+            "accuracy_se": binomial_standard_error(accuracy, len(labels)),
+            "frechet_distance": distance,
+            "frechet_distance_se": distance_se,
+            "kid": kid["kid"],
+            "kid_se": kid["standard_error"],
+            "seconds_per_image": seconds / len(labels),
+            "denoiser_forwards_per_image": denoiser_counter.samples / len(labels),
+            "classifier_passes_per_image": classifier_counter.samples / len(labels),
+        }
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
     return rows
+
+
+def plot_guidance_table(rows, path):
+    """PNG of the table: Fréchet distance against guided accuracy, one line per method through its scales (labelled),
+    with standard-error bars; down and to the right is better.
+
+    Returns ``{method: (accuracies, distances)}``, the plotted lines.
+    """
+    if not rows:
+        raise ValueError("rows must hold at least one row of guidance_table")
+    lines = {}
+    for row in rows:
+        lines.setdefault(row["method"], []).append(row)
+    figure = Figure(figsize=(7, 5))
+    axes = figure.subplots()
+    plotted = {}
+    for method, method_rows in lines.items():
+        method_rows = sorted(method_rows, key=lambda row: row["guidance_scale"])
+        accuracies = [row["accuracy"] for row in method_rows]
+        distances = [row["frechet_distance"] for row in method_rows]
+        axes.errorbar(
+            accuracies,
+            distances,
+            xerr=[row["accuracy_se"] for row in method_rows],
+            yerr=[row["frechet_distance_se"] for row in method_rows],
+            marker="o",
+            capsize=2,
+            label=method,
+        )
+        for row in method_rows:
+            axes.annotate(f"{row['guidance_scale']:g}", (row["accuracy"], row["frechet_distance"]), fontsize=7)
+        plotted[method] = (accuracies, distances)
+    axes.set_xlabel("guided accuracy (judge)")
+    axes.set_ylabel("Fréchet distance to the test split")
+    axes.legend(fontsize=7)
+    _save(figure, path)
+    return plotted
+
+
+def format_guidance_table(rows) -> str:
+    """The rows of ``guidance_table`` as a Markdown table."""
+    lines = [
+        "| method | scale | guided accuracy | Fréchet distance | KID ×10³ | denoiser forwards / image | "
+        "classifier passes / image | ms / image |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        kid_se = "" if row["kid_se"] is None else f" ± {1e3 * row['kid_se']:.2f}"
+        lines.append(
+            f"| {row['method']} | {row['guidance_scale']:g} | {row['accuracy']:.3f} ± {row['accuracy_se']:.3f} | "
+            f"{row['frechet_distance']:.1f} ± {row['frechet_distance_se']:.1f} | {1e3 * row['kid']:.2f}{kid_se} | "
+            f"{row['denoiser_forwards_per_image']:g} | {row['classifier_passes_per_image']:g} | "
+            f"{1e3 * row['seconds_per_image']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -87,11 +87,22 @@ def num_classes_of_pipeline(pipe):
     return num_class_embeds - 1 if num_class_embeds else None
 
 
-def sample(pipe, guidance, guidance_scale, labels, prompts, num_samples, num_inference_steps, seed, batch_size=256):
+def sample(
+    pipe,
+    guidance,
+    guidance_scale,
+    labels,
+    prompts,
+    num_samples,
+    num_inference_steps,
+    seed,
+    batch_size=256,
+    guidance_kwargs=None,
+):
     """``num_samples`` samples ``[N, C, H, W]`` in [−1, 1] and their labels (−1 when unconditional).
 
     ``labels`` (or ``prompts``) are cycled over the samples; ``guidance_scale`` is the classifier-free weight w or
-    the classifier scale γ.
+    the classifier scale γ; ``guidance_kwargs`` go to every guided call (``guidance_interval``, ``guidance_method``).
     """
     generator = torch.Generator().manual_seed(seed)
     chunks, chunk_labels = [], []
@@ -108,6 +119,8 @@ def sample(pipe, guidance, guidance_scale, labels, prompts, num_samples, num_inf
             kwargs.update(prompt=prompt, guidance_scale=guidance_scale)
         else:
             kwargs.update(class_labels=batch_labels, guidance_scale=guidance_scale)
+        if guidance != "none":
+            kwargs.update(guidance_kwargs or {})
         chunks.append(pipe(**kwargs).images.cpu() * 2 - 1)
         chunk_labels += batch_labels if (batch_labels and guidance != "none") else [-1] * count
     return torch.cat(chunks), np.asarray(chunk_labels, dtype=np.int64)
