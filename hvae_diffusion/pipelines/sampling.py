@@ -296,7 +296,9 @@ class HVAESamplingPipeline(DiffusionPipeline):
         """After ``register_modules``: this pipeline's ``_optional_components`` are the class's that it was built
         without (the other denoiser, the VAE of a pixel-space model, ...), so Diffusers' save and load keep them None
         and ``components`` leaves them out."""
-        self._optional_components = [name for name in type(self)._optional_components if getattr(self, name) is None]
+        self._optional_components = [
+            name for name in type(self)._optional_components if name in self.config and getattr(self, name) is None
+        ]
 
     @property
     def components(self) -> dict:
