@@ -11,7 +11,9 @@ The bits/dim are those of the unconditional model ε(x_t, ∅) (for a class-cond
 image-to-image spread and the sampling of t (docs/evaluation.md). For a latent pipeline (one with a ``vae``) the
 bits/dim are the bound in pixels through the VAE, with its three parts and the diffusion's bits per latent
 dimension (docs/latent.md); ``--compare_pipeline_dir`` puts a second pipeline's bits/dim (and bits per image) on the
-same test split beside them.
+same test split beside them. ``--likelihood ode continuous`` adds, for a pixel pipeline, the exact log-likelihood by
+the probability-flow ODE (8-bit pixels dequantized uniformly) and the continuous-time ELBO, each with its standard
+error and NFE per image (docs/evaluation.md).
 
 Writes to --output_dir: ``evaluation.json`` (after each stage, so what was computed is kept if a later stage fails);
 ``elbo_denoising_terms.png`` (the denoising-matching KL of each
