@@ -292,6 +292,9 @@ def test_random_flip_is_drawn_from_the_batch_randomness():
             BatchRandomness(torch.Generator().manual_seed(3), 2, rank),
         )
     assert torch.equal(torch.cat(seen[2:]), seen[0])
+    # what the training loop reads from a loss (its timestep sampler, trainable modules) passes through the wrapper
+    loss = type("Loss", (), {"timestep_sampler": "sampler", "__call__": lambda self, *a, **k: None})()
+    assert RandomFlip(loss).timestep_sampler == "sampler" and not hasattr(RandomFlip(loss), "trainable_modules")
 
 
 def test_resuming_prints_no_warnings_about_diffusers_own_calls(tmp_path, capfd):

@@ -130,6 +130,21 @@ def test_overwrite_clears_the_old_run_and_another_runs_checkpoint_is_never_resum
     assert_same_weights(uninterrupted, weights)
 
 
+def test_resume_latest_restarts_a_run_killed_before_its_first_checkpoint(tmp_path, capsys):
+    """A requeued job passes --resume_from_checkpoint latest every time: a run that stopped before its first
+    checkpoint (its record says unfinished) starts again from scratch, its leftovers cleared."""
+    with pytest.raises(RuntimeError, match="killed"):
+        run(tmp_path, "requeued", loss_fn=dying_loss(1))
+    assert read_run_record(str(tmp_path / "requeued"))["finished"] is False
+    (tmp_path / "requeued" / "samples").mkdir()  # what such a run may leave
+    capsys.readouterr()
+    restarted, weights, folder = run(tmp_path, "requeued", resume_from_checkpoint="latest")
+    assert restarted.resumed_from is None and "starting a new run" in capsys.readouterr().out
+    assert not (folder / "samples").exists() and read_run_record(str(folder))["finished"] is True
+    _, uninterrupted, _ = run(tmp_path, "whole")
+    assert_same_weights(uninterrupted, weights)
+
+
 def test_a_checkpoint_corrupted_at_the_same_size_is_skipped_for_the_newest_intact_one(tmp_path, capsys):
     """Half of a safetensors file zeroed (same size), a corrupt header, a listing without global_step, an empty
     files list and a corrupted file that another part of the code wrote into the checkpoint: each falls back."""

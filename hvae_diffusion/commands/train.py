@@ -305,7 +305,7 @@ def run(args):
             )
 
         # the pipeline's prompt encoder is the one training conditions on
-        encode_prompt = pipeline_of(unet).encode_prompt if args.conditioning == "text" else None
+        encode_prompt = text_encoder_of(pipeline_of(unet)) if args.conditioning == "text" else None
         null_label = num_classes if args.conditioning == "class" else None
         if noise_schedule is None:
             loss_fn = DiffusionLoss(
@@ -484,6 +484,16 @@ def unet_config_of(args):
     if args.pretrained_model_name_or_path is not None:
         return pretrained_unet_config(args.pretrained_model_name_or_path)[1]
     return None
+
+
+def text_encoder_of(pipeline):
+    """``encode(prompts) -> [B, L, dim]`` embeddings by the pipeline's own ``encode_prompt`` (Stable Diffusion's
+    signature), so that training conditions on exactly what the saved pipeline will feed its UNet."""
+
+    def encode(prompts):
+        return pipeline.encode_prompt(prompts, pipeline.text_encoder.device, 1, False)[0]
+
+    return encode
 
 
 def null_conditioned(unet, null_label=None, encode_prompt=None):

@@ -3,7 +3,6 @@
 import time
 
 import torch
-from diffusers import StableDiffusionPipeline
 from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.utils import replace_example_docstring
 
@@ -324,6 +323,8 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline, StableDiffusionMixin)
                     "guiding with prompt_embeds needs negative_prompt_embeds when the pipeline has no text_encoder and "
                     "tokenizer to encode the negative prompt"
                 )
+        from diffusers import StableDiffusionPipeline  # its module imports transformers, a text-only dependency
+
         prompt_embeds, negative_prompt_embeds = StableDiffusionPipeline.encode_prompt(
             self,
             prompt,
@@ -626,6 +627,8 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline, StableDiffusionMixin)
         name = "class_labels" if class_labels is not None else "encoder_hidden_states"
         denoiser_kwargs = {} if cross_attention_kwargs is None else {"cross_attention_kwargs": cross_attention_kwargs}
         if self.guidance_embedded:
+            from diffusers import StableDiffusionPipeline  # its module imports transformers, a text-only dependency
+
             w = torch.tensor(guidance_scale - 1).repeat(len(conditional))
             embedding = StableDiffusionPipeline.get_guidance_scale_embedding(
                 self, w, embedding_dim=self.unet.config.time_cond_proj_dim

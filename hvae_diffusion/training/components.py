@@ -119,4 +119,5 @@ def classifier_guided_pipeline(denoiser_pipeline_or_dir, classifier):
         classifier=classifier,
         prediction_type=pipe.config.get("prediction_type"),
         vae=getattr(pipe, "vae", None),
+        noise_schedule=getattr(pipe, "noise_schedule", None),
     )
