@@ -1,5 +1,6 @@
 """Evaluate a trained pipeline: test bits/dim with its standard error (three terms, plot over t), the noisy
-classifier's accuracy and calibration against t, Fréchet distance and guided accuracy.
+classifier's accuracy and calibration against t, Fréchet distance and KID (in the features of an evaluation
+classifier; with ``--inception_weights``, also the FID and KID of the literature) and guided accuracy.
 
     python scripts/evaluate.py --pipeline_dir runs/demo/denoiser --classifier_dir runs/demo/classifier_guided \\
         --output_dir runs/eval --bpd_estimator importance --bpd_nfe 51
@@ -14,12 +15,15 @@ same test split beside them. ``--likelihood ode continuous`` adds, for a pixel p
 the probability-flow ODE (8-bit pixels dequantized uniformly) and the continuous-time ELBO, each with its standard
 error and NFE per image (docs/evaluation.md).
 
-Writes to --output_dir: ``evaluation.json``; ``elbo_denoising_terms.png`` (the denoising-matching KL of each
+Writes to --output_dir: ``evaluation.json`` (after each stage, so what was computed is kept if a later stage fails);
+``elbo_denoising_terms.png`` (the denoising-matching KL of each
 evaluated latent over t); a grid per sampling setting (``grid_unconditional.png``, ``grid_cfg_<w>.png``,
 ``grid_classifier_<γ>.png``); with ``--clipping_sweep``, ``guidance_sweep.png`` (guided accuracy against
-guidance_scale for both kinds of guidance, clip_sample on and off); and ``feature_classifier.safetensors``, the separately trained classifier of clean test-split
-images whose features define the Fréchet distance and whose labels define guided accuracy (not the guidance
-classifier; trained once on the train split and cached).
+guidance_scale for both kinds of guidance, clip_sample on and off); and ``feature_classifier.safetensors``, the
+separately trained classifier of clean images whose features define the Fréchet distance and KID and whose labels
+define guided accuracy (not the guidance classifier; trained once on the train split and cached). Classifier-free
+guidance is evaluated for a ``ClassifierFreeGuidancePipeline``, classifier guidance with ``--classifier_dir``; an
+unconditional pipeline (what ``hvae-train`` makes by default) gets the unconditional samples only.
 """
 
 import argparse
