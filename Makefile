@@ -26,20 +26,21 @@ test: lint
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q tests
 
 # The loading tests again against the oldest diffusers that setup.cfg allows. The venv borrows every other package
-# from $(VENV) (a .pth line adds its site-packages), so only diffusers and what it adds are installed.
+# from $(VENV) (a .pth line adds its site-packages), so only diffusers and what it adds are installed, with the newest
+# transformers that works with the huggingface_hub that diffusers accepts (pip leaves $(VENV)'s own untouched).
 OLDEST_VENV ?= .venv-oldest-diffusers
 OLDEST_DIFFUSERS := $(shell sed -n 's/^ *diffusers>=\([0-9.]*\).*/\1/p' setup.cfg)
-LOADING_TESTS ?= tests/test_pipeline_loading.py tests/test_hub.py
+LOADING_TESTS ?= tests/test_pipeline_loading.py tests/test_hub.py tests/test_scheduler.py
 
 $(OLDEST_VENV)/.installed: $(VENV)/.installed
 	$(PYTHON) -m venv $(OLDEST_VENV)
 	$(PYTHON) -c "import site; print('import site; site.addsitedir(%r)' % site.getsitepackages()[0])" \
 		> $$($(OLDEST_VENV)/bin/python -c "import site; print(site.getsitepackages()[0])")/borrow_from_venv.pth
-	$(OLDEST_VENV)/bin/python -m pip install --quiet "diffusers==$(OLDEST_DIFFUSERS).*"
+	$(OLDEST_VENV)/bin/python -m pip install --quiet "diffusers==$(OLDEST_DIFFUSERS).*" transformers
 	touch $@
 
 test-oldest-diffusers: $(OLDEST_VENV)/.installed
-	$(OLDEST_VENV)/bin/python -c "import diffusers; print('diffusers', diffusers.__version__)"
+	$(OLDEST_VENV)/bin/python -c "import diffusers, transformers; print('diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
 	HF_HUB_OFFLINE=1 $(OLDEST_VENV)/bin/python -m pytest -q $(LOADING_TESTS)
 
 # The demo on the built-in digits: trains, samples with three kinds of guidance and evaluates (docs/training.md).

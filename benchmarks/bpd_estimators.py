@@ -61,7 +61,7 @@ def parse_args(argv=None):
 
 def load_model_and_data(pipeline_dir, num_samples):
     """The scheduler, the unconditional denoiser and the built-in digits' test split (first ``num_samples``)."""
-    from hvae_diffusion.scheduling_hvae import HVAEScheduler
+    from hvae_diffusion.pipelines.serialization import denoiser_scheduler
     from hvae_diffusion.training.cli import add_data_arguments, load_training_data
     from hvae_diffusion.training.data import stack_dataset
     from hvae_diffusion.training.sampling import load_sampling_pipeline
@@ -71,7 +71,7 @@ def load_model_and_data(pipeline_dir, num_samples):
     _, test_dataset, _, _, _ = load_training_data(data_parser.parse_args([]), need_labels=True)
     samples, _ = stack_dataset(test_dataset)
     unconditional = load_sampling_pipeline(pipeline_dir, "none")
-    scheduler = HVAEScheduler.from_config(unconditional.scheduler.config)
+    scheduler = denoiser_scheduler(unconditional)
     return scheduler, unconditional.unet.eval(), samples[:num_samples]
 
 

@@ -20,7 +20,7 @@ from .forward_process import (
     signal_to_noise_ratio,
 )
 from .guidance import classifier_free_guidance, classifier_guided_score
-from .models import MLPDenoiser, MLPNoisyClassifier, NoisyClassifier, NoisyClassifierOutput
+from .models import LearnedNoiseSchedule, MLPDenoiser, MLPNoisyClassifier, NoisyClassifier, NoisyClassifierOutput
 from .parameterization import (
     PREDICTION_TYPES,
     convert_prediction,

@@ -12,6 +12,12 @@ its endpoints (the schedule between them changes the variance of its Monte Carlo
 decoder p_θ(x | x_0) is a Gaussian with mean x̂_θ(x_0; 0) and variance σ_0² (the "fixed_large" decoder of the discrete
 chain, whose first step has β = 1 − ᾱ(0)), discretized to 8 bits for images in [−1, 1].
 
+The diffusion loss is estimated at low-discrepancy times u ∈ [0, 1) (``low_discrepancy_times``), used as t directly
+(``time_sampling="uniform"``, VDM's estimator, whose variance depends on the schedule: the one a learned schedule
+minimises) or mapped to t so that λ(t) is uniform between its endpoints (``"log_snr"``): by the invariance above this
+is the estimator of the same bound under a linear log-SNR schedule, far less noisy on a fixed schedule whose λ falls
+steeply near t = 0 (``log_snr_uniform_times``).
+
 The model may predict any of ``PREDICTION_TYPES``; x̂_θ is converted from its output at the continuous ᾱ(t). The
 model is ``denoiser(x_t, t)`` with t float64 times ``[B]``; ``continuous_schedule.continuous_time_denoiser`` wraps a
 Diffusers UNet, and ``DiscreteLogSNRSpline`` makes a discrete scheduler's ᾱ table continuous.
@@ -39,6 +45,26 @@ def diffusion_loss_integrand(original_sample, predicted_original_sample, log_snr
     """
     squared_error = (original_sample - predicted_original_sample).flatten(1).pow(2).sum(dim=1)
     return -0.5 * log_snr_derivative_t * log_snr_t.exp() * squared_error
+
+
+TIME_SAMPLINGS = ("uniform", "log_snr")
+
+
+@torch.no_grad()
+def log_snr_uniform_times(log_snr, uniform: torch.Tensor, num_grid: int = 8193):
+    """Times t = g(u) at which λ(t) is (nearly) uniform on [λ(1), λ(0)], and dt/du, for u in [0, 1).
+
+    g is the piecewise-linear inverse of u(t) = (λ(0) − λ(t)) / (λ(0) − λ(1)) on ``num_grid`` equally spaced t, so
+    dt/du is exact for the t drawn and ∫_0^1 f(t) dt = E_u[f(g(u)) dt/du] holds without bias whatever the grid.
+    """
+    grid = torch.linspace(0.0, 1.0, num_grid, dtype=torch.float64)
+    values = log_snr(grid).double().cpu()
+    fractions = (values[0] - values) / (values[0] - values[-1])
+    if not bool((fractions[1:] > fractions[:-1]).all()):
+        raise ValueError("time_sampling='log_snr' needs a strictly decreasing log-SNR schedule λ(t)")
+    index = (torch.searchsorted(fractions, uniform, right=True) - 1).clamp(0, num_grid - 2)
+    slope = (grid[index + 1] - grid[index]) / (fractions[index + 1] - fractions[index])
+    return grid[index] + (uniform - fractions[index]) * slope, slope
 
 
 def low_discrepancy_times(num_images: int, num_replicates: int, num_points: int, generator=None) -> torch.Tensor:
@@ -120,6 +146,7 @@ def estimate_continuous_elbo(
     discrete: bool = True,
     decoder_log_variance: float | None = None,
     show_progress: bool = True,
+    time_sampling: str = "uniform",
 ) -> ContinuousELBOEstimate:
     """Estimate −L∞ in bits/dim of each image and of the dataset, with standard errors.
 
@@ -136,8 +163,11 @@ def estimate_continuous_elbo(
         num_function_evaluations: forwards per image, a multiple of ``num_replicates`` and at least 2 per replicate.
         num_replicates: R ≥ 1 independent low-discrepancy sets per image (the standard error needs R ≥ 2).
         decoder_log_variance: log of the decoder's variance; default log σ²(0).
+        time_sampling: ``"uniform"`` (t = u) or ``"log_snr"`` (λ(t) uniform, ``log_snr_uniform_times``).
     """
     check_prediction_type(prediction_type)
+    if time_sampling not in TIME_SAMPLINGS:
+        raise ValueError(f"time_sampling must be one of {TIME_SAMPLINGS}, got {time_sampling!r}")
     if not isinstance(samples, torch.Tensor) or samples.ndim < 2 or samples.shape[0] == 0:
         raise ValueError(f"samples must be a non-empty tensor [n, ...], got {type(samples).__name__}")
     _check_positive_int("num_replicates", num_replicates)
@@ -159,11 +189,15 @@ def estimate_continuous_elbo(
 
     # pairs (image, time, is decoder): the m times of each replicate, then its decoder at t = 0
     times = low_discrepancy_times(num_images, num_replicates, num_points, generator)
+    jacobians = torch.ones_like(times)
+    if time_sampling == "log_snr":
+        times, jacobians = log_snr_uniform_times(log_snr, times)
     times = torch.cat([times, torch.zeros(num_images, num_replicates, 1, dtype=torch.float64)], dim=2)
+    jacobians = torch.cat([jacobians, torch.ones(num_images, num_replicates, 1, dtype=torch.float64)], dim=2)
     is_decoder = torch.zeros_like(times, dtype=torch.bool)
     is_decoder[..., -1] = True
     image_of_pair = torch.arange(num_images).reshape(-1, 1, 1).expand_as(times).reshape(-1)
-    times, is_decoder = times.reshape(-1), is_decoder.reshape(-1)
+    times, jacobians, is_decoder = times.reshape(-1), jacobians.reshape(-1), is_decoder.reshape(-1)
     terms = torch.empty(len(times), dtype=compute)
     with tqdm(total=len(times), desc="continuous ELBO", disable=not show_progress) as bar:
         for start in range(0, len(times), batch_size):
@@ -178,7 +212,7 @@ def estimate_continuous_elbo(
             output = denoiser(sample.to(samples.dtype), time)
             output = getattr(output, "sample", output).to(compute)
             predicted = convert_prediction(output, sample, alphas_cumprod_t, prediction_type, "sample")
-            diffusion = diffusion_loss_integrand(original, predicted, value, slope)
+            diffusion = diffusion_loss_integrand(original, predicted, value, slope) * jacobians[start:stop].to(device)
             if discrete:
                 decoder = -elbo.discretized_gaussian_log_likelihood(original, predicted, 0.5 * decoder_log_variance)
             else:

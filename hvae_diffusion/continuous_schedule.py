@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from scipy.interpolate import CubicSpline
 
+from .parameterization import split_learned_variance
+
 
 def alphas_cumprod_from_log_snr(log_snr: torch.Tensor) -> torch.Tensor:
     """ᾱ = α² = sigmoid(λ), and so 1 − ᾱ = σ² = sigmoid(−λ) (evaluate that one directly: it keeps its digits)."""
@@ -104,3 +106,30 @@ def continuous_time_denoiser(denoiser, num_train_timesteps: int):
         return getattr(output, "sample", output)
 
     return at_time
+
+
+def continuous_time_model(pipeline):
+    """``(log_snr, denoiser, prediction_type)`` of a pipeline's unconditional denoiser in continuous time.
+
+    ``log_snr`` is the ``DiscreteLogSNRSpline`` of its scheduler's ᾱ table, ``denoiser(x_t, t)`` calls its UNet at
+    the fractional timestep t (T − 1) in the UNet's dtype (with the null label of a class-conditional pipeline,
+    ``unconditional_kwargs``) and returns the prediction (without the variance channels of a learned variance),
+    and ``prediction_type`` is what the UNet predicts. These are what ``likelihood_ode.ode_log_likelihood`` and
+    ``continuous_elbo.estimate_continuous_elbo`` take.
+    """
+    from .pipelines.serialization import denoiser_scheduler
+
+    scheduler = denoiser_scheduler(pipeline)
+    unet = pipeline.unet.eval()
+    unconditional_kwargs = getattr(pipeline, "unconditional_kwargs", lambda batch_size: {})
+
+    def discrete_denoiser(sample, timesteps):
+        output = unet(sample.to(unet.dtype), timesteps, **unconditional_kwargs(len(sample)))
+        return split_learned_variance(getattr(output, "sample", output), sample)[0]
+
+    num_train_timesteps = scheduler.config.num_train_timesteps
+    return (
+        DiscreteLogSNRSpline(scheduler.alphas_cumprod),
+        continuous_time_denoiser(discrete_denoiser, num_train_timesteps),
+        scheduler.config.prediction_type,
+    )

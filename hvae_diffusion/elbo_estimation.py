@@ -138,8 +138,8 @@ def successive_difference_variance(terms):
     cancels a linear trend: E[(a − 2b + c)²] = v_a + 4 v_b + v_c ≈ 6 v, so each triple contributes
     3 v ≈ (a − 2b + c)² / 2. The triples end at the chain's last latent (nearest the data, where L_t changes
     fastest); the one or two noisiest latents left over take the first triple's v. It assumes L_t and v_t change
-    little over three neighbouring latents, as on chains of hundreds of latents; on short chains whose last few
-    terms differ by large factors it is only a rough guide. Two latents use their squared difference, one latent
+    little over three neighbouring latents; where neighbouring terms differ by large factors (short chains, or the
+    last latents of the demo's cosine chain, where it read about twice the real noise) it overstates the noise. Two latents use their squared difference, one latent
     gives NaN (nothing to compare it with) and none gives 0.
     """
     num_images, num_latents = terms.shape

@@ -125,25 +125,26 @@ def _check_tolerance(name, value):
 class _Flow:
     """F and its divergence for one batch, counting evaluations; states are flat float64 numpy vectors."""
 
-    def __init__(self, log_snr, denoiser, prediction_type, shape, model_dtype, probes):
+    def __init__(self, log_snr, denoiser, prediction_type, shape, model_dtype, device, probes):
         self.log_snr, self.denoiser, self.prediction_type = log_snr, denoiser, prediction_type
-        self.shape, self.model_dtype, self.probes = shape, model_dtype, probes
+        self.shape, self.model_dtype, self.device, self.probes = shape, model_dtype, device, probes
         self.num_evaluations = 0
 
     def __call__(self, t: float, state: np.ndarray) -> np.ndarray:
         size = math.prod(self.shape)
-        sample = torch.from_numpy(state[:size]).reshape(self.shape)
+        sample = torch.from_numpy(state[:size]).reshape(self.shape).to(self.device)
         drift, divergence = self.drift_and_divergence(sample, t)
-        return np.concatenate([drift.reshape(-1).numpy(), divergence.reshape(-1).numpy()])
+        return torch.cat([drift.reshape(-1), divergence.reshape(-1)]).cpu().numpy()
 
     def drift_and_divergence(self, sample, t: float):
         """F(x, t) ``[B, ...]`` and ∇·F per image and probe ``[B, K]`` (K = 1 for the exact trace)."""
         self.num_evaluations += 1
         batch = sample.shape[0]
-        time = torch.full((batch,), float(t), dtype=torch.float64)
+        time = torch.full((batch,), float(t), dtype=torch.float64, device=self.device)
         with torch.no_grad():
             log_snr_t, log_snr_derivative_t = log_snr_and_derivative(self.log_snr, time)
-        log_snr_t, log_snr_derivative_t = log_snr_t.double().cpu(), log_snr_derivative_t.double().cpu()
+        log_snr_t = log_snr_t.to(self.device, torch.float64)
+        log_snr_derivative_t = log_snr_derivative_t.to(self.device, torch.float64)
         alphas_cumprod_t = alphas_cumprod_from_log_snr(log_snr_t)
         with torch.enable_grad():
             sample = sample.detach().requires_grad_(True)
@@ -230,7 +231,7 @@ def ode_log_likelihood(
     device = generator.device if generator is not None else torch.device("cpu")
     if divergence == "hutchinson":
         signs = torch.randint(0, 2, (num_images, num_probes, *samples.shape[1:]), generator=generator, device=device)
-        all_probes = (2.0 * signs - 1.0).double().cpu()
+        all_probes = (2.0 * signs - 1.0).double().to(samples.device)
 
     log_likelihood = torch.empty(num_images, num_probes if divergence == "hutchinson" else 1, dtype=torch.float64)
     evaluations = torch.empty(num_images, dtype=torch.long)
@@ -239,7 +240,7 @@ def ode_log_likelihood(
             stop = min(start + batch_size, num_images)
             batch = points[start:stop]
             probes = all_probes[start:stop] if divergence == "hutchinson" else None
-            flow = _Flow(log_snr, denoiser, prediction_type, batch.shape, samples.dtype, probes)
+            flow = _Flow(log_snr, denoiser, prediction_type, batch.shape, samples.dtype, samples.device, probes)
             width = log_likelihood.shape[1]
             state = np.concatenate([batch.reshape(-1).numpy(), np.zeros((stop - start) * width)])
             if solver == "adaptive":

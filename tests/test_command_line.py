@@ -292,3 +292,27 @@ def test_random_flip_is_drawn_from_the_batch_randomness():
             BatchRandomness(torch.Generator().manual_seed(3), 2, rank),
         )
     assert torch.equal(torch.cat(seen[2:]), seen[0])
+    # what the training loop reads from a loss (its timestep sampler, trainable modules) passes through the wrapper
+    loss = type("Loss", (), {"timestep_sampler": "sampler", "__call__": lambda self, *a, **k: None})()
+    assert RandomFlip(loss).timestep_sampler == "sampler" and not hasattr(RandomFlip(loss), "trainable_modules")
+
+
+def test_resuming_prints_no_warnings_about_diffusers_own_calls(tmp_path, capfd):
+    """EMAModel.from_pretrained warned about its own from_config call (FutureWarning) and the EMA fields of its
+    config.json (twice "config attributes ... ignored"), on every resume with --use_ema."""
+    import warnings
+
+    from hvae_diffusion.commands import train
+
+    argv = tiny_train(
+        tmp_path / "run", "--use_ema", "--checkpointing_steps", 1, "--skip_elbo", "--num_inference_steps", 1
+    )
+    train.main([str(a) for a in argv])
+    argv[argv.index("--max_train_steps") + 1] = 2
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train.main([str(a) for a in [*argv, "--resume_from_checkpoint", "latest"]])
+    printed = "".join(capfd.readouterr())
+    assert "resuming from" in printed and "config attributes" not in printed, printed
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]

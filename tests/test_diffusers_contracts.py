@@ -31,15 +31,21 @@ if Version(Version(diffusers.__version__).base_version) < VENDORED_FOR:
         allow_module_level=True,
     )
 
+# what the vendored tests import besides Diffusers (setup.cfg's test extra)
+pytest.importorskip("parameterized", reason="Diffusers' vendored tests need the test extra: pip install -e '.[test]'")
+pytest.importorskip("requests_mock", reason="Diffusers' vendored tests need the test extra: pip install -e '.[test]'")
+
 from diffusers import (  # noqa: E402
     DDIMScheduler,
     DiTPipeline,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    LCMScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionPipeline,
 )
+from diffusers.schedulers import AysSchedules  # noqa: E402
 from diffusers_tests.pipelines.ddim import test_ddim  # noqa: E402
 from diffusers_tests.pipelines.dit import test_dit  # noqa: E402
 from diffusers_tests.pipelines.stable_diffusion import test_stable_diffusion  # noqa: E402
@@ -57,10 +63,6 @@ EXPECTED_VALUES = (
     "rewrote the dummy scheduler's steps_offset from 0 to 1 (a deprecated fix-up of old configs that this pipeline "
     "does not make); test_same_images_as_stable_diffusion_pipeline makes the same call side by side with "
     "StableDiffusionPipeline instead"
-)
-LCM = (
-    "Latent Consistency Models (a unet with time_cond_proj_dim, which StableDiffusionPipeline feeds a guidance "
-    "embedding instead of guiding) are not supported: this pipeline guides every conditional denoiser"
 )
 
 
@@ -160,8 +162,8 @@ class TestClassifierFreeGuidancePipelineAsStableDiffusionPipeline(
     test_stable_diffusion_k_euler_ancestral = skipped(EXPECTED_VALUES)
     test_stable_diffusion_k_euler = skipped(EXPECTED_VALUES)
     test_stable_diffusion_negative_prompt = skipped(EXPECTED_VALUES)
-    test_stable_diffusion_lcm = skipped(LCM)
-    test_stable_diffusion_lcm_custom_timesteps = skipped(LCM)
+    test_stable_diffusion_lcm = skipped(EXPECTED_VALUES)
+    test_stable_diffusion_lcm_custom_timesteps = skipped(EXPECTED_VALUES)
     test_stable_diffusion_no_safety_checker = skipped(
         "tests StableDiffusionPipeline itself (not pipeline_class) on a checkpoint from the Hub, with its safety "
         "checker, which this package leaves out"
@@ -206,6 +208,15 @@ STABLE_DIFFUSION_CALLS = {
     "k_euler_ancestral": (EulerAncestralDiscreteScheduler.from_config, {}),
     "k_euler": (EulerDiscreteScheduler.from_config, {}),
     "negative_prompt": (lambda config: PNDMScheduler(skip_prk_steps=True), {"negative_prompt": "french fries"}),
+    # a Latent Consistency Model's unet (the dummies with time_cond_proj_dim=256): w embedded, not guided
+    "lcm": (LCMScheduler.from_config, {}),
+    "lcm_custom_timesteps": (LCMScheduler.from_config, {"timesteps": [999, 499], "num_inference_steps": None}),
+    # arguments of StableDiffusionPipeline's call that those tests leave at their defaults
+    "num_images_per_prompt": (None, {"num_images_per_prompt": 2}),
+    "ays_sigmas": (
+        EulerDiscreteScheduler.from_config,
+        {"sigmas": AysSchedules["StableDiffusionSigmas"], "num_inference_steps": None},
+    ),
     # StableDiffusionPipeline's defaults: guidance_scale 7.5, 50 steps
     "defaults": (None, {"guidance_scale": None, "num_inference_steps": None}),
 }
@@ -221,7 +232,7 @@ def test_same_images_as_stable_diffusion_pipeline(call, tmp_path):
     config.tokenizer_path = tmp_path
     components = test_stable_diffusion.StableDiffusionPipelineTesterConfig.get_dummy_components
     with offline_tokenizer(tmp_path):
-        components = components(config)
+        components = components(config, time_cond_proj_dim=256 if call.startswith("lcm") else None)
     if make_scheduler is not None:
         components["scheduler"] = make_scheduler(components["scheduler"].config)
     images = []

@@ -81,8 +81,10 @@ def oracle(prediction_type, schedule=SCHEDULE):
     return denoiser
 
 
-@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
-def test_estimate_is_unbiased_and_its_standard_error_calibrated(prediction_type):
+@pytest.mark.parametrize(
+    "prediction_type, time_sampling", [(p, "uniform") for p in PREDICTION_TYPES] + [("epsilon", "log_snr")]
+)
+def test_estimate_is_unbiased_and_its_standard_error_calibrated(prediction_type, time_sampling):
     repeats = 600
     result = estimate_continuous_elbo(
         SCHEDULE,
@@ -95,6 +97,7 @@ def test_estimate_is_unbiased_and_its_standard_error_calibrated(prediction_type)
         batch_size=1 << 16,
         discrete=False,
         show_progress=False,
+        time_sampling=time_sampling,
     )
     nats = result.bits_per_dim.reshape(repeats, -1) * math.log(2)
     reported = (result.standard_error.reshape(repeats, -1) * math.log(2)) ** 2
@@ -180,7 +183,26 @@ def test_bad_arguments_are_named():
         estimate_continuous_elbo(SCHEDULE, oracle("score"), POINTS, "score", 21, 5, show_progress=False)
     with pytest.raises(ValueError, match="num_replicates"):
         estimate_continuous_elbo(SCHEDULE, oracle("score"), POINTS, "score", 20, 0, show_progress=False)
+    with pytest.raises(ValueError, match="time_sampling must be one of"):
+        estimate_continuous_elbo(
+            SCHEDULE, oracle("score"), POINTS, "score", 20, time_sampling="t", show_progress=False
+        )
     with pytest.raises(ValueError, match="prediction_type"):
         estimate_continuous_elbo(SCHEDULE, oracle("score"), POINTS, "x0", 20, show_progress=False)
     with pytest.raises(ValueError, match="strictly decreasing"):
         DiscreteLogSNRSpline([0.9, 0.95])
+
+
+def test_log_snr_uniform_times_make_the_log_snr_uniform_and_weigh_by_dt_du():
+    from hvae_diffusion.continuous_elbo import log_snr_uniform_times
+
+    spline = DiscreteLogSNRSpline(HVAEScheduler(beta_schedule="squaredcos_cap_v2").alphas_cumprod)
+    uniform = (torch.arange(20000, dtype=torch.float64) + 0.5) / 20000
+    times, slope = log_snr_uniform_times(spline, uniform)
+    ends = spline(torch.tensor([0.0, 1.0], dtype=torch.float64))
+    fractions = (ends[0] - spline(times)) / (ends[0] - ends[1])
+    assert float((fractions - uniform).abs().max()) < 2e-3
+    # E_u[dt/du] = 1 (the t interval), and dt/du = 1/|du/dt| = (λ(0) − λ(1)) / |λ′(t)|
+    assert float(slope.mean()) == pytest.approx(1.0, abs=1e-3)
+    relative = slope * -spline.derivative(times) / (ends[0] - ends[1]) - 1
+    assert float(relative.abs().median()) < 0.01

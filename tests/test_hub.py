@@ -26,7 +26,7 @@ CARD_FIELDS = dict(
     final_loss="0.0421",
     bits_per_dim="1.234",
     sample_grid="samples/step-001234.png",
-    fid=None,
+    frechet_distance=None,
     guided_accuracy="0.950",
     extra=None,
 )
@@ -276,7 +276,7 @@ def test_model_card_snippets_run_as_written(pushed, tmp_path):
     script = ""
     for repo_id in ("someone/hvae", "someone/free"):
         card = hub.repos[repo_id]["README.md"].decode()
-        assert "must be installed (`pip install hvae-diffusion`)" in card
+        assert "must be installed. It is on no\npackage index" in card and '"hvae-diffusion @ git+' in card
         snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
         assert f'DiffusionPipeline.from_pretrained("{repo_id}")' in snippet
         script += snippet + "print(type(pipe).__name__, len(images))\n"

@@ -182,3 +182,84 @@ def test_bad_arguments_are_named(kwargs, match):
     mixture = mixture_of(2)
     with pytest.raises(ValueError, match=match):
         ode_log_likelihood(SPLINE, oracle(mixture), points_of(mixture, 2), **kwargs, show_progress=False)
+
+
+def tiny_class_conditional_pipeline(prediction_type="v_prediction"):
+    from diffusers import UNet2DModel
+
+    from hvae_diffusion.pipelines import ClassifierFreeGuidancePipeline
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=4,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 8),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        num_class_embeds=3,
+    ).eval()
+    scheduler = HVAEScheduler(num_train_timesteps=50, prediction_type=prediction_type)
+    return ClassifierFreeGuidancePipeline(unet=unet, scheduler=scheduler)
+
+
+def test_hvae_evaluate_likelihood_reports_the_pipelines_unconditional_model_at_fractional_timesteps():
+    from hvae_diffusion.commands import evaluate
+
+    pipe = tiny_class_conditional_pipeline()
+    images = torch.randint(0, 256, (3, 1, 4, 4), generator=torch.Generator().manual_seed(0)) / 127.5 - 1
+    args = evaluate.parse_args(
+        ["--pipeline_dir", "unused", "--output_dir", "unused", "--likelihood", "ode", "continuous"]
+        + ["--ode_solver", "fixed", "--ode_num_steps", "3", "--ode_num_probes", "2", "--continuous_nfe", "6"]
+        + ["--continuous_replicates", "2", "--ode_divergence", "hutchinson"]
+    )
+    evaluate.check_likelihood_arguments(args)
+    ode = evaluate.likelihood_report(pipe, images, "ode", args)
+    assert ode["num_function_evaluations_per_image"] == 6 and ode["dequantized"] and "dequantized" in ode["summary"]
+    assert ode["bits_per_image"] == pytest.approx(16 * ode["bits_per_dim"])
+
+    # the same number from the library with the UNet called by hand: the null label (2), timestep t (T − 1)
+    def by_hand(sample, t):
+        null = torch.full((len(sample),), 2, dtype=torch.long)
+        return pipe.unet(sample.float(), (t * 49).float(), class_labels=null).sample
+
+    direct = ode_log_likelihood(
+        pipe_spline(pipe),
+        by_hand,
+        images,
+        "v_prediction",
+        divergence="hutchinson",
+        num_probes=2,
+        solver="fixed",
+        num_steps=3,
+        dequantize=True,
+        generator=torch.Generator().manual_seed(0),
+        show_progress=False,
+    )
+    assert ode["bits_per_dim"] == pytest.approx(direct.dataset_bits_per_dim, rel=1e-5)
+    continuous = evaluate.likelihood_report(pipe, images, "continuous", args)
+    assert continuous["num_function_evaluations_per_image"] == 6 and math.isfinite(continuous["bits_per_dim"])
+
+
+def pipe_spline(pipe):
+    return DiscreteLogSNRSpline(pipe.scheduler.alphas_cumprod)
+
+
+@pytest.mark.parametrize(
+    "flags, match",
+    [
+        (["--ode_rtol", "0"], "--ode_rtol must be a finite number > 0 and < 1, got 0"),
+        (["--ode_num_probes", "0"], "--ode_num_probes must be >= 1"),
+        (["--continuous_nfe", "21"], "--continuous_nfe must be a multiple of --continuous_replicates=5"),
+    ],
+)
+def test_hvae_evaluate_refuses_bad_likelihood_flags_before_any_work(tmp_path, flags, match):
+    from hvae_diffusion.commands import evaluate
+
+    with pytest.raises(ValueError, match=match):
+        evaluate.main(
+            ["--pipeline_dir", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "eval"), "--likelihood"]
+            + ["ode", *flags]
+        )

@@ -1,5 +1,6 @@
 """A wheel built from the repository works outside the checkout: installed into a fresh venv, the model card renders
-(its template is package data) and the `hvae-train` entry point trains.
+(its template, the top-level model_card.md, is copied into the package by setup.py's build step: one source) and
+the `hvae-train` entry point trains. The card's install line names where the package came from.
 
 Offline and fast: the wheel is built without build isolation, and the fresh venv borrows the test interpreter's
 packages (torch, diffusers, ...) through a path line in a .pth file, which adds that site-packages directory but not
@@ -65,10 +66,11 @@ def installed(tmp_path_factory):
     return python, work, wheel
 
 
-def test_wheel_ships_the_template_and_the_entry_points(installed):
+def test_wheel_ships_the_top_level_model_card_and_the_entry_points(installed):
     python, work, wheel = installed
     names = zipfile.ZipFile(wheel).namelist()
-    assert "hvae_diffusion/templates/model_card.md" in names
+    assert zipfile.ZipFile(wheel).read("hvae_diffusion/model_card.md") == (REPOSITORY / "model_card.md").read_bytes()
+    assert not (REPOSITORY / "hvae_diffusion" / "model_card.md").exists()  # one source, not two copies
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "hvae-train = hvae_diffusion.commands:train_cli" in zipfile.ZipFile(wheel).read(entry_points).decode()
     assert (python.parent / "hvae-train").is_file()
@@ -81,14 +83,41 @@ def test_model_card_renders_from_the_installed_package(installed):
         "from hvae_diffusion.training.hub import render_model_card\n"
         "render_model_card('.', repo_id='someone/digits', pipeline_class='HVAEPipeline', dataset='digits',"
         " prediction_type='epsilon', loss_weighting='simple', variance_type='fixed_small', conditioning='none',"
-        " num_train_steps=20, final_loss='0.5', bits_per_dim=None, sample_grid=None, fid=None,"
+        " num_train_steps=20, final_loss='0.5', bits_per_dim=None, sample_grid=None, frechet_distance=None,"
         " guided_accuracy=None, extra=None)\n"
         "print(hvae_diffusion.__file__)\n"
     )
     location = run([str(python), "-c", code], work).strip()
     assert location.startswith(str(python.parents[1])), location  # the wheel's copy, not the checkout
     card = (work / "README.md").read_text()
-    assert 'DiffusionPipeline.from_pretrained("someone/digits")' in card and "pip install hvae-diffusion" in card
+    assert 'DiffusionPipeline.from_pretrained("someone/digits")' in card
+    # installed from a wheel file: no source URL is known, so the card says how to install from source (never a
+    # bare `pip install hvae-diffusion`, which no index serves)
+    assert 'pip install "hvae-diffusion @ git+<repository URL>"' in card and "pip install hvae-diffusion`" not in card
+
+
+def test_the_cards_install_line_names_the_git_source_the_package_came_from(monkeypatch):
+    """After `pip install git+URL`, PEP 610's direct_url.json records the URL and commit: the card's line
+    reinstalls exactly that; with a Source project URL and no record, that URL."""
+    from hvae_diffusion.training import hub
+
+    class Distribution:
+        def __init__(self, direct_url, project_urls=()):
+            self.direct_url = direct_url
+            self.metadata = type("Metadata", (), {"get_all": lambda _, key: list(project_urls) or None})()
+
+        def read_text(self, name):
+            return self.direct_url if name == "direct_url.json" else None
+
+    git = '{"url": "https://example.org/hvae.git", "vcs_info": {"vcs": "git", "commit_id": "abc123"}}'
+    monkeypatch.setattr(hub.metadata, "distribution", lambda name: Distribution(git))
+    assert hub.install_command() == 'pip install "hvae-diffusion @ git+https://example.org/hvae.git@abc123"'
+    wheel = '{"url": "file:///tmp/hvae_diffusion-0.1-py3-none-any.whl", "archive_info": {}}'
+    monkeypatch.setattr(hub.metadata, "distribution", lambda name: Distribution(wheel))
+    assert hub.install_command() is None
+    source = ["Source, https://example.org/hvae"]
+    monkeypatch.setattr(hub.metadata, "distribution", lambda name: Distribution(wheel, source))
+    assert hub.install_command() == 'pip install "hvae-diffusion @ git+https://example.org/hvae"'
 
 
 def test_hvae_train_runs_from_the_installed_package(installed):

@@ -96,16 +96,39 @@ def test_round_trip_samples_the_same(saved, name, pipeline_class, kwargs):
 
 
 def test_import_then_diffusion_pipeline_in_a_fresh_process(saved):
+    """Also: importing the package patches one Diffusers function only, the one docs/pipelines.md names with its
+    upstream change; every other function and class of the Diffusers modules loaded before it is the same object
+    after it."""
     _, folders = saved
     output = run_python(f"""
+        import sys
+        from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel, UNet2DModel
+        from diffusers.pipelines import pipeline_loading_utils, pipeline_utils
+        from diffusers.utils import dynamic_modules_utils
+
+        def diffusers_snapshot():
+            return {{
+                (module_name, name): id(value)
+                for module_name, module in list(sys.modules.items())
+                if module_name.split(".")[0] == "diffusers" and module is not None
+                for name, value in list(vars(module).items())
+                if callable(value)
+            }}
+
+        before = diffusers_snapshot()
         import hvae_diffusion, torch
-        from diffusers import DiffusionPipeline
+        after = diffusers_snapshot()
+        changed = sorted(".".join(key) for key, identity in before.items() if after[key] != identity)
+        print("compared", len(before), "changed", changed)
         for folder in {[str(f) for f in folders.values()]!r}:
             pipeline = DiffusionPipeline.from_pretrained(folder)
             print(type(pipeline).__name__, sorted(pipeline.components))
         pipeline.set_progress_bar_config(disable=True)
         print(pipeline(class_labels=[1], num_inference_steps=2, output_type="pt").images.shape)
     """)
+    compared = int(output.split()[1])
+    assert compared > 1000  # Diffusers' loading code was imported before the package, and compared
+    assert "changed ['diffusers.pipelines.pipeline_loading_utils.get_class_from_dynamic_module']" in output
     # the components each holds: those it was built without (the other denoiser, ...) stay None and unlisted
     assert "HVAEPipeline ['scheduler', 'unet']" in output
     assert "ClassifierGuidedPipeline ['classifier', 'scheduler', 'unet']" in output
@@ -306,3 +329,52 @@ def test_an_old_score_pipeline_folder_still_loads_and_samples_the_same(saved_sco
     # saving it again writes the new layout
     loaded.save_pretrained(tmp_path / "again")
     assert json.loads((tmp_path / "again" / "model_index.json").read_text())["prediction_type"] == "score"
+
+
+def test_fine_tuning_a_saved_score_pipeline_keeps_training_the_score(saved_score_pipeline):
+    """``hvae-train --pretrained_model_name_or_path`` reads the model's parameterization, not the saved scheduler's."""
+    import argparse
+
+    from hvae_diffusion.commands.train import make_scheduler
+
+    _, folder = saved_score_pipeline
+    for requested in (None, "score"):
+        args = argparse.Namespace(
+            pretrained_model_name_or_path=str(folder), prediction_type=requested, variance_type=None
+        )
+        assert make_scheduler(args).config.prediction_type == "score"
+    with pytest.raises(ValueError, match="--prediction_type='epsilon' contradicts"):
+        make_scheduler(
+            argparse.Namespace(
+                pretrained_model_name_or_path=str(folder), prediction_type="epsilon", variance_type=None
+            )
+        )
+
+
+@pytest.mark.parametrize("pipeline_class", [ClassifierGuidedPipeline, ClassifierFreeGuidancePipeline])
+def test_one_line_scheduler_swap_on_saved_guided_score_pipelines(pipeline_class, tmp_path):
+    """The guided pipelines saved with a score model take the one-line swap too, and then sample what the same
+    scheduler gives the exact ε model of the same mixture."""
+    from hvae_diffusion.testing import ExactMixtureClassifier, ExactMixtureDenoiser
+
+    scheduler = HVAEScheduler(num_train_timesteps=100, prediction_type="score")
+    table = scheduler.alphas_cumprod.tolist()
+    labels = dict(component_labels=[0, 0, 1], alphas_cumprod=table)
+
+    def build(prediction_type, scheduler):
+        unet = ExactMixtureDenoiser(
+            MIXTURE_MEANS, 0.3, **labels, prediction_type=prediction_type, in_channels=2, num_class_embeds=3
+        )
+        if pipeline_class is ClassifierGuidedPipeline:
+            return quiet(pipeline_class(unet, scheduler, ExactMixtureClassifier(MIXTURE_MEANS, 0.3, **labels)))
+        return quiet(pipeline_class(unet, scheduler))
+
+    build("score", scheduler).save_pretrained(tmp_path)
+    loaded = quiet(DiffusionPipeline.from_pretrained(tmp_path))
+    loaded.scheduler = DDIMScheduler.from_config(loaded.scheduler.config)
+    by_hand = build("epsilon", DDIMScheduler.from_config(loaded.scheduler.config))
+
+    def run(pipeline):
+        return pipeline(class_labels=[1] * 4, guidance_scale=2.0, num_inference_steps=8, generator=seeded()).images
+
+    torch.testing.assert_close(run(loaded), run(by_hand), rtol=1e-4, atol=1e-4)

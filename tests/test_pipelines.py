@@ -626,6 +626,8 @@ BAD_CALLS = [
     ("classifier", dict(class_labels=0, guidance_scale=float("nan")), "guidance_scale must be a finite number"),
     ("free", dict(class_labels=[0, 5]), r"class_labels must lie in \[0, 3\)"),
     ("free", dict(class_labels=[2]), "must not contain the null label 2"),
+    # nested labels are flattened as DiTPipeline does; the message shows what was given
+    ("free", dict(class_labels=[[0], [None]]), r"sequence \(or tensor\) of ints, got \[\[0\], \[None\]\]"),
     ("free", dict(class_labels=1, guidance_scale=float("inf")), "guidance_scale must be a finite number"),
     ("free", dict(class_labels=1, guidance_scale=-2), "guidance_scale must be a finite number"),
     ("free", dict(), "pass exactly one of class_labels"),

@@ -417,6 +417,33 @@ def test_callback_gets_the_steps_original_sample():
         torch.testing.assert_close(original_sample, output[1], atol=1e-5, rtol=1e-5)
 
 
+def test_callback_gets_the_original_sample_of_a_scheduler_that_returns_none():
+    """DPM-Solver's step returns no x̂_0: the callback gets Tweedie's x̂_0 = (x_t − √(1 − ᾱ_t) ε) / √ᾱ_t of the
+    model's ε, with ᾱ_t = 1 / (1 + σ_t²) of the step."""
+    unet = tiny_unet()
+    scheduler = DPMSolverMultistepScheduler.from_config(base_config())
+    pipeline = quiet(HVAEPipeline(unet, scheduler))
+    seen, inputs, outputs = [], [], []
+    unet.register_forward_hook(lambda module, args, output: inputs.append(args[0]) or outputs.append(output.sample))
+
+    def callback(pipe, step_index, timestep, callback_kwargs):
+        seen.append(callback_kwargs["pred_original_sample"])
+        return callback_kwargs
+
+    pipeline(
+        batch_size=2,
+        num_inference_steps=3,
+        output_type="latent",
+        callback_on_step_end=callback,
+        callback_on_step_end_tensor_inputs=["pred_original_sample"],
+    )
+    assert len(seen) == len(inputs) == 3
+    for original_sample, sample, epsilon, sigma in zip(seen, inputs, outputs, scheduler.sigmas):
+        alphas_cumprod_t = 1 / (1 + float(sigma) ** 2)
+        expected = (sample - (1 - alphas_cumprod_t) ** 0.5 * epsilon) / alphas_cumprod_t**0.5
+        torch.testing.assert_close(original_sample, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_interrupt_skips_the_remaining_steps():
     unet = tiny_unet()
     pipeline = quiet(HVAEPipeline(unet, HVAEScheduler(num_train_timesteps=20)))

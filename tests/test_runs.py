@@ -130,6 +130,21 @@ def test_overwrite_clears_the_old_run_and_another_runs_checkpoint_is_never_resum
     assert_same_weights(uninterrupted, weights)
 
 
+def test_resume_latest_restarts_a_run_killed_before_its_first_checkpoint(tmp_path, capsys):
+    """A requeued job passes --resume_from_checkpoint latest every time: a run that stopped before its first
+    checkpoint (its record says unfinished) starts again from scratch, its leftovers cleared."""
+    with pytest.raises(RuntimeError, match="killed"):
+        run(tmp_path, "requeued", loss_fn=dying_loss(1))
+    assert read_run_record(str(tmp_path / "requeued"))["finished"] is False
+    (tmp_path / "requeued" / "samples").mkdir()  # what such a run may leave
+    capsys.readouterr()
+    restarted, weights, folder = run(tmp_path, "requeued", resume_from_checkpoint="latest")
+    assert restarted.resumed_from is None and "starting a new run" in capsys.readouterr().out
+    assert not (folder / "samples").exists() and read_run_record(str(folder))["finished"] is True
+    _, uninterrupted, _ = run(tmp_path, "whole")
+    assert_same_weights(uninterrupted, weights)
+
+
 def test_a_checkpoint_corrupted_at_the_same_size_is_skipped_for_the_newest_intact_one(tmp_path, capsys):
     """Half of a safetensors file zeroed (same size), a corrupt header, a listing without global_step, an empty
     files list and a corrupted file that another part of the code wrote into the checkpoint: each falls back."""
@@ -170,6 +185,38 @@ def test_a_checkpoint_corrupted_at_the_same_size_is_skipped_for_the_newest_intac
         assert re.search(rf"skipping the checkpoint \S*checkpoint-{step}: {why}", out), (step, why, out)
     assert re.search(r"resuming from \S*checkpoint-3, the newest intact checkpoint", out)
     assert_same_weights(uninterrupted, final)
+
+
+def test_sample_grids_during_a_run_use_the_ema_and_leave_the_run_unchanged(tmp_path):
+    """A mid-run grid samples a gathered copy holding the EMA weights; the weights trained are those of a run
+    without grids."""
+    from diffusers.training_utils import EMAModel
+    from PIL import Image
+
+    seen = {}
+
+    def sample_fn(model, step):
+        seen[step] = {k: v.clone() for k, v in model.state_dict().items()}
+        return Image.new("L", (2, 2))
+
+    settings = dict(use_ema=True, ema_max_decay=0.9, max_train_steps=4)
+    _, plain, _ = run(tmp_path, "plain", **settings)
+    config = TrainingConfig(output_dir=str(tmp_path / "grids"), train_batch_size=16, max_train_steps=4,
+                            learning_rate=1e-2, checkpointing_steps=2, checkpoints_total_limit=None, report_to=None,
+                            seed=7, save_images_steps=2, **{k: v for k, v in settings.items() if k != "max_train_steps"})  # fmt: skip
+    torch.manual_seed(0)
+    model = MLPDenoiser(in_channels=2, hidden_dim=16, num_blocks=1, num_class_embeds=4)
+    saved = {}
+    train(config, model, DiffusionLoss(HVAEScheduler(num_train_timesteps=100), cond_drop_prob=0.2, null_label=3),
+          vector_data(), sample_fn=sample_fn, save_fn=lambda m, d: saved.update(m.state_dict()))  # fmt: skip
+    assert sorted(seen) == [2, 4] and sorted(os.listdir(tmp_path / "grids" / "samples")) == [
+        "step-000002.png",
+        "step-000004.png",
+    ]
+    ema = EMAModel.from_pretrained(str(tmp_path / "grids" / "checkpoint-2" / "model_ema"), MLPDenoiser)
+    for (name, _), shadow in zip(model.named_parameters(), ema.shadow_params):
+        assert torch.equal(seen[2][name], shadow), name
+    assert_same_weights(plain, saved)
 
 
 def test_resume_refuses_a_changed_model(tmp_path):
@@ -329,6 +376,32 @@ def test_checkpoint_hooks_take_the_arguments_deepspeed_and_fsdp_pass(tmp_path):
     weights = [model.state_dict()]
     save_hook([model], weights, str(tmp_path / "ddp"))
     assert weights == [] and sorted(os.listdir(tmp_path / "ddp")) == ["model", "model_ema"]
+
+
+def test_every_process_resumes_the_newest_checkpoint_intact_on_all_of_them(tmp_path):
+    """Without a shared file system each node verifies its own copy; a checkpoint damaged on one node is skipped by
+    all processes (the other process's verdicts stand in for ``gather_object`` across nodes)."""
+    from accelerate import Accelerator
+
+    from hvae_diffusion.training.loop import agreed_checkpoint
+    from hvae_diffusion.training.runs import RunPlan
+
+    _, _, folder = run(tmp_path, "run")
+    run_id = read_run_record(str(folder))["run_id"]
+    config = TrainingConfig(output_dir=str(folder), resume_from_checkpoint="latest")
+    plan = RunPlan(run_id, resume_path=str(folder / "checkpoint-6"))
+
+    def gather_with(other_node):
+        return lambda intact: intact + [other_node]
+
+    assert agreed_checkpoint(
+        Accelerator(), config, plan, gather_with(["checkpoint-2", "checkpoint-4", "checkpoint-6"])
+    ) == str(folder / "checkpoint-6")
+    assert agreed_checkpoint(Accelerator(), config, plan, gather_with(["checkpoint-2", "checkpoint-4"])) == str(
+        folder / "checkpoint-4"
+    )
+    with pytest.raises(ValueError, match="no checkpoint of the run is intact on every process"):
+        agreed_checkpoint(Accelerator(), config, plan, gather_with([]))
 
 
 def test_max_abs_weight_reads_zero3_shards():

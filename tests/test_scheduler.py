@@ -541,6 +541,10 @@ INHERITED_CALLS = {
     "get_config_dict": _saved_and_loaded,
     "register_for_auto_class": lambda s, folder: _registered_for_auto_class(s),
     "register_to_config": lambda s, folder: _registered_to_config(s),
+    # diffusers 0.38 (DDUF single-file pipelines, removed later)
+    "_get_config_file_from_dduf": lambda s, folder: type(s)._get_config_file_from_dduf(
+        "scheduler", {"scheduler/scheduler_config.json": None}
+    ),
 }
 # Upload methods, run against the loopback Hub stand-in by test_inherited_upload_methods_agree_with_ddpm_scheduler.
 UPLOAD_METHODS = {"push_to_hub", "_upload_folder"}

@@ -353,7 +353,7 @@ def _update_model_card(denoiser_dir, summary, cfg_result, guidance_scale):
         num_train_steps=trained["global_step"],
         final_loss=f"{trained['final_loss']:.4f}",
         bits_per_dim=f"{summary['bits_per_dim']:.3f} ± {summary['bits_per_dim_standard_error'] or 0:.3f}",
-        fid=f"{summary['frechet_distance_unconditional']:.2f} (unconditional; real train vs test: "
+        frechet_distance=f"{summary['frechet_distance_unconditional']:.2f} (unconditional; real train vs test: "
         f"{summary['frechet_distance_train_vs_test']:.2f})",
         guided_accuracy=f"{cfg_result.get('guided_accuracy', float('nan')):.3f} (classifier-free guidance, w={guidance_scale:g})",
         sample_grid="samples/cfg_grid.png",

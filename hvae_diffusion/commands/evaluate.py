@@ -1,5 +1,6 @@
 """Evaluate a trained pipeline: test bits/dim with its standard error (three terms, plot over t), the noisy
-classifier's accuracy and calibration against t, Fréchet distance and guided accuracy.
+classifier's accuracy and calibration against t, Fréchet distance and KID (in the features of an evaluation
+classifier; with ``--inception_weights``, also the FID and KID of the literature) and guided accuracy.
 
     python scripts/evaluate.py --pipeline_dir runs/demo/denoiser --classifier_dir runs/demo/classifier_guided \\
         --output_dir runs/eval --bpd_estimator importance --bpd_nfe 51
@@ -10,14 +11,19 @@ The bits/dim are those of the unconditional model ε(x_t, ∅) (for a class-cond
 image-to-image spread and the sampling of t (docs/evaluation.md). For a latent pipeline (one with a ``vae``) the
 bits/dim are the bound in pixels through the VAE, with its three parts and the diffusion's bits per latent
 dimension (docs/latent.md); ``--compare_pipeline_dir`` puts a second pipeline's bits/dim (and bits per image) on the
-same test split beside them.
+same test split beside them. ``--likelihood ode continuous`` adds, for a pixel pipeline, the exact log-likelihood by
+the probability-flow ODE (8-bit pixels dequantized uniformly) and the continuous-time ELBO, each with its standard
+error and NFE per image (docs/evaluation.md).
 
-Writes to --output_dir: ``evaluation.json``; ``elbo_denoising_terms.png`` (the denoising-matching KL of each
+Writes to --output_dir: ``evaluation.json`` (after each stage, so what was computed is kept if a later stage fails);
+``elbo_denoising_terms.png`` (the denoising-matching KL of each
 evaluated latent over t); a grid per sampling setting (``grid_unconditional.png``, ``grid_cfg_<w>.png``,
 ``grid_classifier_<γ>.png``); with ``--clipping_sweep``, ``guidance_sweep.png`` (guided accuracy against
-guidance_scale for both kinds of guidance, clip_sample on and off); and ``feature_classifier.safetensors``, the separately trained classifier of clean test-split
-images whose features define the Fréchet distance and whose labels define guided accuracy (not the guidance
-classifier; trained once on the train split and cached).
+guidance_scale for both kinds of guidance, clip_sample on and off); and ``feature_classifier.safetensors``, the
+separately trained classifier of clean images whose features define the Fréchet distance and KID and whose labels
+define guided accuracy (not the guidance classifier; trained once on the train split and cached). Classifier-free
+guidance is evaluated for a ``ClassifierFreeGuidancePipeline``, classifier guidance with ``--classifier_dir``; an
+unconditional pipeline (what ``hvae-train`` makes by default) gets the unconditional samples only.
 """
 
 import argparse
@@ -29,7 +35,10 @@ import time
 import torch
 
 from .. import HVAEScheduler
+from ..continuous_elbo import TIME_SAMPLINGS, estimate_continuous_elbo
+from ..continuous_schedule import continuous_time_model
 from ..elbo_estimation import BPD_ESTIMATORS
+from ..likelihood_ode import DIVERGENCES, SOLVERS, ode_log_likelihood
 from ..pipelines.serialization import denoiser_scheduler
 from ..training.cli import (
     add_data_arguments,
@@ -127,10 +136,67 @@ def parse_args(argv=None):
         help="a local TorchScript Inception-v3 of FID (inception-2015-12-05.pt, docs/evaluation.md): adds the FID and "
         "KID of the literature to every sample set (nothing is downloaded; TorchScript is code: only a file you trust)",
     )
+    add_likelihood_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     add_guidance_variant_arguments(parser, methods=False)
     add_num_threads_argument(parser)
     return parse_with_defaults_shown(parser, argv)
+
+
+LIKELIHOODS = ("ode", "continuous")
+
+
+def add_likelihood_arguments(parser):
+    """``--likelihood`` and the options of the probability-flow ODE and of the continuous-time ELBO."""
+    parser.add_argument(
+        "--likelihood",
+        nargs="+",
+        default=[],
+        choices=LIKELIHOODS,
+        help="beside the discrete ELBO: the exact log-likelihood by the probability-flow ODE (ode, 8-bit pixels "
+        "dequantized uniformly) and the continuous-time ELBO (continuous), of pixel pipelines (docs/evaluation.md)",
+    )
+    parser.add_argument("--ode_solver", default="adaptive", choices=SOLVERS)
+    parser.add_argument("--ode_rtol", type=float, default=1e-5, help="relative tolerance of the adaptive solver")
+    parser.add_argument("--ode_atol", type=float, default=1e-5, help="absolute tolerance of the adaptive solver")
+    parser.add_argument("--ode_num_steps", type=int, default=100, help="Heun steps of the fixed solver (2 NFE each)")
+    parser.add_argument(
+        "--ode_divergence",
+        default="auto",
+        choices=DIVERGENCES,
+        help="exact trace or Hutchinson's estimate; auto: exact up to 32 dimensions",
+    )
+    parser.add_argument("--ode_num_probes", type=int, default=4, help="Rademacher probes of Hutchinson's estimate")
+    parser.add_argument("--ode_batch_size", type=int, default=64, help="images per ODE (they share its steps)")
+    parser.add_argument(
+        "--continuous_nfe", type=int, default=50, help="forwards per image of the continuous-time ELBO"
+    )
+    parser.add_argument(
+        "--continuous_replicates",
+        type=int,
+        default=5,
+        help="independent low-discrepancy sets per image (its standard error needs >= 2); divides --continuous_nfe",
+    )
+    parser.add_argument(
+        "--continuous_time_sampling",
+        default="log_snr",
+        choices=TIME_SAMPLINGS,
+        help="t uniform (VDM), or t at which the log-SNR is uniform (the same bound, less noise on a fixed schedule)",
+    )
+
+
+def check_likelihood_arguments(args):
+    """The ODE's and the continuous-time ELBO's flags against their ranges."""
+    for name in ("ode_num_steps", "ode_num_probes", "ode_batch_size", "continuous_replicates"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("ode_rtol", "ode_atol"):
+        check_number(f"--{name}", getattr(args, name), above=0, below=1)
+    if args.continuous_nfe < 2 * args.continuous_replicates or args.continuous_nfe % args.continuous_replicates:
+        raise ValueError(
+            f"--continuous_nfe must be a multiple of --continuous_replicates={args.continuous_replicates} and at "
+            f"least twice it (each set: the decoder and one time or more), got {args.continuous_nfe}"
+        )
 
 
 def check_arguments(args):
@@ -151,6 +217,7 @@ def check_arguments(args):
         )
     if args.calibration_bands < 1:
         raise ValueError(f"--calibration_bands must be >= 1, got {args.calibration_bands}")
+    check_likelihood_arguments(args)
     for scale in args.guidance_scales:
         check_number("--guidance_scales", scale, minimum=0)
     guidance_variant_kwargs(args, "classifier")
@@ -226,6 +293,52 @@ def bits_per_dim_report(pipe, test_samples, args):
     return with_bits_per_image(report, samples)
 
 
+def likelihood_report(pipe, test_samples, name, args):
+    """``--likelihood`` ``name`` of a pixel pipeline's unconditional model on the test split: a ``to_dict`` summary
+    of ``likelihood_ode.ode_log_likelihood`` (8-bit pixels dequantized uniformly) or of
+    ``continuous_elbo.estimate_continuous_elbo``, with ``summary`` and the bits per image."""
+    log_snr, denoiser, prediction_type = continuous_time_model(pipe)
+    samples = test_samples[: args.bpd_num_samples]
+    generator = torch.Generator().manual_seed(args.seed)
+    if name == "ode":
+        estimate = ode_log_likelihood(
+            log_snr,
+            denoiser,
+            samples,
+            prediction_type,
+            divergence=args.ode_divergence,
+            num_probes=args.ode_num_probes,
+            solver=args.ode_solver,
+            rtol=args.ode_rtol,
+            atol=args.ode_atol,
+            num_steps=args.ode_num_steps,
+            dequantize=True,
+            generator=generator,
+            batch_size=args.ode_batch_size,
+        )
+        method = f"probability-flow ODE, {estimate.divergence} divergence, {estimate.solver} solver, dequantized"
+    else:
+        estimate = estimate_continuous_elbo(
+            log_snr,
+            denoiser,
+            samples,
+            prediction_type,
+            args.continuous_nfe,
+            args.continuous_replicates,
+            generator=generator,
+            batch_size=args.bpd_batch_size,
+            time_sampling=args.continuous_time_sampling,
+        )
+        method = f"continuous-time ELBO, {args.continuous_time_sampling} times"
+    report = estimate.to_dict()
+    error = report["standard_error"]
+    report["summary"] = (
+        f"{report['bits_per_dim']:.3f}{'' if error is None else f' ± {error:.3f}'} bits/dim ({method}, "
+        f"{report['num_function_evaluations_per_image']:.0f} NFE/image, {report['num_samples']} images)"
+    )
+    return with_bits_per_image(report, samples)
+
+
 def with_bits_per_image(report, samples):
     """Add ``bits_per_image`` (−ELBO in bits per image) to a bits/dim report: the number that compares models of
     one dataset at two resolutions, where bits/dim divide by different dimension counts."""
@@ -260,6 +373,8 @@ def main(argv=None):
         unconditional = load_sampling_pipeline(args.pipeline_dir, "none")
         check_pipeline(args, unconditional.scheduler)
         vae = unconditional.vae
+        if vae is not None and args.likelihood:
+            raise ValueError(f"--likelihood {' '.join(args.likelihood)} is for pixel pipelines; this one has a vae")
         if vae is not None:
             check_continuous_vae(vae, argument="--pipeline_dir")
             check_latent_setting(vae, args.resolution, argument="--resolution")
@@ -328,6 +443,11 @@ def main(argv=None):
         }
         write_report(report, report_path)
         print(f"test bits/dim of {args.compare_pipeline_dir}: {other_elbo['summary']}", flush=True)
+    for name in args.likelihood:
+        key = "ode_likelihood" if name == "ode" else "continuous_elbo"
+        report[key] = likelihood_report(unconditional, test_samples, name, args)
+        write_report(report, report_path)
+        print(f"test bits/dim, {key}: {report[key]['summary']}", flush=True)
     scheduler = denoiser_scheduler(unconditional)
 
     # --- the noisy classifier of classifier guidance: accuracy and calibration against t

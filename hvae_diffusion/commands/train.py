@@ -19,6 +19,7 @@ import torch
 
 from .. import PREDICTION_TYPES, HVAEScheduler
 from ..elbo import LOSS_WEIGHTINGS
+from ..models import LearnedNoiseSchedule
 from ..pipelines.serialization import load_denoiser_scheduler
 from ..scheduling_hvae import VARIANCE_TYPES
 from ..training.cli import (
@@ -50,8 +51,11 @@ from ..training.latents import (
     vae_downsampling_factor,
 )
 from ..training.loop import make_accelerator, train
-from ..training.losses import DiffusionLoss
+from ..training.losses import DiffusionLoss, LearnedScheduleLoss
 from ..training.sampling import DEFAULT_GUIDANCE_SCALE
+from ..training.timestep_samplers import TIMESTEP_SAMPLERS, make_timestep_sampler
+
+NOISE_SCHEDULES = ("fixed", "linear", "learned")
 
 
 def parse_args(argv=None):
@@ -89,6 +93,22 @@ def parse_args(argv=None):
         default=None,
         choices=VARIANCE_TYPES,
         help="learned_range trains the variance with improved DDPM's hybrid loss",
+    )
+    objective.add_argument(
+        "--noise_schedule",
+        default="fixed",
+        choices=NOISE_SCHEDULES,
+        help="learned: train a monotone log-SNR schedule with the model on the ELBO, as VDM does (needs "
+        "--loss_weighting elbo); it starts linear in log-SNR between the ends of --beta_schedule and is saved as the "
+        "pipeline's noise_schedule, the scheduler's trained_betas built from it. linear: that starting schedule kept "
+        "fixed, trained on the same bound (VDM's fixed baseline)",
+    )
+    objective.add_argument(
+        "--timestep_sampler",
+        default="uniform",
+        choices=TIMESTEP_SAMPLERS,
+        help="importance: draw t by the root second moment of its recent losses (improved DDPM), each loss weighted "
+        "by 1/(T p(t)) so the objective is unchanged",
     )
     objective.add_argument("--num_train_timesteps", type=int, default=1000)
     objective.add_argument("--beta_schedule", default="squaredcos_cap_v2")
@@ -168,6 +188,20 @@ def check_arguments(args, scheduler):
     if args.cond_drop_prob > 0 and args.conditioning == "none":
         raise ValueError("--cond_drop_prob needs --conditioning class or text")
     check_number("--snr_gamma", args.snr_gamma, above=0)
+    if args.noise_schedule != "fixed":
+        flag = f"--noise_schedule {args.noise_schedule}"
+        if args.loss_weighting != "elbo":
+            raise ValueError(
+                f"{flag} trains on the ELBO (VDM): pass --loss_weighting elbo, got {args.loss_weighting!r}"
+            )
+        if args.vae_dir is not None:
+            raise ValueError(f"{flag} bounds 8-bit images (a discretized decoder): not with --vae_dir")
+        if scheduler.config.variance_type not in ("fixed_small", "fixed_small_log"):
+            raise ValueError(
+                f"{flag} needs --variance_type fixed_small (the bound's Σ = σ_q²), got {scheduler.config.variance_type!r}"
+            )
+        if scheduler.config.num_train_timesteps < 2:
+            raise ValueError(f"{flag} needs --num_train_timesteps >= 2")
     check_number("--guidance_scale", args.guidance_scale, minimum=0)
     if args.num_train_timesteps < 1:
         raise ValueError(f"--num_train_timesteps must be >= 1, got {args.num_train_timesteps}")
@@ -213,6 +247,8 @@ def run(args):
                 "prediction_type": scheduler.config.prediction_type,
                 "variance_type": scheduler.config.variance_type,
                 "loss_weighting": args.loss_weighting,
+                "noise_schedule": args.noise_schedule,
+                "timestep_sampler": args.timestep_sampler,
             },
         )
         vae = None
@@ -249,20 +285,45 @@ def run(args):
         if args.conditioning == "text":
             text_encoder, tokenizer = load_text_components(args)
 
+        noise_schedule = make_noise_schedule(args, scheduler)
+
+        def current_scheduler():
+            """The run's scheduler: the fixed one, or the one the learned schedule defines now."""
+            if noise_schedule is None:
+                return HVAEScheduler.from_config(scheduler.config)
+            return noise_schedule.scheduler(scheduler)
+
         def pipeline_of(model):
             return denoiser_pipeline(
-                model, HVAEScheduler.from_config(scheduler.config), args.conditioning, text_encoder, tokenizer, vae=vae
+                model,
+                current_scheduler(),
+                args.conditioning,
+                text_encoder,
+                tokenizer,
+                vae=vae,
+                noise_schedule=noise_schedule,
             )
 
         # the pipeline's prompt encoder is the one training conditions on
-        encode_prompt = pipeline_of(unet).encode_prompt if args.conditioning == "text" else None
-        loss_fn = DiffusionLoss(
-            scheduler,
-            args.loss_weighting,
-            args.snr_gamma,
-            args.cond_drop_prob,
-            null_label=num_classes if args.conditioning == "class" else None,
-        )
+        encode_prompt = text_encoder_of(pipeline_of(unet)) if args.conditioning == "text" else None
+        null_label = num_classes if args.conditioning == "class" else None
+        if noise_schedule is None:
+            loss_fn = DiffusionLoss(
+                scheduler,
+                args.loss_weighting,
+                args.snr_gamma,
+                args.cond_drop_prob,
+                null_label=null_label,
+                timestep_sampler=make_timestep_sampler(args.timestep_sampler, scheduler.config.num_train_timesteps),
+            )
+        else:
+            loss_fn = LearnedScheduleLoss(
+                scheduler,
+                noise_schedule,
+                make_timestep_sampler(args.timestep_sampler, scheduler.config.num_train_timesteps - 1),
+                args.cond_drop_prob,
+                null_label=null_label,
+            )
         if args.random_flip:
             loss_fn = RandomFlip(loss_fn)
         if vae is not None:
@@ -301,16 +362,14 @@ def run(args):
             if vae is not None:
                 report = latent_elbo_report(
                     vae,
-                    diffusion_elbo_of(
-                        HVAEScheduler.from_config(scheduler.config), denoiser, "importance", nfe, generator
-                    ),
+                    diffusion_elbo_of(current_scheduler(), denoiser, "importance", nfe, generator),
                     test_samples,
                     batch_size=len(test_samples),
                     generator=generator,
                 )
             else:
                 report = elbo_report(
-                    HVAEScheduler.from_config(scheduler.config),
+                    current_scheduler(),
                     denoiser,
                     test_samples,
                     "importance",
@@ -346,6 +405,8 @@ def run(args):
         "loss_weighting": args.loss_weighting,
         "variance_type": scheduler.config.variance_type,
         "conditioning": args.conditioning,
+        "noise_schedule": args.noise_schedule,
+        "timestep_sampler": args.timestep_sampler,
         **result.metrics,
     }
     if "test_bits_per_dim" in summary:  # which images: evaluate's bits/dim may be of others
@@ -373,7 +434,7 @@ def run(args):
             else None
         ),
         sample_grid=f"samples/{grids[-1]}" if grids else None,
-        fid=None,
+        frechet_distance=None,
         guided_accuracy=None,
         extra=None,
     )
@@ -396,6 +457,25 @@ def check_unet_input_size(unet, size, resolution, latent=False):
         )
 
 
+def make_noise_schedule(args, scheduler):
+    """``--noise_schedule learned``/``linear``: the pretrained pipeline's ``noise_schedule`` if it has one, else a
+    ``LearnedNoiseSchedule`` linear in log-SNR between the ends of the fixed table, frozen for ``linear``; None for
+    ``fixed``."""
+    if args.noise_schedule == "fixed":
+        return None
+    schedule = None
+    if args.pretrained_model_name_or_path is not None:
+        try:
+            schedule = LearnedNoiseSchedule.from_pretrained(
+                args.pretrained_model_name_or_path, subfolder="noise_schedule"
+            )
+        except (OSError, ValueError):  # no learned schedule there: start one from the scheduler's table
+            schedule = None
+    if schedule is None:
+        schedule = LearnedNoiseSchedule.from_alphas_cumprod(scheduler.alphas_cumprod)
+    return schedule.requires_grad_(args.noise_schedule == "learned")
+
+
 def unet_config_of(args):
     """The denoiser config the flags give (``--unet_config`` or the pretrained UNet's), or None for the default."""
     if args.unet_config is not None:
@@ -404,6 +484,16 @@ def unet_config_of(args):
     if args.pretrained_model_name_or_path is not None:
         return pretrained_unet_config(args.pretrained_model_name_or_path)[1]
     return None
+
+
+def text_encoder_of(pipeline):
+    """``encode(prompts) -> [B, L, dim]`` embeddings by the pipeline's own ``encode_prompt`` (Stable Diffusion's
+    signature), so that training conditions on exactly what the saved pipeline will feed its UNet."""
+
+    def encode(prompts):
+        return pipeline.encode_prompt(prompts, pipeline.text_encoder.device, 1, False)[0]
+
+    return encode
 
 
 def null_conditioned(unet, null_label=None, encode_prompt=None):

@@ -251,7 +251,7 @@ def run(args):
             final_loss=f"{result.final_loss:.4f} (classifier cross-entropy)",
             bits_per_dim=None,
             sample_grid=None,
-            fid=None,
+            frechet_distance=None,
             guided_accuracy=None,
             extra="Noisy-classifier test accuracy by timestep band: "
             + ", ".join(f"t in {b['timesteps']}: {b['accuracy']:.3f}" for b in bands),

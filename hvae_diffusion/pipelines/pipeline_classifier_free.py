@@ -3,7 +3,6 @@
 import time
 
 import torch
-from diffusers import StableDiffusionPipeline
 from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.utils import replace_example_docstring
 
@@ -107,11 +106,12 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline, StableDiffusionMixin)
             ∅ is ``num_embeds_ada_norm``, or another Diffusers transformer taking ``class_labels`` or
             ``encoder_hidden_states``. Folders saved by Diffusers' ``DiTPipeline`` and ``StableDiffusionPipeline``
             load with ``from_pretrained`` and sample the same images (docs/pipelines.md).
+        noise_schedule: the learned noise schedule the model was trained with (see ``HVAEPipeline``).
     """
 
     # What a saved folder may lack (see ``HVAESamplingPipeline``): a DiT folder has no unet and no text parts, a
     # Stable Diffusion folder no transformer; a pipeline that only encodes prompts has no scheduler.
-    _optional_components = ["unet", "transformer", "scheduler", "text_encoder", "tokenizer", "vae"]
+    _optional_components = ["unet", "transformer", "scheduler", "text_encoder", "tokenizer", "vae", "noise_schedule"]
     # The conditions a callback may read and replace are the denoiser's: "class_labels" or "prompt_embeds"
     # (each pipeline's own list, ``callback_conditions``).
     _callback_tensor_inputs = ["latents", "pred_original_sample", "prompt_embeds", "class_labels"]
@@ -127,6 +127,7 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline, StableDiffusionMixin)
         prediction_type: str | None = None,
         vae=None,
         transformer=None,
+        noise_schedule=None,
     ):
         super().__init__()
         self.check_components(unet, transformer, vae, denoiser_required=False)
@@ -146,6 +147,7 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline, StableDiffusionMixin)
             text_encoder=text_encoder,
             tokenizer=tokenizer,
             vae=vae,
+            noise_schedule=noise_schedule,
         )
         self.register_to_config(null_class_label=null_class_label, prediction_type=prediction_type)
         self.note_optional_components()
@@ -196,9 +198,18 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline, StableDiffusionMixin)
     def do_classifier_free_guidance(self) -> bool:
         """Whether a step combines two predictions: w = 0 and w = 1 need only the unconditional or conditional one
         (for CFG++, whose λ = 1 is not the conditional model, only λ = 0 needs one)."""
+        if self.guidance_embedded:
+            return False
         if getattr(self, "_guidance_method", "cfg") == "cfg++":
             return self._guidance_scale != 0
         return self._guidance_scale not in (0, 1)
+
+    @property
+    def guidance_embedded(self) -> bool:
+        """Whether the unet takes w as an input instead of being guided: a guidance-distilled unet (a Latent
+        Consistency Model's, ``time_cond_proj_dim`` set) gets the embedding of w − 1 as ``timestep_cond`` and runs
+        once a step on the conditions, as in ``StableDiffusionPipeline``."""
+        return self.unet is not None and getattr(self.unet.config, "time_cond_proj_dim", None) is not None
 
     def cfg_plus_plus_eta(self, eta: float) -> float:
         """η of the DDIM form the scheduler steps: its own ``eta`` for DDIM, 1 for the ancestral step of
@@ -312,6 +323,8 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline, StableDiffusionMixin)
                     "guiding with prompt_embeds needs negative_prompt_embeds when the pipeline has no text_encoder and "
                     "tokenizer to encode the negative prompt"
                 )
+        from diffusers import StableDiffusionPipeline  # its module imports transformers, a text-only dependency
+
         prompt_embeds, negative_prompt_embeds = StableDiffusionPipeline.encode_prompt(
             self,
             prompt,
@@ -335,6 +348,7 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline, StableDiffusionMixin)
         negative_prompt_embeds=None,
         num_images_per_prompt: int = 1,
         do_classifier_free_guidance: bool = True,
+        clip_skip: int | None = None,
     ):
         """(∅, y) for the unet: the embeddings of ``negative_prompt`` (default "") and of ``prompt``, or those given;
         ∅ is None without ``do_classifier_free_guidance`` (a call with w = 1 needs only y)."""
@@ -368,6 +382,7 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline, StableDiffusionMixin)
             negative_prompt,
             prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds,
+            clip_skip=clip_skip,
         )
         return unconditional, conditional
 
@@ -435,6 +450,7 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline, StableDiffusionMixin)
         return_dict: bool = True,
         cross_attention_kwargs: dict | None = None,
         guidance_rescale: float = 0.0,
+        clip_skip: int | None = None,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         class_labels: int | list[int] | torch.Tensor | None = None,
@@ -472,6 +488,8 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline, StableDiffusionMixin)
                 ``prompt`` and ``negative_prompt`` (as ``encode_prompt`` returns them).
             cross_attention_kwargs (`dict`, *optional*): passed to the unet's attention processors.
             guidance_rescale (`float`): φ in [0, 1] of Lin et al. 2023 (``guidance.rescale_guided_prediction``).
+            clip_skip (`int`, *optional*): how many of the text encoder's last layers to skip (as in
+                ``StableDiffusionPipeline``).
             callback_on_step_end, callback_on_step_end_tensor_inputs: as for ``HVAEPipeline``; the tensors may also
                 be the denoiser's conditions, ``"prompt_embeds"`` (text) or ``"class_labels"`` (class labels): ∅
                 then y while guiding, and a callback may return replacements (Diffusers' ``SDCFGCutoffCallback``
@@ -588,7 +606,8 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline, StableDiffusionMixin)
                 prompt_embeds,
                 negative_prompt_embeds,
                 num_images_per_prompt,
-                do_classifier_free_guidance=guidance_scale != 1 or guider is not None,
+                do_classifier_free_guidance=(guidance_scale != 1 and not self.guidance_embedded) or guider is not None,
+                clip_skip=clip_skip,
             )
         shape = self.check_inputs(
             len(conditional),
@@ -604,9 +623,17 @@ class ClassifierFreeGuidancePipeline(HVAESamplingPipeline, StableDiffusionMixin)
         if self.do_classifier_free_guidance or guider is not None:
             conditions = torch.cat([unconditional, conditional])
         else:
-            conditions = conditional if guidance_scale == 1 else unconditional
+            conditions = conditional if guidance_scale == 1 or self.guidance_embedded else unconditional
         name = "class_labels" if class_labels is not None else "encoder_hidden_states"
         denoiser_kwargs = {} if cross_attention_kwargs is None else {"cross_attention_kwargs": cross_attention_kwargs}
+        if self.guidance_embedded:
+            from diffusers import StableDiffusionPipeline  # its module imports transformers, a text-only dependency
+
+            w = torch.tensor(guidance_scale - 1).repeat(len(conditional))
+            embedding = StableDiffusionPipeline.get_guidance_scale_embedding(
+                self, w, embedding_dim=self.unet.config.time_cond_proj_dim
+            )
+            denoiser_kwargs["timestep_cond"] = embedding.to(device=device, dtype=self.denoiser.dtype)
 
         # 3. timesteps, before the latents: init_noise_sigma may depend on them
         timesteps, alphas_cumprod = self.set_timesteps(num_inference_steps, device, timesteps=timesteps, sigmas=sigmas)

@@ -72,6 +72,7 @@ class ClassifierGuidedPipeline(HVAESamplingPipeline):
             activations can be recomputed instead of stored: ``pipe.vae.enable_gradient_checkpointing()``, see
             docs/pipelines.md).
         transformer: the denoiser instead of ``unet`` (see ``HVAEPipeline``).
+        noise_schedule: the learned noise schedule the model was trained with (see ``HVAEPipeline``).
     """
 
     model_cpu_offload_seq = "unet->transformer->classifier->vae"
@@ -85,6 +86,7 @@ class ClassifierGuidedPipeline(HVAESamplingPipeline):
         prediction_type: str | None = None,
         vae=None,
         transformer=None,
+        noise_schedule=None,
     ):
         super().__init__()
         if classifier_input not in CLASSIFIER_INPUTS:
@@ -95,7 +97,14 @@ class ClassifierGuidedPipeline(HVAESamplingPipeline):
                 ".config.num_labels"
             )
         self.check_components(unet, transformer, vae)
-        self.register_modules(unet=unet, transformer=transformer, scheduler=scheduler, classifier=classifier, vae=vae)
+        self.register_modules(
+            unet=unet,
+            transformer=transformer,
+            scheduler=scheduler,
+            classifier=classifier,
+            vae=vae,
+            noise_schedule=noise_schedule,
+        )
         self.register_to_config(classifier_input=classifier_input, prediction_type=prediction_type)
         self.note_optional_components()
 

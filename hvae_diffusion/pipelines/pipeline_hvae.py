@@ -39,12 +39,18 @@ class HVAEPipeline(HVAESamplingPipeline):
             turns the final latents into images, once per sample; ``output_type="latent"`` skips it.
         transformer: the denoiser instead of ``unet`` (then ``unet=None``), e.g. a ``DiTTransformer2DModel``, called
             ``transformer(x_t, timestep=t)`` with one timestep per sample, as in Diffusers' ``DiTPipeline``.
+        noise_schedule: the ``LearnedNoiseSchedule`` the model was trained with (``hvae-train --noise_schedule
+            learned``), kept with the pipeline; the scheduler's tables are built from it (its ``trained_betas``).
     """
 
-    def __init__(self, unet, scheduler, prediction_type: str | None = None, vae=None, transformer=None):
+    def __init__(
+        self, unet, scheduler, prediction_type: str | None = None, vae=None, transformer=None, noise_schedule=None
+    ):
         super().__init__()
         self.check_components(unet, transformer, vae)
-        self.register_modules(unet=unet, transformer=transformer, scheduler=scheduler, vae=vae)
+        self.register_modules(
+            unet=unet, transformer=transformer, scheduler=scheduler, vae=vae, noise_schedule=noise_schedule
+        )
         self.register_to_config(prediction_type=prediction_type)
         self.note_optional_components()
 

@@ -39,7 +39,6 @@ import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..latent_elbo import unscale_latents
@@ -101,6 +100,26 @@ def _parameter_names(function) -> frozenset:
     """The parameter names of ``function``, looked up once: ``inspect.signature`` costs tens of µs, and the
     pipelines ask every step."""
     return frozenset(inspect.signature(function).parameters)
+
+
+# Adapted from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion.retrieve_timesteps (which imports
+# transformers with its module; the core install has no transformers)
+def set_scheduler_timesteps(scheduler, num_inference_steps: int | None, device, timesteps=None, sigmas=None) -> None:
+    """``scheduler.set_timesteps``: ``num_inference_steps`` spaced as its config says, or the custom ``timesteps``
+    or ``sigmas`` (at most one of them), for schedulers whose ``set_timesteps`` takes them (a ``ValueError``
+    otherwise)."""
+    if timesteps is not None and sigmas is not None:
+        raise ValueError("pass timesteps or sigmas, not both")
+    for name, schedule in (("timesteps", timesteps), ("sigmas", sigmas)):
+        if schedule is None:
+            continue
+        if name not in _parameter_names(type(scheduler).set_timesteps):
+            raise ValueError(
+                f"{type(scheduler).__name__}.set_timesteps takes no custom {name}: pass num_inference_steps"
+            )
+        scheduler.set_timesteps(**{name: schedule}, device=device)
+        return
+    scheduler.set_timesteps(num_inference_steps, device=device)
 
 
 def _config_option(scheduler, name: str):
@@ -236,7 +255,7 @@ class HVAESamplingPipeline(DiffusionPipeline):
     # What a saved folder may lack (Diffusers' ``from_pretrained`` reads the class's list): one of the two denoisers,
     # the VAE of a pixel-space model. A pipeline's own list (``note_optional_components``) names only the
     # components it was built without: those its call can do without.
-    _optional_components = ["unet", "transformer", "vae"]
+    _optional_components = ["unet", "transformer", "vae", "noise_schedule"]
     model_cpu_offload_seq = "unet->transformer->vae"
 
     def save_config(self, save_directory: str | os.PathLike, *args, **kwargs):
@@ -277,7 +296,9 @@ class HVAESamplingPipeline(DiffusionPipeline):
         """After ``register_modules``: this pipeline's ``_optional_components`` are the class's that it was built
         without (the other denoiser, the VAE of a pixel-space model, ...), so Diffusers' save and load keep them None
         and ``components`` leaves them out."""
-        self._optional_components = [name for name in type(self)._optional_components if getattr(self, name) is None]
+        self._optional_components = [
+            name for name in type(self)._optional_components if name in self.config and getattr(self, name) is None
+        ]
 
     @property
     def components(self) -> dict:
@@ -425,9 +446,9 @@ class HVAESamplingPipeline(DiffusionPipeline):
     ) -> tuple[torch.Tensor, list[float]]:
         """Set the timesteps of ``self.scheduler`` (and of any other ``schedulers`` of the call, such as
         ``unclipped_scheduler``'s) and return them with ᾱ_t of each: ``num_inference_steps`` evenly spaced, or the
-        custom ``timesteps`` or ``sigmas`` of schedulers that take them (Diffusers' ``retrieve_timesteps``)."""
+        custom ``timesteps`` or ``sigmas`` of schedulers that take them (``set_scheduler_timesteps``)."""
         for scheduler in {id(scheduler): scheduler for scheduler in (self.scheduler, *schedulers)}.values():
-            retrieve_timesteps(scheduler, num_inference_steps, device, timesteps=timesteps, sigmas=sigmas)
+            set_scheduler_timesteps(scheduler, num_inference_steps, device, timesteps=timesteps, sigmas=sigmas)
             # The chain starts at its first timestep: say so instead of letting the scheduler look it up by value,
             # which lands on the wrong step where a schedule repeats a timestep (Karras σ on a capped cosine
             # schedule).

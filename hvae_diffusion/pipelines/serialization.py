@@ -19,6 +19,13 @@ the component's folder) that imports the class from the installed package:
 The wrapped function is ``diffusers.pipelines.pipeline_loading_utils.get_class_from_dynamic_module``, the single
 place where Diffusers (0.38 and later) both downloads and trust-checks pipeline and component code. Older versions
 check trust in ``DiffusionPipeline.download`` before calling it, which is why setup.cfg requires diffusers>=0.38.
+It is the only Diffusers function the package patches, and only because no public route exists: docs/pipelines.md
+("The one Diffusers function the package wraps") names the Diffusers code that blocks the other two routes, and
+docs/upstream/diffusers-register-installed-class.diff is the upstream change, with its test, that replaces the wrapper
+by a public registration call.
+
+A score model's scheduler is saved as one that steps ε (``write_steppable_scheduler_config``), so every Diffusers
+scheduler can be built from a saved pipeline's scheduler config.
 """
 
 import functools

@@ -246,6 +246,11 @@ def add_training_arguments(parser, learning_rate=1e-4, train_batch_size=64):
         "--checkpoints_total_limit", type=int, default=2, help="checkpoints kept (the newest ones); 0: keep all"
     )
     group.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-<step> folder")
+    group.add_argument(
+        "--save_on_each_node",
+        action="store_true",
+        help="the machines of a multi-node run share no file system: each writes and verifies its own checkpoints",
+    )
     group.add_argument("--seed", type=int, default=0)
     group.add_argument(
         "--report_to",

@@ -82,15 +82,22 @@ def default_classifier_config(resolution, channels, num_classes):
     }
 
 
-def denoiser_pipeline(unet, scheduler, conditioning="none", text_encoder=None, tokenizer=None, vae=None):
+def denoiser_pipeline(
+    unet, scheduler, conditioning="none", text_encoder=None, tokenizer=None, vae=None, noise_schedule=None
+):
     """The pipeline a trained denoiser is saved as: ``HVAEPipeline`` (none) or ``ClassifierFreeGuidancePipeline``,
-    with the ``vae`` of a latent model."""
+    with the ``vae`` of a latent model and the learned ``noise_schedule`` the scheduler was built from."""
     from ..pipelines import ClassifierFreeGuidancePipeline, HVAEPipeline
 
     if conditioning == "none":
-        return HVAEPipeline(unet=unet, scheduler=scheduler, vae=vae)
+        return HVAEPipeline(unet=unet, scheduler=scheduler, vae=vae, noise_schedule=noise_schedule)
     return ClassifierFreeGuidancePipeline(
-        unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae
+        unet=unet,
+        scheduler=scheduler,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        vae=vae,
+        noise_schedule=noise_schedule,
     )
 
 
@@ -112,4 +119,5 @@ def classifier_guided_pipeline(denoiser_pipeline_or_dir, classifier):
         classifier=classifier,
         prediction_type=pipe.config.get("prediction_type"),
         vae=getattr(pipe, "vae", None),
+        noise_schedule=getattr(pipe, "noise_schedule", None),
     )

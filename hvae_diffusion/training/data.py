@@ -247,6 +247,12 @@ class RandomFlip:
     def __init__(self, loss_fn):
         self.loss_fn = loss_fn
 
+    def __getattr__(self, name):
+        # the wrapped loss's training state (learned modules, timestep sampler) is what the training loop looks up
+        if name == "loss_fn":
+            raise AttributeError(name)
+        return getattr(self.loss_fn, name)
+
     def __call__(self, model, batch, randomness, **kwargs):
         from .losses import as_batch_randomness
 

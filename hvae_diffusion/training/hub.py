@@ -1,22 +1,57 @@
 """The model card of a trained pipeline and its upload to the Hugging Face Hub.
 
-The card is rendered from the package's ``templates/model_card.md`` Jinja template with ``huggingface_hub.ModelCard`` and
-written as ``README.md`` into the pipeline folder before anything is uploaded, so the local output is complete
-whether or not the upload succeeds.
+The card is rendered from the repository's top-level ``model_card.md`` Jinja template with
+``huggingface_hub.ModelCard`` and written as ``README.md`` into the pipeline folder before anything is uploaded, so
+the local output is complete whether or not the upload succeeds.
 """
 
+import json
 import os
-from importlib import resources
+from importlib import metadata, resources
 from pathlib import Path
 
 from ..guidance import DEFAULT_GUIDANCE_SCALE
 
-# Package data (setup.cfg's package_data), so that it is found in any install, not only in a checkout.
-MODEL_CARD_TEMPLATE = resources.files("hvae_diffusion").joinpath("templates", "model_card.md")
+PACKAGE = "hvae-diffusion"
+
+
+def model_card_template():
+    """The model card template: ``hvae_diffusion/model_card.md`` in a wheel (setup.py's build step copies it there
+    from the top-level ``model_card.md``), else the top-level file of the checkout this package is imported from."""
+    packaged = resources.files("hvae_diffusion").joinpath("model_card.md")
+    if packaged.is_file():
+        return packaged
+    return Path(__file__).resolve().parents[2] / "model_card.md"
+
+
+def install_command():
+    """A ``pip install`` line that works for someone who has only the model card.
+
+    The package is on no index, so the line names where this copy came from: the git URL and commit it was installed
+    from (PEP 610's ``direct_url.json``, e.g. after ``pip install git+https://...``), else the ``Source`` project URL
+    of its metadata; None when neither is known (the card then says to install it from its source)."""
+    try:
+        distribution = metadata.distribution(PACKAGE)
+    except metadata.PackageNotFoundError:
+        return None
+    direct_url = json.loads(distribution.read_text("direct_url.json") or "{}")
+    vcs = direct_url.get("vcs_info", {})
+    if vcs.get("vcs") == "git" and direct_url.get("url"):
+        commit = f"@{vcs['commit_id']}" if vcs.get("commit_id") else ""
+        return f'pip install "{PACKAGE} @ git+{direct_url["url"]}{commit}"'
+    for entry in distribution.metadata.get_all("Project-URL") or []:
+        label, _, url = entry.partition(",")
+        if label.strip().lower() in ("source", "repository") and url.strip():
+            return f'pip install "{PACKAGE} @ git+{url.strip()}"'
+    return None
+
 
 # Never uploaded: checkpoints (they stay beside the run), logs, and anything temporary (``checkpoint-N.tmp`` folders
 # of an interrupted save, ``.tmp*`` files and folders of atomic writes).
-UPLOAD_IGNORE_PATTERNS = ("checkpoint-*", "logs/*", "*.tmp", "*.tmp/*", ".tmp*", "*/.tmp*", "__pycache__/*")
+UPLOAD_IGNORE_PATTERNS = (
+    *("checkpoint-*", "logs/*", "*.tmp", "*.tmp/*", ".tmp*", "*/.tmp*", "__pycache__/*"),
+    ".training.lock",  # the output folder's lock (training/runs.py), held while a run writes
+)
 
 
 # The guided calls show the package's one default guidance scale (guidance.DEFAULT_GUIDANCE_SCALE) explicitly.
@@ -67,16 +102,17 @@ def render_model_card(output_dir, repo_id=None, template_path=None, **fields):
         output_dir: the saved pipeline folder.
         repo_id: the Hub repository the card will live in (for the loading snippet); otherwise the folder path as
             given (no absolute path of this machine in a card that may be uploaded later).
-        template_path: a Jinja markdown template; the package's ``templates/model_card.md`` by default.
+        template_path: a Jinja markdown template; ``model_card.md`` (``model_card_template``) by default.
         fields: the template's variables: ``pipeline_class``, ``dataset``, ``prediction_type``, ``loss_weighting``,
             ``variance_type``, ``conditioning``, ``num_train_steps``, ``final_loss``, ``bits_per_dim``,
-            ``sample_grid`` (a file name inside ``output_dir``), ``fid``, ``guided_accuracy``, ``extra``, and
-            ``usage`` (the sampling line of the loading snippet; by default from ``pipeline_class``).
+            ``sample_grid`` (a file name inside ``output_dir``), ``frechet_distance`` (in the evaluation classifier's
+            features), ``guided_accuracy``, ``extra``, ``usage`` (the sampling line of the loading snippet; by default
+            from ``pipeline_class``) and ``install`` (by default ``install_command()``).
     """
     from huggingface_hub import ModelCard, ModelCardData
 
     if template_path is None:
-        template_text = MODEL_CARD_TEMPLATE.read_text(encoding="utf-8")
+        template_text = model_card_template().read_text(encoding="utf-8")
     elif Path(template_path).is_file():
         template_text = Path(template_path).read_text(encoding="utf-8")
     else:
@@ -89,6 +125,8 @@ def render_model_card(output_dir, repo_id=None, template_path=None, **fields):
         datasets=[fields["dataset"]] if fields.get("dataset") and "/" in str(fields.get("dataset")) else None,
     )
     fields.setdefault("usage", USAGE.get(fields.get("pipeline_class"), USAGE["HVAEPipeline"]))
+    fields.setdefault("install", install_command())
+    fields.setdefault("version", __import__("hvae_diffusion").__version__)
     card = ModelCard.from_template(
         card_data, template_str=template_text, repo_id=repo_id or os.fspath(output_dir), **fields
     )

@@ -167,6 +167,12 @@ class LatentDiffusionLoss:
         self.scaling_factor = scaling_factor
         self.shift_factor = shift_factor
 
+    def __getattr__(self, name):
+        # the wrapped loss's training state (its timestep sampler) is what the training loop looks up
+        if name == "diffusion_loss":
+            raise AttributeError(name)
+        return getattr(self.diffusion_loss, name)
+
     def __call__(self, model, batch, randomness=None, encode_prompt=None):
         randomness = as_batch_randomness(randomness)
         latents = draw_latents(batch["sample"], randomness, self.scaling_factor, self.shift_factor)

@@ -28,10 +28,13 @@ automatic_checkpoint_naming, total_limit)``, which deletes the oldest checkpoint
 writes in place (a kill then leaves fewer, or no, intact checkpoints).
 """
 
+import contextlib
+import json
 import logging
 import math
 import os
 import shutil
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -56,6 +59,7 @@ from .runs import (
     write_run_record,
     write_training_state,
 )
+from .timestep_samplers import UniformTimestepSampler
 
 logger = logging.getLogger(__name__)
 
@@ -298,7 +302,8 @@ def diffusers_format_hooks(accelerator, ema_model=None, save_on_each_node=False)
         from diffusers.training_utils import EMAModel
 
         if ema_model is not None:
-            loaded = EMAModel.from_pretrained(os.path.join(input_dir, EMA_FOLDER), ema_model.model_cls)
+            with quiet_ema_loading():
+                loaded = EMAModel.from_pretrained(os.path.join(input_dir, EMA_FOLDER), ema_model.model_cls)
             ema_model.load_state_dict(loaded.state_dict())
             ema_model.to(accelerator.device)
         for index in reversed(range(len(models))):
@@ -310,9 +315,67 @@ def diffusers_format_hooks(accelerator, ema_model=None, save_on_each_node=False)
     return save_hook, load_hook
 
 
+@contextlib.contextmanager
+def quiet_ema_loading():
+    """Silence what ``EMAModel.from_pretrained`` says about its own calls, not about the user's files: it passes the
+    folder to ``from_config`` (a FutureWarning raised by Diffusers' own code) and builds the model from a config.json
+    that holds the EMA's fields (decay, power, ...: twice "config attributes ... will be ignored")."""
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")
+            yield
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+
+
 def register_diffusers_format_hooks(accelerator, ema_model=None, save_on_each_node=False):
     """Register ``diffusers_format_hooks`` with ``accelerator``."""
     save_hook, load_hook = diffusers_format_hooks(accelerator, ema_model, save_on_each_node)
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+LOSS_STATE_FILE = "timestep_sampler.json"
+
+
+def register_loss_state_hooks(accelerator, loss_fn):
+    """Make ``save_state``/``load_state`` carry the loss's own state: each of its ``trainable_modules`` (a learned
+    noise schedule) with ``save_pretrained`` in a folder of its name, and its ``timestep_sampler``'s loss history as
+    JSON (``timestep_sampler.json``), so that a resumed run continues bitwise. Losses without them add nothing."""
+    modules = dict(getattr(loss_fn, "trainable_modules", {}))
+    sampler = getattr(loss_fn, "timestep_sampler", None)
+    if type(sampler) is UniformTimestepSampler:  # stateless: checkpoints stay as they were
+        sampler = None
+    if not modules and sampler is None:
+        return
+
+    def save_hook(models, weights, output_dir):
+        if not accelerator.is_main_process:
+            return
+        for name, module in modules.items():
+            module.save_pretrained(os.path.join(output_dir, name))
+        if sampler is not None:
+            with open(os.path.join(output_dir, LOSS_STATE_FILE), "w") as handle:
+                json.dump(sampler.state_dict(), handle)
+
+    def load_hook(models, input_dir):
+        for name, module in modules.items():
+            loaded = type(module).from_pretrained(os.path.join(input_dir, name))
+            module.load_state_dict(loaded.state_dict())
+        if sampler is not None:
+            state_path = os.path.join(input_dir, LOSS_STATE_FILE)
+            if not os.path.isfile(state_path):
+                raise ValueError(
+                    f"{input_dir} has no {LOSS_STATE_FILE}: it was not trained with --timestep_sampler importance, so "
+                    "it cannot continue this run's loss history; resume with the sampler it was trained with"
+                )
+            with open(state_path) as handle:
+                sampler.load_state_dict(json.load(handle))
+
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
 
@@ -564,8 +627,12 @@ def _train(
     resume_path = plan.resume_path
     resumed_state = read_training_state(resume_path) if resume_path is not None else {}
 
+    loss_modules = dict(getattr(loss_fn, "trainable_modules", {}))
+    for module in loss_modules.values():
+        module.to(accelerator.device).train()
+    loss_parameters = [parameter for module in loss_modules.values() for parameter in module.parameters()]
     optimizer = torch.optim.AdamW(
-        model.parameters(),
+        [*model.parameters(), *loss_parameters],
         lr=config.learning_rate,
         betas=(config.adam_beta1, config.adam_beta2),
         weight_decay=config.adam_weight_decay,
@@ -581,7 +648,7 @@ def _train(
     ema_model = None
     parameter_names = [name for name, _ in model.named_parameters()]
     if config.use_ema:
-        if is_sharded(accelerator) and accelerator.distributed_type.name == "FSDP":
+        if accelerator.distributed_type.name == "FSDP":
             raise ValueError("--use_ema with FSDP: its parameters are flat shards that EMAModel cannot follow; "
                              "use DeepSpeed ZeRO (whose parameters EMAModel gathers) or DDP")  # fmt: skip
         ema_model = EMAModel(
@@ -593,10 +660,16 @@ def _train(
             model_cls=type(model),
             model_config=model.config,
         )
+    if accelerator.distributed_type.name == "DEEPSPEED":
+        # DeepSpeed reads the batch size from a prepared DataLoader, and the loop's sampler is its own
+        deepspeed_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        if deepspeed_config.get("train_micro_batch_size_per_gpu") in (None, "auto"):
+            deepspeed_config["train_micro_batch_size_per_gpu"] = config.train_batch_size
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     if ema_model is not None:
         ema_model.to(accelerator.device)
     register_diffusers_format_hooks(accelerator, ema_model, config.save_on_each_node)
+    register_loss_state_hooks(accelerator, loss_fn)
 
     global_step = 0
     losses = []
@@ -680,7 +753,13 @@ def _train(
                                 )  # fmt: skip
                             )
                         accelerator.backward(loss)  # divided by the accumulation steps inside accumulate()
+                        if hasattr(loss_fn, "update_timestep_sampler"):
+                            loss_fn.update_timestep_sampler(accelerator.gather)
                         if accelerator.sync_gradients:
+                            if num_processes > 1:  # the loss's own modules are not DDP-wrapped: average them here
+                                for parameter in loss_parameters:
+                                    if parameter.grad is not None:
+                                        parameter.grad = accelerator.reduce(parameter.grad, reduction="mean")
                             if config.max_grad_norm is not None and config.max_grad_norm > 0:
                                 accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
                         optimizer.step()

@@ -12,10 +12,13 @@ from ..elbo import (
     denoising_matching_kl,
     discretized_gaussian_log_likelihood,
     loss_dtype,
+    loss_weight,
+    prior_matching_kl,
     weighted_mse,
 )
-from ..forward_process import broadcast_to
-from ..parameterization import split_learned_variance
+from ..forward_process import broadcast_to, posterior_variance, q_sample
+from ..parameterization import convert_prediction, split_learned_variance, training_target
+from .timestep_samplers import UniformTimestepSampler
 
 
 class BatchRandomness:
@@ -79,6 +82,29 @@ def drop_prompts(prompts, drop_probability, randomness):
     return ["" if drop else prompt for prompt, drop in zip(prompts, dropped.tolist())]
 
 
+def draw_conditioning(batch, cond_drop_prob, null_label, randomness, encode_prompt=None):
+    """The denoiser's condition keywords for a batch: class labels or prompt embeddings, each dropped with
+    probability ``cond_drop_prob`` (to ``null_label`` or the empty prompt) for classifier-free guidance."""
+    conditioning = {}
+    if batch.get("class_labels") is not None:
+        if cond_drop_prob > 0 and null_label is None:
+            raise ValueError("cond_drop_prob > 0 with class labels needs null_label (the label meaning 'no class')")
+        conditioning["class_labels"] = drop_conditions(batch["class_labels"], null_label, cond_drop_prob, randomness)
+    if batch.get("prompt") is not None:
+        conditioning["encoder_hidden_states"] = encode_prompt(
+            drop_prompts(batch["prompt"], cond_drop_prob, randomness)
+        )
+    return conditioning
+
+
+def update_sampler_history(timestep_sampler, observed, gather):
+    """Give ``timestep_sampler`` the (timesteps, losses) ``observed`` on every process, gathered in process order."""
+    if type(timestep_sampler) is UniformTimestepSampler or observed is None:
+        return
+    timesteps, losses = observed
+    timestep_sampler.update(gather(timesteps).cpu(), gather(losses).double().cpu())
+
+
 def variational_bound_term(scheduler, model_output, original_samples, sample, timesteps):
     """Per-sample L_{t−1} of the ELBO in bits per dimension for ``model_output`` at x_t (improved DDPM's L_vlb term).
 
@@ -119,10 +145,20 @@ class DiffusionLoss:
         weighting: ``"simple"``, ``"elbo"`` or ``"min_snr"``; ``snr_gamma`` for the last.
         cond_drop_prob: probability of replacing a class label by ``null_label`` (or a prompt by "").
         null_label: the label meaning "no condition", ``num_classes``.
+        timestep_sampler: draws t and its weight (``timestep_samplers``); uniform by default. With importance
+            sampling each example's loss is multiplied by 1/(T p(t)), so the expected loss is the uniform one, and
+            ``update_timestep_sampler`` feeds the per-example losses of the global batch back to it.
     """
 
     def __init__(
-        self, scheduler, weighting="simple", snr_gamma=5.0, cond_drop_prob=0.0, null_label=None, vlb_weight=None
+        self,
+        scheduler,
+        weighting="simple",
+        snr_gamma=5.0,
+        cond_drop_prob=0.0,
+        null_label=None,
+        vlb_weight=None,
+        timestep_sampler=None,
     ):
         if weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"--loss_weighting must be one of {LOSS_WEIGHTINGS}, got {weighting!r}")
@@ -143,6 +179,13 @@ class DiffusionLoss:
         self.learned_variance = scheduler.config.variance_type == "learned_range"
         num_train_timesteps = scheduler.config.num_train_timesteps
         self.vlb_weight = num_train_timesteps / 1000.0 if vlb_weight is None else vlb_weight
+        self.timestep_sampler = timestep_sampler or UniformTimestepSampler(num_train_timesteps)
+        if self.timestep_sampler.num_timesteps != num_train_timesteps:
+            raise ValueError(
+                f"the timestep sampler draws from {self.timestep_sampler.num_timesteps} timesteps, the scheduler has "
+                f"num_train_timesteps={num_train_timesteps}"
+            )
+        self._observed = None
 
     def __call__(self, model, batch, randomness=None, encode_prompt=None):
         """Per-batch scalar loss (mean over the batch) and a dict of logged parts.
@@ -155,23 +198,11 @@ class DiffusionLoss:
         """
         randomness = as_batch_randomness(randomness)
         original_samples = batch["sample"]
-        timesteps, noise = draw_timesteps_and_noise(
-            original_samples, self.scheduler.config.num_train_timesteps, randomness
-        )
+        timesteps, sample_weights = self.timestep_sampler.sample(randomness, original_samples.shape[0])
+        timesteps = timesteps.to(original_samples.device)
+        noise = randomness.randn(original_samples.shape, dtype=original_samples.dtype).to(original_samples.device)
         sample = self.scheduler.add_noise(original_samples, noise, timesteps)
-        conditioning = {}
-        if batch.get("class_labels") is not None:
-            if self.cond_drop_prob > 0 and self.null_label is None:
-                raise ValueError(
-                    "cond_drop_prob > 0 with class labels needs null_label (the label meaning 'no class')"
-                )
-            conditioning["class_labels"] = drop_conditions(
-                batch["class_labels"], self.null_label, self.cond_drop_prob, randomness
-            )
-        if batch.get("prompt") is not None:
-            conditioning["encoder_hidden_states"] = encode_prompt(
-                drop_prompts(batch["prompt"], self.cond_drop_prob, randomness)
-            )
+        conditioning = draw_conditioning(batch, self.cond_drop_prob, self.null_label, randomness, encode_prompt)
         model_output = model(sample, timesteps, **conditioning)
         model_output = getattr(model_output, "sample", model_output)
 
@@ -195,7 +226,136 @@ class DiffusionLoss:
             )
             loss = loss + self.vlb_weight * vlb
             parts["vlb_loss"] = vlb.mean().detach()
-        return loss.mean(), parts
+        self._observed = (timesteps.detach(), loss.detach())
+        return (loss * sample_weights.to(loss.device, loss.dtype)).mean(), parts
+
+    def update_timestep_sampler(self, gather):
+        """Feed the last batch's per-example losses (before the importance weight) to the timestep sampler.
+
+        ``gather`` concatenates a tensor over processes in process order (``Accelerator.gather``), which is the order
+        of the global batch, so every process's sampler sees the same history. A uniform sampler gathers nothing.
+        """
+        update_sampler_history(self.timestep_sampler, self._observed, gather)
+
+
+class LearnedScheduleLoss:
+    """The negative ELBO of a batch with a learned noise schedule γ_η (VDM's discrete-time bound), in nats/dim.
+
+    Per image, an unbiased single-draw estimate of −ELBO on the T-latent chain at t_i = i / (T − 1)
+    (``models.noise_schedule``), with ᾱ_i = sigmoid(−γ_η(t_i)) and Σ = σ_q² ("fixed_small"):
+
+        L(x_0) = KL(q(x_{T−1} | x_0) ‖ N(0, I)) − log p_θ(x_0 | x_1) + (T − 1) w_t KL(q(x_{t−1} | x_t, x_0) ‖ p_θ(x_{t−1} | x_t)),
+
+    t ∈ {1..T−1} drawn by the timestep sampler with weight w_t = 1/((T − 1) p(t)). The decoder (a second forward, in
+    the same batch) and the prior are evaluated for every image, so the only sampled term is the KL; each term is the
+    package's ELBO equation (``elbo.loss_weight``, ``elbo.discretized_gaussian_log_likelihood``,
+    ``elbo.prior_matching_kl``) with ᾱ differentiable in η. Its T → ∞ limit is the continuous-time bound L∞.
+
+    Gradients, as in VDM: the denoiser and the endpoints γ_0, γ_1 get ∇ E[L] (the endpoints are what the bound
+    depends on); the shape s_η gets ∇ E[L²] = ∇ Var[L] + ∇ (E L)², whose second part vanishes in continuous time, so
+    the shape minimises the variance of the estimate. It is done with a gradient hook on the shape's values that
+    multiplies their incoming gradient by 2L of their image.
+
+    Args:
+        scheduler: the ``HVAEScheduler`` of the run (its T and ``prediction_type``; its tables are not used).
+        noise_schedule: the ``LearnedNoiseSchedule`` being trained (``trainable_modules``).
+        timestep_sampler: over the T − 1 denoising latents (t − 1 ∈ {0..T−2}); uniform by default.
+    """
+
+    def __init__(self, scheduler, noise_schedule, timestep_sampler=None, cond_drop_prob=0.0, null_label=None):
+        num_train_timesteps = scheduler.config.num_train_timesteps
+        if scheduler.num_inference_steps is not None:
+            raise ValueError("the training scheduler must keep its full chain: do not call set_timesteps on it")
+        if scheduler.config.variance_type not in ("fixed_small", "fixed_small_log"):
+            raise ValueError(
+                "--noise_schedule learned trains the bound with p_θ's variance σ_q² (VDM): use --variance_type "
+                f"fixed_small, got {scheduler.config.variance_type!r}"
+            )
+        if num_train_timesteps < 2:
+            raise ValueError(f"--noise_schedule learned needs num_train_timesteps >= 2, got {num_train_timesteps}")
+        if not 0.0 <= cond_drop_prob < 1.0:
+            raise ValueError(f"--cond_drop_prob must be in [0, 1), got {cond_drop_prob}")
+        self.num_train_timesteps = num_train_timesteps
+        self.prediction_type = scheduler.config.prediction_type
+        self.noise_schedule = noise_schedule
+        self.trainable_modules = {"noise_schedule": noise_schedule}
+        self.timestep_sampler = timestep_sampler or UniformTimestepSampler(num_train_timesteps - 1)
+        if self.timestep_sampler.num_timesteps != num_train_timesteps - 1:
+            raise ValueError(
+                f"the timestep sampler draws from {self.timestep_sampler.num_timesteps} timesteps, the learned "
+                f"schedule's bound samples the T − 1 = {num_train_timesteps - 1} denoising latents"
+            )
+        self.cond_drop_prob = cond_drop_prob
+        self.null_label = null_label
+        self._observed = None
+
+    def __call__(self, model, batch, randomness=None, encode_prompt=None):
+        """The batch's mean bound in nats/dim (the loss) and its logged parts; see the class docstring."""
+        per_image, shape, parts = self.per_image_bound(model, batch, randomness, encode_prompt)
+        if shape.requires_grad:
+            second_moment_scale = 2 * per_image.detach().to(shape.device).unsqueeze(1)
+            shape.register_hook(lambda gradient: gradient * second_moment_scale)
+        return per_image.mean().to(loss_dtype(batch["sample"])), parts
+
+    def per_image_bound(self, model, batch, randomness=None, encode_prompt=None):
+        """``(L [B] in nats/dim, float64; s_η's values [B, 3] it was computed from; logged parts)``."""
+        randomness = as_batch_randomness(randomness)
+        original_samples = batch["sample"]
+        batch_size, device = original_samples.shape[0], original_samples.device
+        num_dims = math.prod(original_samples.shape[1:])
+        last = self.num_train_timesteps - 1
+        draws, sample_weights = self.timestep_sampler.sample(randomness, batch_size)
+        timesteps = draws + 1
+        noise = randomness.randn(original_samples.shape, dtype=original_samples.dtype).to(device)
+        decoder_noise = randomness.randn(original_samples.shape, dtype=original_samples.dtype).to(device)
+        conditioning = draw_conditioning(batch, self.cond_drop_prob, self.null_label, randomness, encode_prompt)
+
+        # s_η at each image's t, its previous latent, and the decoder's neighbour t_1, as one [B, 3] tensor whose
+        # gradient the variance hook rescales per image
+        times = torch.stack([timesteps, timesteps - 1, torch.ones_like(timesteps)], dim=1).double() / last
+        shape = self.noise_schedule.shape(times.to(self.noise_schedule.device))
+        alphas_cumprod = torch.sigmoid(-self.noise_schedule.gamma_from_shape(shape)).to(device)
+        alphas_cumprod_t, prev_alphas_cumprod, second_alphas_cumprod = alphas_cumprod.unbind(dim=1)
+        gamma_0, gamma_1 = self.noise_schedule.endpoints()
+        first_alphas_cumprod = torch.sigmoid(-gamma_0).to(device).expand(batch_size)
+
+        # one forward serves the decoder's latent x_1 (timestep 0) and the sampled x_t
+        sample = q_sample(original_samples, noise, alphas_cumprod_t)
+        first_sample = q_sample(original_samples, decoder_noise, first_alphas_cumprod)
+        model_output = model(
+            torch.cat([first_sample, sample]),
+            torch.cat([torch.zeros_like(timesteps), timesteps]).to(device),
+            **{name: torch.cat([value, value]) for name, value in conditioning.items()},
+        )
+        model_output = getattr(model_output, "sample", model_output)
+        first_output, output = model_output.chunk(2)
+
+        target = training_target(original_samples, noise, sample, alphas_cumprod_t, self.prediction_type)
+        weights = loss_weight(self.prediction_type, "elbo", alphas_cumprod_t, prev_alphas_cumprod)
+        denoising = weighted_mse(output, target, weights)
+        predicted_x0 = convert_prediction(
+            first_output, first_sample, first_alphas_cumprod, self.prediction_type, "sample"
+        )
+        decoder_log_variance = posterior_variance(second_alphas_cumprod, first_alphas_cumprod).log()
+        reconstruction = -discretized_gaussian_log_likelihood(
+            original_samples, predicted_x0, broadcast_to(0.5 * decoder_log_variance, original_samples)
+        )
+        prior = prior_matching_kl(original_samples, torch.sigmoid(-gamma_1).to(device))
+        sampled_denoising = last * sample_weights.to(device) * denoising.double()
+        per_image = (prior.double() + reconstruction.double() + sampled_denoising) / num_dims
+        self._observed = (draws.to(device), (denoising / num_dims).detach())
+        parts = {
+            "prior_loss": (prior / num_dims).mean().detach(),
+            "reconstruction_loss": (reconstruction / num_dims).mean().detach(),
+            "denoising_loss": (sampled_denoising / num_dims).mean().detach(),
+            "gamma_0": gamma_0.detach(),
+            "gamma_1": gamma_1.detach(),
+        }
+        return per_image, shape, parts
+
+    def update_timestep_sampler(self, gather):
+        """As ``DiffusionLoss.update_timestep_sampler``, with each image's KL in nats/dim."""
+        update_sampler_history(self.timestep_sampler, self._observed, gather)
 
 
 class NoisyClassifierLoss:

@@ -44,6 +44,8 @@ RUN_DEFINING_FLAGS = (
     "vae_dir",
     "denoiser_dir",
     "resolution",
+    "center_crop",
+    "random_flip",
     "num_classes",
 )
 
