@@ -202,7 +202,13 @@ def test_evaluate_reports_the_latent_bound_in_pixels_beside_another_pipeline(lat
     # the same pipeline compared with itself: the same bound from the same seed
     assert report["compare"]["bits_per_dim"] == pytest.approx(elbo["bits_per_dim"], rel=1e-6)
     assert report["compare"]["resolution"] == RESOLUTION
-    assert set(report["cfg"]["2"]) == {"num_samples", "frechet_distance", "guided_accuracy"}
+    assert set(report["cfg"]["2"]) == {
+        "num_samples",
+        "frechet_distance",
+        "kid",
+        "kid_standard_error",
+        "guided_accuracy",
+    }
 
 
 def _refuses_before_any_work(monkeypatch, argv, match):
@@ -274,4 +280,7 @@ def test_evaluate_refuses_a_vq_model_before_the_bound(tmp_path):
     unet = UNet2DModel(**{**config, "num_class_embeds": None})
     HVAEPipeline(unet=unet, scheduler=HVAEScheduler(num_train_timesteps=10), vae=vq).save_pretrained(tmp_path / "vq")
     with pytest.raises(ValueError, match="--pipeline_dir: a VQModel has no continuous posterior .*codebook"):
-        evaluate.main(["--pipeline_dir", str(tmp_path / "vq"), "--output_dir", str(tmp_path / "evaluation")])
+        evaluate.main(
+            ["--pipeline_dir", str(tmp_path / "vq"), "--output_dir", str(tmp_path / "evaluation")]
+            + ["--num_inference_steps", "5", "--bpd_nfe", "5"]  # within its 10 timesteps: the VQ check is what refuses
+        )
