@@ -1,4 +1,4 @@
-"""``hvae-guidance-table``: guided accuracy, Fréchet distance, KID and cost of every kind of guidance on one model.
+"""``python -m hvae_diffusion.commands.guidance_table``: guided accuracy, Fréchet distance, KID and cost of every kind of guidance on one model.
 
     python -m hvae_diffusion.commands.guidance_table --pipeline_dir runs/demo/denoiser \\
         --classifier_dir runs/demo/classifier_guided --output_dir runs/guidance-table
