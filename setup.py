@@ -12,12 +12,21 @@ MODEL_CARD = "model_card.md"
 
 
 class BuildPyWithModelCard(build_py):
+    # An editable install builds no package folder: it imports the checkout, which reads the top-level file.
+    def packaged_model_card(self):
+        return (
+            []
+            if getattr(self, "editable_mode", False)
+            else [os.path.join(self.build_lib, "hvae_diffusion", MODEL_CARD)]
+        )
+
     def run(self):
         super().run()
-        self.copy_file(MODEL_CARD, os.path.join(self.build_lib, "hvae_diffusion", MODEL_CARD))
+        for target in self.packaged_model_card():
+            self.copy_file(MODEL_CARD, target)
 
     def get_outputs(self, include_bytecode=True):
-        return [*super().get_outputs(include_bytecode), os.path.join(self.build_lib, "hvae_diffusion", MODEL_CARD)]
+        return [*super().get_outputs(include_bytecode), *self.packaged_model_card()]
 
 
 setup(cmdclass={"build_py": BuildPyWithModelCard})
