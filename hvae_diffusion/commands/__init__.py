@@ -13,7 +13,7 @@ import importlib
 import shlex
 import sys
 
-PROGRAMS = ("train", "train_classifier", "train_vae", "sample", "evaluate", "demo", "toy2d")
+PROGRAMS = ("train", "train_classifier", "train_vae", "sample", "evaluate", "guidance_table", "demo", "toy2d")
 RESUMABLE = ("train", "train_classifier", "train_vae")
 
 
@@ -90,5 +90,6 @@ train_classifier_cli = _console_entry_point("train_classifier")
 train_vae_cli = _console_entry_point("train_vae")
 sample_cli = _console_entry_point("sample")
 evaluate_cli = _console_entry_point("evaluate")
+guidance_table_cli = _console_entry_point("guidance_table")
 demo_cli = _console_entry_point("demo")
 toy2d_cli = _console_entry_point("toy2d")

@@ -1,6 +1,6 @@
-"""``python -m hvae_diffusion.commands.guidance_table``: guided accuracy, Fréchet distance, KID and cost of every kind of guidance on one model.
+"""``hvae-guidance-table``: guided accuracy, Fréchet distance, KID and cost of every kind of guidance on one model.
 
-    python -m hvae_diffusion.commands.guidance_table --pipeline_dir runs/demo/denoiser \\
+    hvae-guidance-table --pipeline_dir runs/demo/denoiser \\
         --classifier_dir runs/demo/classifier_guided --output_dir runs/guidance-table
 
 For classifier-free guidance (a class-conditional ``--pipeline_dir``): plain, in an interval, CFG++, adaptive
@@ -185,4 +185,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from . import guidance_table_cli
+
+    guidance_table_cli()
