@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from . import elbo
 from .continuous_schedule import alphas_cumprod_from_log_snr, log_snr_and_derivative
+from .elbo_estimation import PerImageBitsPerDim
 from .forward_process import q_sample
 from .parameterization import check_prediction_type, convert_prediction
 
@@ -79,7 +80,7 @@ def low_discrepancy_times(num_images: int, num_replicates: int, num_points: int,
 
 
 @dataclass
-class ContinuousELBOEstimate:
+class ContinuousELBOEstimate(PerImageBitsPerDim):
     """An estimate of −L∞ of n images, in bits/dim unless stated.
 
     Attributes:
@@ -99,17 +100,6 @@ class ContinuousELBOEstimate:
     diffusion_loss: torch.Tensor
     num_function_evaluations: int
     num_replicates: int
-
-    @property
-    def dataset_bits_per_dim(self) -> float:
-        """The mean of the per-image estimates."""
-        return float(self.bits_per_dim.mean())
-
-    @property
-    def dataset_standard_error(self) -> float:
-        """std(per-image estimates) / √n: image-to-image spread and sampling noise together (NaN for n = 1)."""
-        count = self.bits_per_dim.numel()
-        return float(self.bits_per_dim.std(correction=1) / math.sqrt(count)) if count > 1 else math.nan
 
     def to_dict(self) -> dict:
         """JSON-ready summary in the keys of ``ELBOEstimate.to_dict`` (estimator ``"continuous"``)."""

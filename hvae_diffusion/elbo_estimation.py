@@ -161,8 +161,25 @@ def _check_proposal(proposal, num_latents):
         raise ValueError("proposal must be positive everywhere and sum to 1 (an ELBOEstimate's proposal)")
 
 
+class PerImageBitsPerDim:
+    """The data-set summary of an estimate that holds one ``bits_per_dim`` value per image (this module's
+    ``ELBOEstimate``, ``continuous_elbo.ContinuousELBOEstimate``, ``likelihood_ode.ODELikelihood``)."""
+
+    @property
+    def dataset_bits_per_dim(self) -> float:
+        """The mean of the per-image estimates."""
+        return float(self.bits_per_dim.mean())
+
+    @property
+    def dataset_standard_error(self) -> float:
+        """std(per-image estimates) / √n: the image-to-image spread together with whatever each per-image estimate
+        samples (t and x_t, probes, dequantization; NaN for n = 1)."""
+        count = self.bits_per_dim.numel()
+        return float(self.bits_per_dim.std(correction=1) / math.sqrt(count)) if count > 1 else math.nan
+
+
 @dataclass
-class ELBOEstimate:
+class ELBOEstimate(PerImageBitsPerDim):
     """An ELBO estimate of n images, in bits/dim unless stated.
 
     Attributes:
@@ -191,17 +208,6 @@ class ELBOEstimate:
     num_pilot_function_evaluations: int = 0
     proposal: torch.Tensor | None = None
     standard_error_covers: str = ""
-
-    @property
-    def dataset_bits_per_dim(self) -> float:
-        """The mean of the per-image estimates."""
-        return float(self.bits_per_dim.mean())
-
-    @property
-    def dataset_standard_error(self) -> float:
-        """std(per-image estimates) / √n: image-to-image spread and t-sampling noise together (NaN for n = 1)."""
-        count = self.bits_per_dim.numel()
-        return float(self.bits_per_dim.std(correction=1) / math.sqrt(count)) if count > 1 else math.nan
 
     def to_dict(self) -> dict:
         """JSON-ready summary: the dataset values with their standard errors and the mean of each term."""

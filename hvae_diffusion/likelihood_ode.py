@@ -30,6 +30,7 @@ from scipy.integrate import solve_ivp
 from tqdm.auto import tqdm
 
 from .continuous_schedule import alphas_cumprod_from_log_snr, log_snr_and_derivative
+from .elbo_estimation import PerImageBitsPerDim
 from .parameterization import check_prediction_type, convert_prediction
 
 DIVERGENCES = ("auto", "exact", "hutchinson")
@@ -63,7 +64,7 @@ def dequantization_log_volume(num_dims: int, num_bins: int = 256) -> float:
 
 
 @dataclass
-class ODELikelihood:
+class ODELikelihood(PerImageBitsPerDim):
     """−log p(x) of n images by the probability-flow ODE, in bits/dim.
 
     Attributes:
@@ -81,16 +82,6 @@ class ODELikelihood:
     divergence: str
     solver: str
     dequantized: bool
-
-    @property
-    def dataset_bits_per_dim(self) -> float:
-        return float(self.bits_per_dim.mean())
-
-    @property
-    def dataset_standard_error(self) -> float:
-        """std(per-image values) / √n: the image-to-image spread, the probes and the dequantization (NaN for n = 1)."""
-        count = self.bits_per_dim.numel()
-        return float(self.bits_per_dim.std(correction=1) / math.sqrt(count)) if count > 1 else math.nan
 
     def to_dict(self) -> dict:
         standard_error = self.dataset_standard_error

@@ -76,7 +76,7 @@ def parse_with_defaults_shown(parser, argv=None):
 
 
 EXTRAS = {
-    "training": ("accelerate", "datasets", "sklearn"),
+    "training": ("accelerate", "datasets", "sklearn", "scipy"),
     "plots": ("matplotlib",),
     "text": ("transformers",),
 }
