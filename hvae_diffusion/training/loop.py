@@ -675,7 +675,8 @@ def _train(
     losses = []
     accelerator.step = 0  # accumulate()'s micro-batch count: a run starts (and a checkpoint was saved) at a boundary
     if resume_path is not None:
-        accelerator.print(f"resuming from {resume_path}")
+        if config.resume_from_checkpoint != "latest":  # "latest" was named when it was resolved
+            accelerator.print(f"resuming from {resume_path}")
         accelerator.load_state(resume_path)
         global_step = resumed_state["global_step"]
         losses = list(resumed_state.get("losses", []))
