@@ -16,7 +16,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS = os.path.join(ROOT, "benchmarks")
 ENVIRONMENT = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-NAMES = ("scheduler", "sampling", "cfg", "classifier", "training", "scaling", "fastpaths", "latent")
+NAMES = ("scheduler", "sampling", "cfg", "classifier", "interval", "training", "scaling", "fastpaths", "latent")
 
 
 def run_script(name, *arguments, timeout=600):
