@@ -51,13 +51,15 @@ class FakeHub:
     """A loopback Hub holding ``repos`` (``{repo_id: {path: bytes}}``); ``fail=True`` answers 500 to everything.
 
     ``requests`` records ``(method, path)`` of every request, ``repos_created`` the ``(repo_id, visibility)`` of
-    ``create_repo`` calls and ``validated`` the metadata headers checked before a commit.
+    ``create_repo`` calls and ``validated`` the metadata headers checked before a commit. ``accounts`` maps the
+    tokens ``whoami`` accepts to their account names (any other token gets the Hub's 401).
     """
 
     def __init__(self, fail=False, lifetime=300.0):
         self.fail = fail
         self.repos: dict[str, dict[str, bytes]] = {}
         self.repos_created, self.requests, self.validated = [], [], []
+        self.accounts = {"hf_fake": "tester"}
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -114,12 +116,20 @@ class FakeHub:
                 hub.requests.append(("HEAD" if head else "GET", self.path))
                 if hub.fail:
                     return self._send(500, b'{"error": "internal error (stand-in told to fail)"}', head=head)
+                if path == "/api/whoami-v2":
+                    return self._whoami()
                 if path.startswith("/api/models/"):
                     return self._api(path[len("/api/models/") :])
                 if "/resolve/" in path:
                     repo_id, rest = path.lstrip("/").split("/resolve/", 1)
                     return self._resolve(repo_id, rest.split("/", 1)[1] if "/" in rest else "", head)
                 return self._not_found(f"unknown endpoint {path}", head)
+
+            def _whoami(self):
+                token = self.headers.get("Authorization", "").removeprefix("Bearer ")
+                if token not in hub.accounts:
+                    return self._json(401, {"error": "Invalid credentials in Authorization header"})
+                return self._json(200, {"type": "user", "name": hub.accounts[token]})
 
             def _api(self, rest):
                 parts = rest.split("/")

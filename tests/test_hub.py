@@ -293,3 +293,22 @@ def test_a_card_rendered_without_a_repo_names_the_folder_as_given_not_an_absolut
     card = render_model_card("runs/digits", pipeline_class="ClassifierFreeGuidancePipeline", dataset="digits")
     assert 'DiffusionPipeline.from_pretrained("runs/digits")' in card.content
     assert str(tmp_path) not in card.content
+
+
+def test_push_to_hub_credentials_are_checked_with_the_hub(tmp_path):
+    """``--push_to_hub`` asks the Hub's ``whoami`` before any training: an accepted token gives its account, a
+    rejected one (401) is a ``ValueError`` naming the flag, not an upload that fails after the run."""
+    code = """
+    from hvae_diffusion.training.hub import check_hub_credentials
+    print("account:", check_hub_credentials("hf_fake"))
+    try:
+        check_hub_credentials("hf_rejected")
+    except ValueError as error:
+        print("refused:", error)
+    """
+    with FakeHub() as hub:
+        completed = run_with_hub(code, hub, HF_HOME=str(tmp_path / "hf_home"))
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "account: tester" in completed.stdout, completed.stdout
+    assert "refused: --push_to_hub: could not check the token with the Hub" in completed.stdout, completed.stdout
+    assert sum(path == "/api/whoami-v2" for _, path in hub.requests) == 2
