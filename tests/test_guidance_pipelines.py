@@ -4,9 +4,10 @@ and with CFG++ stepped by hand."""
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.guiders import AdaptiveProjectedGuidance, ClassifierFreeGuidance, ClassifierFreeZeroStarGuidance
 from diffusers.utils.torch_utils import randn_tensor
+from test_pipelines import tiny_unet
 
 from hvae_diffusion import ClassifierFreeGuidancePipeline, ClassifierGuidedPipeline, HVAEScheduler, NoisyClassifier
 from hvae_diffusion.guidance import cfg_plus_plus_step
@@ -17,18 +18,7 @@ LABELS = [0, 1, 2, 1]
 
 @pytest.fixture(scope="module")
 def unet():
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        layers_per_block=1,
-        norm_num_groups=4,
-        num_class_embeds=4,
-    ).eval()
+    return tiny_unet(num_class_embeds=4)
 
 
 class Counter:

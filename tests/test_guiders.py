@@ -3,9 +3,9 @@ ClassifierGuidedPipeline: a loop written as Diffusers' modular denoise step give
 
 import pytest
 import torch
-from diffusers import UNet2DModel
 from diffusers.guiders import BaseGuidance
 from diffusers.utils.torch_utils import randn_tensor
+from test_pipelines import tiny_unet
 
 from hvae_diffusion import ClassifierGuidedPipeline, HVAEScheduler, NoisyClassifier
 from hvae_diffusion.guiders import ClassifierGuidance
@@ -31,17 +31,7 @@ class CountingClassifier(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def components():
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        layers_per_block=1,
-        norm_num_groups=4,
-    ).eval()
+    unet = tiny_unet()  # tiny_unet seeds torch, so the classifier built next is fixed too
     classifier = NoisyClassifier(
         sample_size=8, in_channels=1, num_classes=3, block_out_channels=(8, 16), norm_num_groups=4
     ).eval()

@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, DiffusionPipeline, UNet2DModel
+from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, DiffusionPipeline
+from test_pipelines import tiny_unet
 
 from hvae_diffusion import HVAEPipeline, HVAEScheduler, LearnedNoiseSchedule
 from hvae_diffusion.models.noise_schedule import betas_from_log_snr, schedule_times
@@ -77,24 +78,10 @@ def test_betas_round_trip_to_the_schedule_and_to_diffusers_schedulers():
         betas_from_log_snr([1.0, 1.0, -1.0])
 
 
-def tiny_unet():
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        layers_per_block=1,
-        norm_num_groups=8,
-    )
-
-
 def test_ddpm_pipeline_on_the_learned_tables_samples_what_hvae_pipeline_samples():
     schedule = perturbed_schedule(2)
     scheduler = schedule.scheduler(num_train_timesteps=40, clip_sample=True)
-    unet = tiny_unet()
+    unet = tiny_unet(norm_num_groups=8)
     ours = HVAEPipeline(unet, scheduler, noise_schedule=schedule)
     theirs = DDPMPipeline(unet, DDPMScheduler.from_config(scheduler.config))
     for pipe in (ours, theirs):
@@ -107,9 +94,9 @@ def test_ddpm_pipeline_on_the_learned_tables_samples_what_hvae_pipeline_samples(
 
 def test_pipeline_saves_and_loads_the_schedule_with_diffusers(tmp_path):
     schedule = perturbed_schedule(0)
-    HVAEPipeline(tiny_unet(), schedule.scheduler(num_train_timesteps=40), noise_schedule=schedule).save_pretrained(
-        tmp_path / "pipe"
-    )
+    HVAEPipeline(
+        tiny_unet(norm_num_groups=8), schedule.scheduler(num_train_timesteps=40), noise_schedule=schedule
+    ).save_pretrained(tmp_path / "pipe")
     index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
     assert index["noise_schedule"] == ["hvae_diffusion_component", "LearnedNoiseSchedule"]
     loaded = DiffusionPipeline.from_pretrained(tmp_path / "pipe")
@@ -118,7 +105,9 @@ def test_pipeline_saves_and_loads_the_schedule_with_diffusers(tmp_path):
         assert torch.equal(loaded.noise_schedule.state_dict()[name], value), name
     assert np.array_equal(np.asarray(loaded.scheduler.config.trained_betas), schedule.betas(40))
     # a pipeline without one loads as before
-    HVAEPipeline(tiny_unet(), HVAEScheduler(num_train_timesteps=40)).save_pretrained(tmp_path / "plain")
+    HVAEPipeline(tiny_unet(norm_num_groups=8), HVAEScheduler(num_train_timesteps=40)).save_pretrained(
+        tmp_path / "plain"
+    )
     assert DiffusionPipeline.from_pretrained(tmp_path / "plain").noise_schedule is None
 
 

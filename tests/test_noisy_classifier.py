@@ -162,20 +162,9 @@ def _encoder_features(model, sample, timesteps, **kwargs):
 def test_from_unet_starts_with_the_denoisers_features(generator, num_class_embeds):
     """The copied encoder computes what the UNet's encoder computes for ε(x_t, ∅): the null-label embedding folded
     into the time embedding's bias is exact."""
-    from diffusers import UNet2DModel
+    from test_pipelines import tiny_unet
 
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        layers_per_block=1,
-        norm_num_groups=4,
-        num_class_embeds=num_class_embeds,
-    ).eval()
+    unet = tiny_unet(num_class_embeds=num_class_embeds)
     null = None if num_class_embeds is None else num_class_embeds - 1
     classifier = NoisyClassifier.from_unet(unet, num_classes=3, null_class_label=null).eval()
     sample, timesteps = torch.randn(3, 1, 8, 8, generator=generator), torch.tensor([3, 400, 990])
